@@ -1,0 +1,50 @@
+"""`jaxlm <verb>`: each verb lives in its own module with `add_arguments(parser)` and `main(args)`.
+
+Modules are imported only when their verb runs, so `jaxlm --help` stays fast. A `UserError`
+anywhere below becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from jaxlm.errors import UserError
+
+VERBS = {
+    "train": ("jaxlm.train.run", "train (or resume) a model from a YAML config"),
+    "accounting": ("jaxlm.accounting", "parameters, FLOPs and memory of a config"),
+    "tokenizer": ("jaxlm.data.tokenizer_cli", "train, inspect or convert tokenizers"),
+    "prepare": ("jaxlm.data.prepare", "tokenize a corpus into token shards"),
+    "checkpoint": ("jaxlm.checkpoint_cli", "list and inspect checkpoints of a run"),
+    "compile": ("jaxlm.compile", "AOT-compile the train step for a TPU topology and size it"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="jaxlm", description="Train transformer language models with JAX.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (_, help_text) in VERBS.items():
+        sub.add_parser(verb, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"jaxlm: unknown command {argv[0]!r}; expected one of {', '.join(VERBS)}", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    verb = argv[0]
+    module = importlib.import_module(VERBS[verb][0])
+    verb_parser = argparse.ArgumentParser(prog=f"jaxlm {verb}", description=VERBS[verb][1])
+    module.add_arguments(verb_parser)
+    args = verb_parser.parse_args(argv[1:])
+    try:
+        return module.main(args) or 0
+    except UserError as e:
+        print(f"jaxlm {verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
