@@ -1,0 +1,129 @@
+"""Parameters, FLOPs and memory by hand, the way a person would count them.
+
+FLOPs count matrix multiplies only (2 * m * n * k each), the convention of Kaplan et al. and
+the CS336 notes: norms, softmax, RoPE and activations are left out. The training step costs
+3x the forward (forward + backward that is twice the forward). Attention scores are counted
+for the full T x T square (a causal kernel that skips the masked half does less work).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from jaxlm.config import Config, ModelConfig, MoEConfig, load_config
+from jaxlm.model.transformer import layer_plan
+
+
+@dataclass
+class Counts:
+    embedding: int
+    attention: int
+    mlp: int  # dense MLPs + all experts + routers
+    norms: int
+    output: int  # untied LM head (0 when tied)
+    active_mlp: int  # MLP parameters one token passes through
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.attention + self.mlp + self.norms + self.output
+
+    @property
+    def active(self) -> int:
+        return self.total - self.mlp + self.active_mlp
+
+
+def _layer_kinds(m: ModelConfig, moe: MoEConfig) -> list[str]:
+    return [kind for unit, n in layer_plan(m, moe) for _ in range(n) for kind in unit]
+
+
+def _mlp_matrices(m: ModelConfig) -> int:
+    return 3 if m.mlp == "swiglu" else 2
+
+
+def count_params(m: ModelConfig, moe: MoEConfig) -> Counts:
+    D, hd = m.d_model, m.head_dim
+    attn = D * m.n_heads * hd * 2 + D * m.n_kv_heads * hd * 2
+    dense_mlp = _mlp_matrices(m) * D * m.d_ff
+    expert_ff = moe.d_ff or m.d_ff
+    expert = _mlp_matrices(m) * D * expert_ff
+    moe_total = moe.n_experts * expert + moe.n_shared * expert + D * moe.n_experts
+    moe_active = moe.top_k * expert + moe.n_shared * expert + D * moe.n_experts
+    kinds = _layer_kinds(m, moe)
+    n_moe = kinds.count("moe")
+    n_dense = len(kinds) - n_moe
+    norms = (2 * len(kinds) + (1 if m.norm == "pre" else 0)) * D if m.norm != "none" else 0
+    return Counts(
+        embedding=m.vocab_size * D,
+        attention=attn * len(kinds),
+        mlp=n_dense * dense_mlp + n_moe * moe_total,
+        norms=norms,
+        output=0 if m.tie_embeddings else D * m.vocab_size,
+        active_mlp=n_dense * dense_mlp + n_moe * moe_active,
+    )
+
+
+def forward_flops(m: ModelConfig, moe: MoEConfig, seq_len: int) -> dict[str, int]:
+    """Matmul FLOPs of one forward pass over one sequence, by component (active experts only)."""
+    T, D, hd = seq_len, m.d_model, m.head_dim
+    kinds = _layer_kinds(m, moe)
+    n_moe = kinds.count("moe")
+    n_dense = len(kinds) - n_moe
+    expert_ff = moe.d_ff or m.d_ff
+    per_token_moe = (moe.top_k + moe.n_shared) * _mlp_matrices(m) * D * expert_ff + D * moe.n_experts
+    return {
+        "attention_projections": len(kinds) * 2 * T * D * hd * (2 * m.n_heads + 2 * m.n_kv_heads),
+        "attention_scores": len(kinds) * 2 * 2 * T * T * m.n_heads * hd,
+        "mlp": n_dense * 2 * T * _mlp_matrices(m) * D * m.d_ff + n_moe * 2 * T * per_token_moe,
+        "lm_head": 2 * T * D * m.vocab_size,
+    }
+
+
+def train_flops_per_step(cfg: Config) -> int:
+    """Forward + backward matmul FLOPs of one optimizer step over the global batch."""
+    return 3 * sum(forward_flops(cfg.model, cfg.moe, cfg.data.seq_len).values()) * cfg.train.global_batch
+
+
+def memory_bytes(counts: Counts) -> dict[str, int]:
+    """Parameters, gradients and AdamW's two moments, all in f32 or all in bf16 (no activations)."""
+    out = {}
+    for name, size in (("f32", 4), ("bf16", 2)):
+        out[f"params ({name})"] = counts.total * size
+        out[f"gradients ({name})"] = counts.total * size
+        out[f"adamw moments ({name})"] = 2 * counts.total * size
+        out[f"total ({name})"] = 4 * counts.total * size
+    return out
+
+
+def report(cfg: Config) -> str:
+    m, moe = cfg.model, cfg.moe
+    c = count_params(m, moe)
+    flops = forward_flops(m, moe, m.max_seq_len)
+    rows = [
+        ("parameters", ""),
+        ("  embedding", f"{c.embedding:,}"),
+        ("  attention", f"{c.attention:,}"),
+        ("  mlp" + (" (all experts + routers)" if moe.n_experts else ""), f"{c.mlp:,}"),
+        ("  norms", f"{c.norms:,}"),
+        ("  lm head", f"{c.output:,}" + (" (tied)" if m.tie_embeddings else "")),
+        ("  total", f"{c.total:,}"),
+    ]
+    if moe.n_experts:
+        rows.append(("  active per token", f"{c.active:,}"))
+    rows.append((f"forward FLOPs per sequence (T={m.max_seq_len})", ""))
+    rows += [(f"  {k}", f"{v:,}") for k, v in flops.items()]
+    rows.append(("  total", f"{sum(flops.values()):,}"))
+    rows.append(("memory", ""))
+    rows += [(f"  {k}", f"{v / 2**30:,.2f} GiB") for k, v in memory_bytes(c).items()]
+    width = max(len(k) for k, _ in rows) + 2
+    return "\n".join(f"{k:<{width}}{v:>24}" if v else k for k, v in rows)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=48")
+
+
+def main(args: argparse.Namespace) -> int:
+    print(report(load_config(args.config, args.overrides)))
+    return 0

@@ -1,0 +1,114 @@
+"""Logical axis names -> mesh axes, from one rules table.
+
+Parameters carry logical names in their `axes` metadata (`nnx.Param(v, axes=("embed", "mlp"))`),
+activations get them through `constrain(x, ("batch", "length", "embed"))`. `spec_for` turns names
+into a PartitionSpec with two general rules:
+  * a mesh axis is used at most once per array: the first dimension that asks for it gets it
+    (so x_BTD shards its batch over `fsdp` and leaves `embed` whole, while w_DF shards `embed`);
+  * a dimension whose size the mesh axes do not divide stays unsharded on those axes.
+Leading dimensions without names (the stacked-layer axis of scanned blocks) are never sharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+DEFAULT_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp", "expert"),
+    "length": None,
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "expert": "expert",
+    "expert_mlp": "tensor",
+}
+
+
+def resolve_rules(overrides: dict[str, Any] | None = None) -> dict[str, tuple[str, ...]]:
+    rules = {**DEFAULT_RULES, **(overrides or {})}
+    out = {}
+    for name, target in rules.items():
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        for axis in axes:
+            if axis not in MESH_AXES:
+                from jaxlm.config import ConfigError
+
+                raise ConfigError(f"mesh.rules.{name}={target!r} names unknown mesh axis {axis!r}; expected {MESH_AXES}")
+        out[name] = axes
+    return out
+
+
+def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules: dict) -> PartitionSpec:
+    lead = len(shape) - len(axes)
+    used: set[str] = set()
+    spec: list[Any] = [None] * lead
+    for size, name in zip(shape[lead:], axes):
+        chosen = []
+        for axis in rules.get(name, ()) if name else ():
+            n = mesh.shape[axis]
+            if axis in used or n == 1:
+                continue
+            if size % (n * _prod(mesh.shape[a] for a in chosen)):
+                continue
+            chosen.append(axis)
+        used.update(chosen)
+        spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return PartitionSpec(*spec)
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: dict):
+    """NamedShardings for a (pure-dict) parameter tree, from each Param's `axes` metadata."""
+
+    def one(var):
+        axes = var.get_metadata().get("axes", ())
+        return NamedSharding(mesh, spec_for(var.shape, axes, mesh, rules))
+
+    return nnx.to_pure_dict(jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+# -------------------------------------------------------------- activation constraints
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("jaxlm_sharding", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh_rules(mesh: Mesh, rules: dict):
+    """While tracing under this context, `constrain` pins activations to the mesh."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(x.shape, axes, mesh, rules)))
+
+
+def batch_sharding(mesh: Mesh, rules: dict, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [batch, ...] input array: batch over the data-parallel axes."""
+    axes = tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)
+    first = axes if len(axes) > 1 else (axes[0] if axes else None)
+    return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))

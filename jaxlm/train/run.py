@@ -1,0 +1,30 @@
+"""`jaxlm train CONFIG [section.key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxlm.config import load_config, to_yaml
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file (e.g. configs/tiny.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=2 optim.lr=3e-4")
+    parser.add_argument("--run-dir", help="where metrics, TensorBoard events and checkpoints go (train.run_dir)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from jaxlm.train.loop import train
+
+    history = train(cfg)
+    if history:
+        last = history[-1]
+        summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "eval_loss") if k in last)
+        print(f"done: step {last['step']}, {summary}; metrics in {cfg.train.run_dir}/metrics.jsonl")
+    return 0
