@@ -1,0 +1,30 @@
+"""Every test runs on 8 simulated CPU devices; set before JAX is imported anywhere."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    path = SHARED_DATA / "tinyshakespeare" / "input.txt"
+    if not path.is_file():
+        pytest.skip(f"shared data not found at {path}")
+    return path
+
+
+def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 300):
+    """Runs `python -m jaxlm.cli ARGS` in a subprocess; returns CompletedProcess."""
+    import subprocess
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "jaxlm.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
