@@ -38,6 +38,7 @@ class Trainer:
     state_shardings: Any
     train_step: Callable  # (state, batch) -> (state, metrics)
     eval_step: Callable  # (params, batch) -> {"ce_sum", "count"}
+    loss_and_grads: Callable  # (params, batch) -> (loss, grads), deterministic (no router noise)
     init_state: Callable  # () -> state, created directly in its shardings
 
     @property
@@ -102,7 +103,7 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
         params = optax.apply_updates(state["params"], updates)
         metrics = {
             "loss": info["ce_sum"] / n_tokens,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
             **info["aux"],
         }
@@ -114,6 +115,11 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
             sums = next_token_loss(logits, batch["targets"], batch["loss_mask"])
         return {"ce_sum": sums["ce_sum"], "count": sums["count"]}
 
+    def loss_and_grads(params, batch):
+        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        (loss, _), grads = grad_fn(params, batch, n_tokens, None, 1)
+        return loss, grads
+
     data_sharding = batch_sharding(mesh, rules)
     return Trainer(
         cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
@@ -122,4 +128,6 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
                            out_shardings=(state_shardings, replicated), donate_argnums=0),
         eval_step=jax.jit(eval_step, in_shardings=(p_shardings, data_sharding), out_shardings=replicated),
         init_state=jax.jit(init_state, out_shardings=state_shardings),
+        loss_and_grads=jax.jit(loss_and_grads, in_shardings=(p_shardings, data_sharding),
+                               out_shardings=(replicated, p_shardings)),
     )

@@ -1,0 +1,115 @@
+"""Model properties: causality, GQA vs a reference MHA, RoPE relativity, init scale."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.config import ModelConfig, MoEConfig
+from jaxlm.model.attention import Attention, attention_mask
+from jaxlm.model.layers import rope
+from jaxlm.model.transformer import Transformer
+
+SMALL = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=40, max_seq_len=64)
+
+
+def forward(cfg, tokens, **kw):
+    model = Transformer(cfg, MoEConfig(), nnx.Rngs(0))
+    return model(tokens, **kw)[0]
+
+
+@pytest.mark.parametrize("norm,mlp,position", [("pre", "swiglu", "rope"), ("post", "gelu", "none"),
+                                                ("none", "silu", "rope")])
+def test_changing_future_tokens_leaves_past_logits_unchanged(norm, mlp, position):
+    cfg = ModelConfig(**SMALL, norm=norm, mlp=mlp, position=position)
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 50)
+    t = 9
+    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 50)
+    a, b = forward(cfg, tokens), forward(cfg, changed)
+    np.testing.assert_array_equal(a[:, : t + 1], b[:, : t + 1])
+    assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_bidirectional_model_sees_future_tokens():
+    cfg = ModelConfig(**SMALL, causal=False)
+    tokens = jax.random.randint(jax.random.key(0), (1, 8), 0, 50)
+    a, b = forward(cfg, tokens), forward(cfg, tokens.at[:, -1].set((tokens[:, -1] + 1) % 50))
+    assert not np.allclose(a[:, 0], b[:, 0])
+
+
+def reference_mha(x, wq, wk, wv, wo, positions, theta):
+    """Plain multi-head attention with per-head loops; kv heads repeated for grouped queries."""
+    H, K = wq.shape[1], wk.shape[1]
+    q = rope(jnp.einsum("btd,dhk->bthk", x, wq), positions, theta)
+    k = rope(jnp.einsum("btd,dhk->bthk", x, wk), positions, theta)
+    v = jnp.einsum("btd,dhk->bthk", x, wv)
+    T = x.shape[1]
+    heads = []
+    for h in range(H):
+        kv = h // (H // K)
+        s = q[:, :, h] @ jnp.swapaxes(k[:, :, kv], 1, 2) / np.sqrt(q.shape[-1])
+        s = jnp.where(np.tril(np.ones((T, T), bool)), s, -jnp.inf)
+        heads.append(jax.nn.softmax(s, axis=-1) @ v[:, :, kv])
+    return jnp.einsum("bthk,hkd->btd", jnp.stack(heads, axis=2), wo)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_grouped_query_attention_equals_reference_multi_head(n_kv_heads):
+    cfg = ModelConfig(**{**SMALL, "n_kv_heads": n_kv_heads})
+    attn = Attention(cfg, nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(2), (2, 12, 32))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    got = attn(x, pos, attention_mask(12, True, None))
+    want = reference_mha(x, attn.wq_DHd[...], attn.wk_DKd[...], attn.wv_DKd[...], attn.wo_HdD[...], pos,
+                         cfg.rope_theta)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_dot_product_depends_only_on_relative_position():
+    q = jax.random.normal(jax.random.key(0), (1, 1, 1, 64))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 1, 64))
+
+    def score(m, n):
+        return float(jnp.sum(rope(q, jnp.array([[m]]), 10000.0) * rope(k, jnp.array([[n]]), 10000.0)))
+
+    for m, n in [(3, 1), (10, 0), (0, 7)]:
+        for shift in (5, 100, 977):
+            assert score(m, n) == pytest.approx(score(m + shift, n + shift), rel=1e-4, abs=1e-4)
+    assert score(3, 1) != pytest.approx(score(5, 1), rel=1e-3)
+
+
+def test_rope_preserves_norm_and_is_identity_at_position_zero():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 16))
+    pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    np.testing.assert_allclose(jnp.linalg.norm(rope(x, pos, 1e4), axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(rope(x, jnp.zeros((2, 5), jnp.int32), 1e4), x, rtol=1e-6)
+
+
+def test_segment_ids_block_attention_across_documents():
+    cfg = ModelConfig(**SMALL)
+    tokens = jax.random.randint(jax.random.key(0), (1, 12), 0, 50)
+    seg = jnp.array([[0] * 5 + [1] * 7])
+    pos = jnp.array([list(range(5)) + list(range(7))])
+    packed = forward(cfg, tokens, positions_BT=pos, segment_ids_BT=seg)
+    alone = forward(cfg, tokens[:, 5:])  # the second document on its own, positions from 0
+    np.testing.assert_allclose(packed[:, 5:], alone, atol=1e-5)
+
+
+def test_initial_loss_is_near_uniform_and_weights_have_fan_in_scale():
+    cfg = ModelConfig(**{**SMALL, "d_model": 256, "n_heads": 4, "n_kv_heads": 4, "d_ff": 512})
+    model = Transformer(cfg, MoEConfig(), nnx.Rngs(0))
+    w = model.segments[0].units.blocks[0].ffn.w_up_DF[...]
+    # a normal truncated at +-3 sigma keeps std 0.9866 sigma
+    assert float(jnp.std(w)) == pytest.approx(0.9866 / np.sqrt(256), rel=0.03)
+    tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 50)
+    logits = model(tokens)[0]
+    loss = jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
+    assert abs(float(loss) - np.log(50)) < 1.5
+
+
+def test_scan_and_unrolled_layers_and_remat_agree():
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 50)
+    base = forward(ModelConfig(**SMALL), tokens)
+    for kw in ({"scan_layers": False}, {"remat": "full"}, {"remat": "dots_saveable"}):
+        np.testing.assert_allclose(forward(ModelConfig(**SMALL, **kw), tokens), base, atol=1e-5)
