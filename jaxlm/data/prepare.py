@@ -1,0 +1,531 @@
+"""`jaxlm prepare`: text files, directories, globs and JSONL -> token shards + metadata.json.
+
+Layout of OUTDIR (one split = the train or val documents, each followed by <|endoftext|>):
+  train_00000.bin       raw uint16 (or uint32) token ids, a slice of the split's token stream
+  train_00000.idx.npy   int64 offsets, in the shard, of the documents that start in it
+  train_00000.json      sidecar written last: the shard is complete, and where to resume
+  metadata.json         written when every split is finished; readers need it
+
+A document is one text file or one JSONL record; document i (in input order, counting every
+JSONL line) goes to val when i >= 1 and ceil(i*f) > ceil((i-1)*f), so about a fraction f of
+the documents, spread evenly, at least one when there are two. Files are written under a
+temporary name and renamed; a re-run skips shards that are finished; an error removes what
+this run wrote.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.errors import UserError
+
+SPLITS = ("train", "val")
+_TASK_BYTES = 4 << 20
+_STREAM_ABOVE = 64 << 20  # larger text files are encoded with encode_chunks (bounded text memory)
+_STREAM_BLOCK = 1 << 20
+_GLOB_CHARS = set("*?[")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, directories, globs, .jsonl files")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    p.add_argument("--tokenizer", help="'bytes', a tokenizer directory, or a tiktoken name (gpt2, cl100k_base, ...)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.add_argument("--text-field", default="text", help="the JSONL field holding the text")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--allow-special", action="store_true",
+                   help="encode special-token text in documents as special tokens (default: as plain text)")
+    p.add_argument("--check", action="store_true",
+                   help="verify OUTDIR instead: shard sizes, token ids < vocabulary, --tokenizer hash")
+
+
+def main(args) -> int:
+    if args.check:
+        if args.inputs:
+            raise UserError("--check takes no INPUT, only -o OUTDIR (and optionally --tokenizer)")
+        corpus = open_prepared(args.output)
+        if args.tokenizer:
+            check_tokenizer(corpus, load_tokenizer(args.tokenizer))
+        check_token_ids(corpus)
+        print(f"{args.output}: OK, " + ", ".join(f"{s} {corpus.split(s).n_tokens:,} tokens" for s in SPLITS))
+        return 0
+    if not args.inputs or not args.tokenizer:
+        raise UserError("give INPUT... and --tokenizer SPEC (or --check)")
+    t0 = time.perf_counter()
+    meta = prepare(args.inputs, args.tokenizer, args.output, val_fraction=args.val_fraction,
+                   shard_tokens=args.shard_tokens, text_field=args.text_field, workers=args.workers,
+                   allow_special=args.allow_special)
+    dt = time.perf_counter() - t0
+    mb = sum(i[1] for i in meta["settings"]["inputs"]) / 1e6
+    print(f"{args.output}: {mb:.1f} MB in {dt:.1f} s ({mb / dt:.1f} MB/s); " + "; ".join(
+        f"{s}: {m['n_documents']:,} documents, {m['n_tokens']:,} tokens, {len(m['shards'])} shards"
+        for s, m in meta["splits"].items()))
+    return 0
+
+
+# ---------------------------------------------------------------- inputs and tasks
+
+
+def expand_inputs(inputs: list[str], exclude: str | None = None) -> list[str]:
+    """Files, recursive directories (hidden entries skipped) and globs -> ordered file list."""
+    files: list[str] = []
+    for spec in inputs:
+        if os.path.isdir(spec):
+            found = []
+            for d, subdirs, names in os.walk(spec):
+                subdirs[:] = [s for s in subdirs if not s.startswith(".")]
+                found += [os.path.join(d, n) for n in names if not n.startswith(".")]
+            found.sort()
+        elif os.path.isfile(spec):
+            found = [spec]
+        elif _GLOB_CHARS & set(spec):
+            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        else:
+            raise UserError(f"input {spec} does not exist")
+        if exclude:
+            found = [f for f in found if not os.path.abspath(f).startswith(os.path.abspath(exclude) + os.sep)]
+        if not found:
+            raise UserError(f"input {spec} matches no files")
+        files += found
+    files = list(dict.fromkeys(os.path.abspath(f) for f in files))
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise UserError(f"input {f} is empty")
+    return files
+
+
+def _make_tasks(files: list[str]) -> list[list[tuple]]:
+    """Tasks of about _TASK_BYTES: lists of items (path, kind, start, end, first_doc, first_line,
+    n_docs). Each JSONL line is a document; JSONL files are cut at line ends."""
+    tasks, cur, cur_bytes, doc = [], [], 0, 0
+
+    def add(item: tuple, nbytes: int) -> None:
+        nonlocal cur, cur_bytes
+        if cur and cur_bytes + nbytes > _TASK_BYTES:
+            tasks.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(item)
+        cur_bytes += nbytes
+
+    for path in files:
+        size = os.path.getsize(path)
+        if not path.endswith(".jsonl"):
+            add((path, "text", 0, size, doc, 1, 1), size)
+            doc += 1
+            continue
+        line = 1
+        with open(path, "rb") as f:
+            start = 0
+            while start < size:
+                f.seek(start)
+                block = f.read(_TASK_BYTES)
+                end = start + len(block)
+                if end < size:  # extend to the end of the line
+                    rest = f.readline()
+                    block += rest
+                    end += len(rest)
+                n = block.count(b"\n") + (not block.endswith(b"\n"))
+                add((path, "jsonl", start, end, doc, line, n), end - start)
+                doc, line, start = doc + n, line + n, end
+    if cur:
+        tasks.append(cur)
+    return tasks
+
+
+def in_val(i: int, f: float) -> bool:
+    return i >= 1 and f > 0 and math.ceil(i * f - 1e-9) > math.ceil((i - 1) * f - 1e-9)
+
+
+# ---------------------------------------------------------------- workers
+
+_worker_state: dict = {}
+
+
+def _init_worker(tok: Tokenizer, dtype: str, text_field: str, allow_special: bool) -> None:
+    _worker_state.update(tok=tok, dtype=np.dtype(dtype), field=text_field, allow=allow_special)
+
+
+def _encode(text: str) -> np.ndarray:
+    tok, allow = _worker_state["tok"], _worker_state["allow"]
+    if allow and tok._prefix_specials:
+        return np.asarray(tok.encode(text, allowed_special="all"), np.uint32)
+    kw = {"allowed_special": "all"} if allow else {"disallowed_special": ()}
+    try:
+        return tok.encode_to_numpy(text, **kw)
+    except UnicodeEncodeError:  # lone surrogates, e.g. from JSON escapes; as tiktoken's encode does
+        return tok.encode_to_numpy(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), **kw)
+
+
+def _decode(data: bytes, path: str, offset: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: invalid UTF-8 at byte offset {offset + e.start}") from None
+
+
+def _run_task(task: list[tuple]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """-> per item: (first_doc, tokens of its documents concatenated, per-document lengths;
+    -1 marks an empty JSONL record, which is skipped)."""
+    dtype, field = _worker_state["dtype"], _worker_state["field"]
+    out = []
+    for path, kind, start, end, doc, line, _ in task:
+        if kind == "text" and end > _STREAM_ABOVE:
+            ids = np.concatenate([np.asarray(c, np.uint32) for c in _stream_file(path)] or [np.zeros(0, np.uint32)])
+            out.append((doc, ids.astype(dtype), np.array([len(ids)])))
+            continue
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+        text = _decode(data, path, start)
+        if kind == "text":
+            ids = _encode(text)
+            out.append((doc, ids.astype(dtype), np.array([len(ids)])))
+            continue
+        pieces, lengths = [], []
+        for n, raw in enumerate(text.split("\n")[: data.count(b"\n") + (not data.endswith(b"\n"))]):
+            if not raw.strip():
+                lengths.append(-1)
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError as e:
+                raise UserError(f"{path}:{line + n}: invalid JSON ({getattr(e, 'msg', e)})") from None
+            value = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(value, str):
+                raise UserError(f"{path}:{line + n}: the record has no string field {field!r}; "
+                                "set --text-field to the field that holds the text")
+            ids = _encode(value) if value else np.zeros(0, np.uint32)
+            pieces.append(ids.astype(dtype))
+            lengths.append(len(ids) if value else -1)
+        out.append((doc, np.concatenate(pieces) if pieces else np.zeros(0, dtype), np.array(lengths)))
+    return out
+
+
+def _stream_file(path: str):
+    import codecs
+
+    tok, allow = _worker_state["tok"], _worker_state["allow"]
+    decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def texts():
+        offset = 0
+        with open(path, "rb") as f:
+            while block := f.read(_STREAM_BLOCK):
+                pending = len(decoder.getstate()[0])
+                try:
+                    yield decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}: invalid UTF-8 at byte offset {offset - pending + e.start}") from None
+                offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: invalid UTF-8 at byte offset {offset - len(decoder.getstate()[0])}") from None
+
+    kw = {"allowed_special": "all"} if allow else {"disallowed_special": ()}
+    return tok.encode_chunks(texts(), flush_chars=1 << 20, **kw)
+
+
+def _pool_context():
+    if "jax" in sys.modules or "fork" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    return multiprocessing.get_context("fork")
+
+
+def _results(tasks, init_args, workers: int):
+    """Task results in task order, at most 2 * workers tasks in flight."""
+    if workers <= 1 or len(tasks) <= 1:
+        _init_worker(*init_args)
+        yield from map(_run_task, tasks)
+        return
+    with _pool_context().Pool(min(workers, len(tasks)), _init_worker, init_args) as pool:
+        pending: collections.deque = collections.deque()
+        it = iter(tasks)
+        for task in it:
+            pending.append(pool.apply_async(_run_task, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------- shard writing
+
+
+class _SplitWriter:
+    """Appends documents (+ EOT) to one split's shards; resumes after the finished ones."""
+
+    def __init__(self, out: str, split: str, dtype, shard_tokens: int, eot: int, settings_hash: str, created: list):
+        self.out, self.split, self.dtype, self.cap = out, split, np.dtype(dtype), shard_tokens
+        self.eot = np.array([eot], self.dtype)
+        self.settings_hash, self.created = settings_hash, created
+        self.k, self.next_doc, self.next_offset = 0, 0, 0
+        while os.path.exists(side := self._path(self.k, ".json")):
+            with open(side) as f:
+                info = json.load(f)
+            if info.get("settings_hash") != settings_hash:
+                raise UserError(f"{out} holds shards from a run with other inputs, settings or tokenizer "
+                                f"({os.path.basename(side)}); remove it or choose another -o")
+            self.k, self.next_doc, self.next_offset = self.k + 1, info["next_doc"], info["next_offset"]
+        self.file = None
+
+    def _path(self, k: int, ext: str) -> str:
+        return os.path.join(self.out, f"{self.split}_{k:05d}{ext}")
+
+    def _open(self) -> None:
+        self.tmp = self._path(self.k, f".bin.{os.getpid()}.tmp")
+        self.file, self.n, self.offsets, self.buf, self.buffered = open(self.tmp, "wb"), 0, [], [], 0
+        self.mid_doc = self.next_offset > 0
+        self.created.append(self.tmp)
+
+    def add(self, doc: int, ids: np.ndarray) -> None:
+        """Document `doc` (in input order) + EOT; documents before the resume point are done."""
+        if doc < self.next_doc:
+            return
+        pos, total = (self.next_offset if doc == self.next_doc else 0), len(ids) + 1
+        while pos < total:
+            if self.file is None:
+                self._open()
+            if pos == 0:
+                self.offsets.append(self.n)
+            end = pos + min(self.cap - self.n, total - pos)
+            if pos < len(ids):
+                self.buf.append(ids[pos: min(end, len(ids))])
+            if end == total:
+                self.buf.append(self.eot)
+            self.n, self.buffered, pos = self.n + end - pos, self.buffered + end - pos, end
+            self.next_doc, self.next_offset = (doc + 1, 0) if pos == total else (doc, pos)
+            if self.n == self.cap:
+                self._finalize()
+            elif self.buffered >= 1 << 20:
+                self._flush()
+
+    def finish(self) -> None:
+        if self.file is not None and self.n:
+            self._finalize()
+
+    def _flush(self) -> None:
+        if self.buf:
+            np.concatenate(self.buf).tofile(self.file)
+        self.buf, self.buffered = [], 0
+
+    def _finalize(self) -> None:
+        self._flush()
+        self.file.close()
+        self.file = None
+        _replace(self.tmp, self._path(self.k, ".bin"), self.created)
+        idx = self._path(self.k, ".idx.npy")
+        with open(idx + ".tmp", "wb") as f:
+            np.save(f, np.asarray(self.offsets, np.int64))
+        _replace(idx + ".tmp", idx, self.created)
+        _write_json(self._path(self.k, ".json"), {
+            "settings_hash": self.settings_hash, "n_tokens": self.n, "n_documents": len(self.offsets),
+            "starts_mid_document": self.mid_doc, "next_doc": self.next_doc, "next_offset": self.next_offset,
+        }, self.created)
+        self.k += 1
+
+
+def _replace(tmp: str, final: str, created: list) -> None:
+    os.replace(tmp, final)
+    created.append(final)
+
+
+def _write_json(path: str, obj: dict, created: list) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    created.append(tmp)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    _replace(tmp, path, created)
+
+
+def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float = 0.05,
+            shard_tokens: int = 100_000_000, text_field: str = "text", workers: int = 1,
+            allow_special: bool = False) -> dict:
+    """Tokenize `inputs` into shards under `out`; returns the metadata (also in metadata.json)."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if shard_tokens < 1:
+        raise UserError(f"--shard-tokens {shard_tokens} must be positive")
+    tok = load_tokenizer(tokenizer)
+    if tok.eot_id is None:
+        raise UserError(f"tokenizer {tokenizer!r} has no <|endoftext|> token to put between documents")
+    files = expand_inputs(inputs, exclude=out)
+    dtype = "uint16" if tok.n_vocab <= 1 << 16 else "uint32"
+    settings = {"inputs": [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files],
+                "val_fraction": val_fraction, "shard_tokens": shard_tokens, "text_field": text_field,
+                "allow_special": allow_special, "tokenizer_hash": tok.hash}
+    settings_hash = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
+    meta_path = os.path.join(out, "metadata.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old.get("settings_hash") == settings_hash:
+            return old  # already complete
+        if old.get("tokenizer", {}).get("hash") != tok.hash:
+            raise UserError(f"{out} was prepared with tokenizer {old.get('tokenizer', {}).get('name')!r} "
+                            f"(hash {old.get('tokenizer', {}).get('hash', '?')[:12]}), not {tokenizer!r} "
+                            f"(hash {tok.hash[:12]}); remove it or choose another -o")
+        raise UserError(f"{out} holds a corpus prepared from other inputs or settings; remove it or choose another -o")
+    made_dir = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    for stale in glob.glob(os.path.join(out, "*.tmp")):
+        os.remove(stale)  # from a killed run
+    created: list[str] = []
+    writers: dict[str, _SplitWriter] = {}
+    try:
+        writers = {s: _SplitWriter(out, s, dtype, shard_tokens, tok.eot_id, settings_hash, created) for s in SPLITS}
+        resume = min(w.next_doc for w in writers.values())
+        tasks = [t for t in _make_tasks(files) if _task_end(t) > resume]
+        for result in _results(tasks, (tok, dtype, text_field, allow_special), workers):
+            for doc, ids, lengths in result:
+                pos = 0
+                for i, n in enumerate(lengths.tolist()):
+                    if n >= 0:
+                        writers["val" if in_val(doc + i, val_fraction) else "train"].add(doc + i, ids[pos: pos + n])
+                        pos += n
+        for w in writers.values():
+            w.finish()
+        meta = _metadata(out, tok, tokenizer, dtype, settings, settings_hash)
+        _write_json(meta_path, meta, created)
+        return meta
+    except BaseException as e:
+        for w in writers.values():
+            if w.file is not None:
+                w.file.close()
+        keep_finished = not isinstance(e, Exception)  # interrupted: keep finished shards to resume
+        for path in reversed(created):
+            if (not keep_finished or path.endswith(".tmp")) and os.path.exists(path):
+                os.remove(path)
+        if made_dir and not os.listdir(out):
+            os.rmdir(out)
+        raise
+
+
+def _task_end(task: list[tuple]) -> int:
+    *_, doc, _, n_docs = task[-1]
+    return doc + n_docs
+
+
+def _metadata(out, tok, spec, dtype, settings, settings_hash) -> dict:
+    splits = {}
+    for s in SPLITS:
+        shards, k = [], 0
+        while os.path.exists(side := os.path.join(out, f"{s}_{k:05d}.json")):
+            with open(side) as f:
+                info = json.load(f)
+            shards.append({"file": f"{s}_{k:05d}.bin", "offsets_file": f"{s}_{k:05d}.idx.npy",
+                           "n_tokens": info["n_tokens"], "n_documents": info["n_documents"],
+                           "starts_mid_document": info["starts_mid_document"]})
+            k += 1
+        splits[s] = {"n_tokens": sum(x["n_tokens"] for x in shards),
+                     "n_documents": sum(x["n_documents"] for x in shards), "shards": shards}
+    return {"format": "jaxlm-prepared", "version": 1, "tokenizer": {**tok.identity(), "spec": spec},
+            "dtype": dtype, "settings_hash": settings_hash, "settings": settings, "splits": splits}
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class PreparedSplit:
+    name: str
+    shards: list[np.memmap]  # token ids; the split's token stream is their concatenation
+    doc_offsets: list[np.ndarray]  # per shard: int64 offsets of the documents that start in it
+    starts_mid_document: list[bool]  # per shard: its first tokens continue the previous shard's document
+    n_tokens: int
+    n_documents: int
+
+
+@dataclass(frozen=True)
+class PreparedCorpus:
+    path: str
+    metadata: dict
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.metadata["tokenizer"]["hash"]
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.metadata["tokenizer"]["name"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.metadata["tokenizer"]["n_vocab"]
+
+    @property
+    def eot_id(self) -> int:
+        return self.metadata["tokenizer"]["eot_id"]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.metadata["dtype"])
+
+    def split(self, name: str) -> PreparedSplit:
+        name = {"validation": "val"}.get(name, name)
+        if name not in self.metadata["splits"]:
+            raise UserError(f"{self.path} has no split {name!r}; it has {', '.join(self.metadata['splits'])}")
+        m = self.metadata["splits"][name]
+        shards = [np.memmap(os.path.join(self.path, s["file"]), dtype=self.dtype, mode="r") for s in m["shards"]]
+        offsets = [np.load(os.path.join(self.path, s["offsets_file"])) for s in m["shards"]]
+        return PreparedSplit(name, shards, offsets, [s["starts_mid_document"] for s in m["shards"]],
+                             m["n_tokens"], m["n_documents"])
+
+
+def open_prepared(path: str) -> PreparedCorpus:
+    """Reads OUTDIR/metadata.json and checks that every shard is there with its full size."""
+    meta_path = os.path.join(path, "metadata.json")
+    if not os.path.isfile(meta_path):
+        partial = glob.glob(os.path.join(path, "*_00000.json"))
+        raise UserError(f"{path} is not a prepared corpus (no metadata.json)"
+                        + ("; a run was interrupted: re-run `jaxlm prepare` to finish it" if partial else ""))
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for s, m in meta["splits"].items():
+            for shard in m["shards"]:
+                f = os.path.join(path, shard["file"])
+                if not os.path.isfile(f) or os.path.getsize(f) != shard["n_tokens"] * itemsize:
+                    raise UserError(f"{f} is missing or not {shard['n_tokens']} tokens long; prepare the corpus again")
+    except UserError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path} is not valid prepared-corpus metadata ({type(e).__name__}: {e})") from None
+    return PreparedCorpus(path, meta)
+
+
+def check_tokenizer(prepared: PreparedCorpus, tokenizer) -> None:
+    """UserError unless `tokenizer` (a tiktoken Encoding) is the one the shards were made with."""
+    tok = Tokenizer.from_encoding(tokenizer)
+    if tok.hash != prepared.tokenizer_hash:
+        raise UserError(f"{prepared.path} was tokenized with {prepared.tokenizer_name!r} "
+                        f"(hash {prepared.tokenizer_hash[:12]}) but the tokenizer given is {tok.name!r} "
+                        f"(hash {tok.hash[:12]}); use the same tokenizer or prepare the data again")
+
+
+def check_token_ids(prepared: PreparedCorpus, vocab_size: int | None = None) -> None:
+    """UserError if any shard holds a token id >= vocab_size (default: the tokenizer's)."""
+    limit = prepared.vocab_size if vocab_size is None else vocab_size
+    for s in prepared.metadata["splits"]:
+        for shard, meta in zip(prepared.split(s).shards, prepared.metadata["splits"][s]["shards"]):
+            for start in range(0, len(shard), 1 << 24):
+                block = shard[start: start + (1 << 24)]
+                if len(block) and int(block.max()) >= limit:
+                    pos = start + int(np.argmax(block >= limit))
+                    raise UserError(f"{os.path.join(prepared.path, meta['file'])}: token id {int(shard[pos])} "
+                                    f"at position {pos} is >= the vocabulary size {limit}")
