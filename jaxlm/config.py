@@ -183,8 +183,8 @@ def from_dict(cls, raw: dict, prefix: str):
     for key, value in raw.items():
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f"; allowed: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; allowed: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     return cls(**kwargs)
 
