@@ -34,7 +34,7 @@ def test_config_errors_name_key_value_and_what_is_allowed(overrides, message):
 
 @pytest.mark.parametrize("overrides,message", [
     (["model.n_layer=2"], "did you mean 'model.n_layers'?"),
-    (["mesh.data=3"], "mesh sizes {'data': 3, 'fsdp': 1, 'expert': 1, 'tensor': 1} multiply to 3, but 8 devices"),
+    (["mesh.data=3"], "mesh.data=3 x mesh.fsdp=1 x mesh.expert=1 x mesh.tensor=1 = 3, but there are 8 devices"),
     (["train.global_batch=12"], "train.global_batch=12 (per microbatch 12) must be divisible by the data-parallel size 8"),
     (["data.path=/no/such/dir"], "data.path='/no/such/dir' does not exist"),
     (["data.seq_len=1024"], "exceeds model.max_seq_len"),
