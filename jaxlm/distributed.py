@@ -2,75 +2,181 @@
 
 The mesh has axes (data, fsdp, expert, tensor); `tensor` is innermost so it stays on the
 fastest links. Sizes come from the `mesh` config: per axis an ici size (within a host or
-slice) and a dcn size (across hosts/slices); one ici axis may be -1 to fill the rest.
+slice) and a dcn size (across hosts/slices); one ici axis and one dcn axis may be -1 to fill.
+When every dcn size is 1 the mesh is flat over all devices of all processes.
 """
 
 from __future__ import annotations
+
+import glob
+import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from jaxlm.config import ConfigError, MeshConfig
+from jaxlm.errors import UserError
 from jaxlm.sharding import MESH_AXES
 
+# JAXLM_DISTRIBUTED=auto forces jax's own cluster detection, =off keeps a single process
+# even inside SLURM or on a TPU VM (e.g. a debugging shell inside an allocation).
+ENV_MODE = "JAXLM_DISTRIBUTED"
 
-def initialize() -> None:
-    """Starts jax.distributed when the environment asks for several processes; else nothing."""
+
+def initialize() -> str:
+    """Starts jax.distributed when the environment asks for several processes.
+
+    Must run before anything touches a JAX device. Returns how it started ("single",
+    "explicit", "slurm", "tpu", "ompi", "auto"), for logs and tests.
+    """
+    env = os.environ
+    mode = env.get(ENV_MODE, "").strip().lower()
+    if mode == "off" or jax.distributed.is_initialized():
+        return "single"
+    if env.get("JAXLM_COORDINATOR"):
+        return _initialize_explicit(env)
+    kind = "auto" if mode == "auto" else _detect_cluster(env)
+    if kind == "single":
+        return kind
+    jax.distributed.initialize()  # jax reads SLURM / TPU metadata / Open MPI variables itself
+    return kind
+
+
+def _detect_cluster(env) -> str:
+    # The batch script of an sbatch job also sees SLURM_NTASKS>1 but is not one of the
+    # tasks; srun sets SLURM_STEP_NUM_TASKS for the tasks it starts.
+    if int(env.get("SLURM_STEP_NUM_TASKS") or 1) > 1 and "SLURM_PROCID" in env:
+        return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env:
+        return "ompi"
+    if _on_tpu_vm(env):
+        return "tpu"  # also fine on a single-host TPU VM: jax then finds one process
+    return "single"
+
+
+def _on_tpu_vm(env) -> bool:
+    """A Cloud TPU VM (chips on PCI, as jax checks) or a GKE TPU pod (worker list in env)."""
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return True
+    try:
+        from jax._src import hardware_utils
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # private helper moved: fall back to the device files TPU VMs expose
+        return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def _initialize_explicit(env) -> str:
+    """JAXLM_COORDINATOR=host:port, JAXLM_NUM_PROCESSES, JAXLM_PROCESS_ID (launch/multihost_cpu.sh)."""
+    try:
+        n = int(env["JAXLM_NUM_PROCESSES"])
+        pid = int(env["JAXLM_PROCESS_ID"])
+        ids = env.get("JAXLM_LOCAL_DEVICE_IDS")
+        local_ids = [int(i) for i in ids.split(",")] if ids else None
+    except (KeyError, ValueError):
+        raise UserError("JAXLM_COORDINATOR is set, so JAXLM_NUM_PROCESSES and JAXLM_PROCESS_ID must be "
+                        "integers (and JAXLM_LOCAL_DEVICE_IDS, if set, a comma-separated list of integers)")
+    if not 0 <= pid < n:
+        raise UserError(f"JAXLM_PROCESS_ID={pid} must be in [0, JAXLM_NUM_PROCESSES={n})")
+    # Cross-process collectives of CPU devices; only the CPU client reads it, so GPU runs
+    # started this way are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        env["JAXLM_COORDINATOR"], n, pid, local_device_ids=local_ids,
+        initialization_timeout=int(env.get("JAXLM_INIT_TIMEOUT", 300)),
+        heartbeat_timeout_seconds=int(env.get("JAXLM_HEARTBEAT_TIMEOUT", 100)))
+    return "explicit"
+
+
+# ------------------------------------------------------------------------------- mesh
 
 
 def resolve_axis_sizes(mesh_cfg: MeshConfig, n_devices: int, n_slices: int = 1) -> tuple[dict, dict]:
-    """Returns ({axis: ici size}, {axis: dcn size}) with -1 filled; errors name the numbers."""
+    """Returns ({axis: ici size}, {axis: dcn size}) with -1 filled; errors name the numbers.
+
+    `n_slices` is the number of granules the dcn axes span: TPU slices, or processes
+    (hosts) elsewhere. With every dcn size 1 the mesh is flat and `n_slices` is ignored.
+    """
     dcn = {a: getattr(mesh_cfg, f"dcn_{a}") for a in MESH_AXES}
-    dcn_product = int(np.prod(list(dcn.values())))
-    if dcn_product == 1:  # no dcn axes set: one flat mesh over every device of every host
+    if all(n == 1 for n in dcn.values()):
         n_slices = 1
-    elif dcn_product != n_slices:
-        raise ConfigError(
-            f"mesh dcn sizes {dcn} multiply to {dcn_product}, but there are {n_slices} hosts/slices; "
-            f"set mesh.dcn_* so that they multiply to {n_slices}")
+    else:
+        dcn = _fill(dcn, n_slices, "mesh.dcn_", f"{n_slices} hosts/slices")
+    if n_devices % n_slices:
+        raise ConfigError(f"{n_devices} devices do not split evenly over {n_slices} hosts/slices")
     per_slice = n_devices // n_slices
-    ici = {a: getattr(mesh_cfg, a) for a in MESH_AXES}
-    fill = [a for a, n in ici.items() if n == -1]
-    if len(fill) > 1:
-        raise ConfigError(f"only one mesh axis may be -1 (fill), got {', '.join('mesh.' + a for a in fill)}")
-    known = int(np.prod([n for n in ici.values() if n != -1]))
-    if fill:
-        if per_slice % known:
-            raise ConfigError(
-                f"mesh sizes {ici} cannot fill {per_slice} devices per slice: {per_slice} is not divisible by {known}")
-        ici[fill[0]] = per_slice // known
-    if int(np.prod(list(ici.values()))) != per_slice:
-        raise ConfigError(
-            f"mesh sizes {ici} multiply to {int(np.prod(list(ici.values())))}, but {per_slice} devices are present "
-            f"per slice; make the product {per_slice} or set one axis to -1")
+    where = f"{per_slice} devices" + (" per host/slice" if n_slices > 1 else "")
+    ici = _fill({a: getattr(mesh_cfg, a) for a in MESH_AXES}, per_slice, "mesh.", where)
     return ici, dcn
 
 
+def _fill(sizes: dict, total: int, prefix: str, where: str) -> dict:
+    """Replaces the one -1 so that the sizes multiply to `total`, or raises a one-line ConfigError."""
+    shown = " x ".join(f"{prefix}{a}={n}" for a, n in sizes.items())
+    fill = [a for a, n in sizes.items() if n == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"only one of {', '.join(prefix + a for a in fill)} may be -1 (fill)")
+    known = int(np.prod([n for n in sizes.values() if n != -1]))
+    if fill:
+        if total % known:
+            raise ConfigError(f"{shown} cannot fill {where}: {total} is not divisible by {known}; "
+                              f"choose sizes whose product divides {total}")
+        return {**sizes, fill[0]: total // known}
+    if known != total:
+        raise ConfigError(f"{shown} = {known}, but there are {where}; "
+                          f"make the product {total} or set one of them to -1")
+    return dict(sizes)
+
+
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
+    """The (data, fsdp, expert, tensor) mesh over `devices` (default: every device of every process)."""
     devices = jax.devices() if devices is None else list(devices)
-    ici, dcn = resolve_axis_sizes(mesh_cfg, len(devices), _count_slices(devices))
-    if int(np.prod(list(dcn.values()))) > 1:
-        from jax.experimental import mesh_utils
+    return Mesh(device_grid(mesh_cfg, devices), MESH_AXES)
 
-        grid = mesh_utils.create_hybrid_device_mesh(
-            [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices=devices,
-            process_is_granule=not hasattr(devices[0], "slice_index"))
-    else:
-        shape = [ici[a] for a in MESH_AXES]
+
+def device_grid(mesh_cfg: MeshConfig, devices: list) -> np.ndarray:
+    """Devices arranged as the mesh; axis size = ici size x dcn size.
+
+    Hybrid (dcn sizes set): each dcn granule (TPU slice, else process) holds a whole ici
+    sub-mesh, so ici axes never cross the slow network. Flat: devices are ordered host by
+    host, so the innermost axes (tensor, then expert, ...) stay inside a host when they fit.
+    """
+    from jax.experimental import mesh_utils
+
+    ici, dcn = resolve_axis_sizes(mesh_cfg, len(devices), count_granules(devices))
+    ici_shape, dcn_shape = [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES]
+    if int(np.prod(dcn_shape)) > 1:
         try:
-            from jax.experimental import mesh_utils
-
-            grid = mesh_utils.create_device_mesh(shape, devices=devices)
+            return mesh_utils.create_hybrid_device_mesh(
+                ici_shape, dcn_shape, devices=devices, process_is_granule=devices[0].platform != "tpu")
         except (ValueError, NotImplementedError, AssertionError):
-            grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES)
+            return _hybrid_by_reshape(devices, ici_shape, dcn_shape)
+    shape = [i * d for i, d in zip(ici_shape, dcn_shape)]
+    try:
+        return mesh_utils.create_device_mesh(shape, devices=_host_major(devices))  # TPU: follows the torus
+    except (ValueError, NotImplementedError, AssertionError):
+        return np.asarray(_host_major(devices)).reshape(shape)
 
 
-def _count_slices(devices) -> int:
-    """TPU slices when present, else processes: the granule that dcn axes span."""
-    if hasattr(devices[0], "slice_index"):
-        return len({d.slice_index for d in devices})
+def _hybrid_by_reshape(devices, ici_shape, dcn_shape) -> np.ndarray:
+    """Hybrid grid without topology knowledge: granule-major order, interleaved axes."""
+    n = len(ici_shape)
+    grid = np.asarray(_host_major(devices)).reshape(*dcn_shape, *ici_shape)
+    grid = grid.transpose([k for i in range(n) for k in (i, n + i)])  # (dcn_a, ici_a) per axis
+    return grid.reshape([i * d for i, d in zip(ici_shape, dcn_shape)])
+
+
+def _host_major(devices) -> list:
+    if devices[0].platform == "tpu":
+        return list(devices)
+    return sorted(devices, key=lambda d: (d.process_index, d.id))
+
+
+def count_granules(devices) -> int:
+    """What dcn axes span: TPU slices (one when devices carry no slice_index), else processes."""
+    if devices[0].platform == "tpu":
+        return len({getattr(d, "slice_index", 0) for d in devices})
     return len({d.process_index for d in devices})
 
 
