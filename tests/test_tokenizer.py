@@ -250,3 +250,19 @@ def test_encode_iterable_equals_encode_on_random_tricky_text(gpt2_files):
         assert got == tok.encode(text, allowed_special="all"), (tok.name, text, size, flush)
         got = list(tok.encode_iterable(chunked(text, size), disallowed_special=(), flush_chars=flush))
         assert got == tok.encode_ordinary(text), (tok.name, text, size, flush)
+
+
+def test_cli_convert_then_encode_and_decode_round_trip(gpt2_files, tmp_path):
+    out = str(tmp_path / "g")
+    r = run_cli("tokenizer", "convert", "--gpt2-vocab", str(FIX / "gpt2_vocab.json"),
+                "--gpt2-merges", str(FIX / "gpt2_merges.txt"), "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert load_tokenizer(out).hash == gpt2_files.hash
+    text = f"héllo wörld{EOT}!"
+    r = run_cli("tokenizer", "encode", out, text, "--allow-special")
+    ids = [int(x) for x in r.stdout.split()]
+    assert ids == gpt2_files.encode(text, allowed_special="all") and ids[-2] == 50256
+    r = run_cli("tokenizer", "decode", out, *map(str, ids))
+    assert r.returncode == 0 and r.stdout == text + "\n"
+    r = run_cli("tokenizer", "decode", out, "50257")
+    assert r.returncode == 2 and "outside the vocabulary" in r.stderr
