@@ -99,9 +99,17 @@ class OptimConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    # text file / directory / glob / .jsonl, or a prepared shard directory; null = embedded corpus
+    # a text file / directory / glob, or a directory made by `jaxlm prepare`; null = embedded corpus
     path: Optional[str] = None
+    mixture: list[SourceConfig] = field(default_factory=list)  # several sources with weights (instead of path)
+    packing: bool = False  # pack whole documents into rows (segment ids, positions restart) vs plain windows
     tokenizer: str = "bytes"  # "bytes", a tokenizer directory, or a named tiktoken encoding
     seq_len: int = 128
     val_fraction: float = 0.05
@@ -201,6 +209,11 @@ def _coerce(tp, value, key: str):
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; expected one of {'|'.join(map(str, allowed))}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected a list")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}={value!r} has the wrong type; expected a mapping")
@@ -262,6 +275,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     if d.path is not None and not _path_exists(d.path):
         raise ConfigError(f"data.path={d.path!r} does not exist; expected a text file, directory, glob or prepared data")
+    if d.path is not None and d.mixture:
+        raise ConfigError("data.path and data.mixture are both set; use data.mixture alone for several sources")
+    for i, src in enumerate(d.mixture):
+        if not _path_exists(src.path):
+            raise ConfigError(f"data.mixture[{i}].path={src.path!r} does not exist; expected a text file, directory, "
+                              "glob or prepared data")
+        if src.weight <= 0:
+            raise ConfigError(f"data.mixture[{i}].weight={src.weight} must be > 0")
     e = cfg.moe
     if e.n_experts:
         if not 1 <= e.top_k <= e.n_experts:

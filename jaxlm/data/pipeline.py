@@ -1,12 +1,16 @@
-"""Token windows -> shuffled global batches -> this process's slice, as grain datasets.
+"""Token streams -> rows (windows or packed documents) -> global batches -> this process's slice.
 
-A global batch b holds the dataset elements [b*G, (b+1)*G); process p of P reads only the
-rows [p*G/P, (p+1)*G/P) of it. Element access is random (grain MapDataset), so the iterator
-state is one integer, the next batch index, and a restored iterator yields exactly the
-batches the uninterrupted one would have.
+Everything is a grain MapDataset with random access: a row is a pure function of its index,
+shuffles are seeded permutations (a new one each epoch), a mixture interleaves its sources
+deterministically by weight. So the iterator state is one integer (the next batch index) and a
+restored iterator yields exactly the batches the uninterrupted one would have.
+
+A global batch b holds rows [b*G, (b+1)*G); process p of P reads only rows [p*G/P, (p+1)*G/P).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import grain
 import jax
@@ -15,30 +19,105 @@ import numpy as np
 from jaxlm.errors import UserError
 
 
-class Windows:
-    """Non-overlapping windows of seq_len+1 tokens over a 1-D token array (a grain source)."""
+@dataclass
+class TokenStream:
+    """One split's tokens (arrays read as if concatenated, e.g. memory-mapped shards) and the
+    offsets where documents start (each document ends with its <|endoftext|>)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.seq_len = tokens, seq_len
-        self.n = (len(tokens) - 1) // seq_len
+    pieces: list[np.ndarray]
+    doc_starts: np.ndarray  # int64, ascending, starts with 0
+
+    def __post_init__(self):
+        self.bounds = np.cumsum([0] + [len(p) for p in self.pieces])
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        out, end = [], start + length
+        k = int(np.searchsorted(self.bounds, start, side="right")) - 1
+        while start < end:
+            lo = start - self.bounds[k]
+            take = min(end - start, len(self.pieces[k]) - lo)
+            out.append(self.pieces[k][lo: lo + take])
+            start += take
+            k += 1
+        return np.concatenate(out).astype(np.int32)
+
+
+class Windows:
+    """Non-overlapping windows of seq_len+1 tokens (crossing document boundaries, GPT-style)."""
+
+    def __init__(self, stream: TokenStream, seq_len: int):
+        self.stream, self.seq_len = stream, seq_len
+        self.n = (len(stream) - 1) // seq_len
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-        w = np.asarray(self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1], dtype=np.int32)
+        w = self.stream.read(i * self.seq_len, self.seq_len + 1)
         return {"inputs": w[:-1], "targets": w[1:], "loss_mask": np.ones(self.seq_len, np.int32)}
 
 
-def window_dataset(tokens: np.ndarray, seq_len: int, seed: int | None, what: str) -> grain.MapDataset:
-    source = Windows(tokens, seq_len)
+class PackedRows:
+    """Whole documents packed into rows of seq_len (next-fit, in corpus order) with segment ids
+    (1, 2, ... per document; 0 = padding) and positions restarting at 0 in each document.
+    A document longer than a row is cut into pieces of seq_len+1 tokens sharing one boundary
+    token, each its own segment. Padding has loss_mask 0."""
+
+    def __init__(self, stream: TokenStream, seq_len: int):
+        self.stream, self.seq_len = stream, seq_len
+        ends = np.append(stream.doc_starts[1:], len(stream))
+        starts, pairs, rows, fill = [], [], [], seq_len  # fill = seq_len forces a new first row
+        for doc_start, doc_end in zip(stream.doc_starts.tolist(), ends.tolist()):
+            for piece in range(doc_start, doc_end - 1, seq_len):
+                n = min(seq_len, doc_end - 1 - piece)  # (input, target) pairs in this piece
+                if fill + n > seq_len:
+                    rows.append(len(starts))
+                    fill = 0
+                starts.append(piece)
+                pairs.append(n)
+                fill += n
+        self.starts, self.pairs = np.asarray(starts, np.int64), np.asarray(pairs, np.int64)
+        self.row_ptr = np.asarray(rows + [len(starts)], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.row_ptr) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        T = self.seq_len
+        row = {k: np.zeros(T, np.int32) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
+        fill = 0
+        for seg, j in enumerate(range(self.row_ptr[i], self.row_ptr[i + 1]), start=1):
+            n = int(self.pairs[j])
+            tokens = self.stream.read(int(self.starts[j]), n + 1)
+            sl = slice(fill, fill + n)
+            row["inputs"][sl], row["targets"][sl] = tokens[:-1], tokens[1:]
+            row["loss_mask"][sl], row["segment_ids"][sl], row["positions"][sl] = 1, seg, np.arange(n)
+            fill += n
+        return row
+
+    def efficiency(self) -> float:
+        """Fraction of row slots that hold tokens (the rest is padding)."""
+        return float(self.pairs.sum()) / max(len(self) * self.seq_len, 1)
+
+
+def row_dataset(stream: TokenStream, seq_len: int, packing: bool, seed: int | None, what: str) -> grain.MapDataset:
+    """Rows of one source, shuffled with a new permutation each epoch (unless seed is None), endless."""
+    source = PackedRows(stream, seq_len) if packing else Windows(stream, seq_len)
     if len(source) == 0:
-        raise UserError(f"the {what} split has {len(tokens)} tokens, fewer than one window of data.seq_len+1="
-                        f"{seq_len + 1}; use more data or a smaller data.seq_len")
+        raise UserError(f"{what} has {len(stream)} tokens, not enough for one row of data.seq_len={seq_len}; "
+                        "use more data or a smaller data.seq_len")
     ds = grain.MapDataset.source(source)
     if seed is not None:
-        ds = ds.shuffle(seed=seed)  # a new permutation every epoch
+        ds = ds.shuffle(seed=seed)
     return ds.repeat(None)
+
+
+def mixture(datasets: list[grain.MapDataset], weights: list[float]) -> grain.MapDataset:
+    """Interleaves endless datasets so that row proportions follow the weights."""
+    return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights=weights)
 
 
 class BatchIterator:

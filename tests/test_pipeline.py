@@ -1,0 +1,151 @@
+"""The grain pipeline: exact epochs, packing by document, mixtures, resumable state, process slices."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from jaxlm.config import load_config
+from jaxlm.data.pipeline import BatchIterator, PackedRows, TokenStream, Windows, mixture, row_dataset
+from jaxlm.data.prepare import prepare
+from jaxlm.data.sources import build_data, load_streams
+from jaxlm.data.tokenizer import byte_tokenizer
+from jaxlm.model.attention import attention_mask
+
+T = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Ten documents of varied length (some longer than a row) prepared into several small shards."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    docs = []
+    for i in range(10):
+        words = rng.choice(["alpha", "beta", "gamma", "delta", "eps"], size=int(rng.integers(1, 7)))
+        docs.append(f"doc{i}: " + " ".join(words))
+        (root / f"doc{i:02d}.txt").write_text(docs[-1])
+    prepare([str(root)], "bytes", str(root / "prepared"), val_fraction=0.0, shard_tokens=100)
+    return root, docs
+
+
+def encoded(docs):
+    tok = byte_tokenizer()
+    return [tok.encode_ordinary(d) + [256] for d in docs]
+
+
+def stream_of(corpus):
+    root, _ = corpus
+    cfg = load_config(None, [f"data.path={root / 'prepared'}"])
+    return load_streams(cfg.data.path, cfg.data, byte_tokenizer())[0]
+
+
+def test_prepared_stream_is_the_documents_with_eot_between(corpus):
+    stream = stream_of(corpus)
+    docs = encoded(corpus[1])
+    assert len(stream.pieces) > 1  # really read across shard boundaries
+    np.testing.assert_array_equal(stream.read(0, len(stream)), np.concatenate(docs))
+    np.testing.assert_array_equal(stream.doc_starts, np.cumsum([0] + [len(d) for d in docs[:-1]]))
+
+
+def test_an_epoch_of_windows_yields_exactly_the_corpus_tokens(corpus):
+    stream = stream_of(corpus)
+    ds = row_dataset(stream, T, packing=False, seed=3, what="test")
+    n = len(Windows(stream, T))
+    epoch = [ds[i] for i in range(n)]
+    got = Counter(np.concatenate([r["inputs"] for r in epoch]).tolist())
+    assert got == Counter(stream.read(0, n * T).tolist())
+    assert [r["inputs"].tolist() for r in epoch] != [ds[i + n]["inputs"].tolist() for i in range(n)]  # reshuffled
+
+
+def test_packing_keeps_each_segment_inside_one_document_and_covers_every_token(corpus):
+    stream = stream_of(corpus)
+    docs = encoded(corpus[1])
+    assert any(len(d) > T + 1 for d in docs)  # some documents must be cut into pieces
+    packed = PackedRows(stream, T)
+    rows = [packed[i] for i in range(len(packed))]
+    pieces_inputs, pieces_targets = [], []
+    for row in rows:
+        for seg in set(row["segment_ids"].tolist()) - {0}:
+            at = row["segment_ids"] == seg
+            assert np.all(row["loss_mask"][at] == 1) and np.all(row["positions"][at] == np.arange(at.sum()))
+            inputs, targets = row["inputs"][at], row["targets"][at]
+            np.testing.assert_array_equal(inputs[1:], targets[:-1])
+            # the segment (inputs + last target) is a contiguous slice of exactly one document
+            piece = np.append(inputs, targets[-1]).tolist()
+            owners = [d for d in docs if any(d[k:k + len(piece)] == piece for k in range(len(d) - len(piece) + 1))]
+            assert owners, piece
+            pieces_inputs += inputs.tolist()
+            pieces_targets += targets.tolist()
+        assert np.all(row["loss_mask"][row["segment_ids"] == 0] == 0)
+    assert Counter(pieces_targets) == Counter(sum((d[1:] for d in docs), []))
+    assert Counter(pieces_inputs) == Counter(sum((d[:-1] for d in docs), []))
+    assert 0.5 < packed.efficiency() <= 1.0
+
+
+def test_packed_attention_mask_is_block_diagonal_and_causal(corpus):
+    packed = PackedRows(stream_of(corpus), T)
+    row = max((packed[i] for i in range(len(packed))), key=lambda r: r["segment_ids"].max())
+    seg = row["segment_ids"][None]
+    mask = np.asarray(attention_mask(T, True, seg))[0]
+    want = np.array([[seg[0, t] == seg[0, s] and s <= t for s in range(T)] for t in range(T)])
+    np.testing.assert_array_equal(mask, want)
+    assert len(set(seg[0].tolist()) - {0}) >= 2  # the row really holds several documents
+
+
+def test_mixture_follows_its_weights():
+    a = TokenStream([np.full(4000, 1, np.uint16)], np.array([0]))
+    b = TokenStream([np.full(4000, 2, np.uint16)], np.array([0]))
+    mixed = mixture([row_dataset(a, T, False, 0, "a"), row_dataset(b, T, False, 1, "b")], [3.0, 1.0])
+    share = np.mean([mixed[i]["inputs"][0] == 1 for i in range(2000)])
+    assert abs(share - 0.75) < 0.02
+
+
+def test_restored_iterator_continues_with_identical_batches(corpus):
+    ds = row_dataset(stream_of(corpus), T, packing=True, seed=0, what="test")
+    it = BatchIterator(ds, 4, 0, 1)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    resumed = BatchIterator(ds, 4, 0, 1)
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_two_processes_read_disjoint_slices_that_cover_the_global_batch(corpus):
+    ds = row_dataset(stream_of(corpus), T, packing=False, seed=0, what="test")
+    whole = BatchIterator(ds, 8, 0, 1)
+    parts = [BatchIterator(ds, 8, p, 2) for p in range(2)]
+    for _ in range(3):
+        rows = [set(p.local_rows(p.next_index)) for p in parts]
+        assert not rows[0] & rows[1] and rows[0] | rows[1] == set(whole.local_rows(whole.next_index))
+        np.testing.assert_array_equal(np.concatenate([next(p)["inputs"] for p in parts]), next(whole)["inputs"])
+
+
+def test_build_data_with_packing_and_a_mixture_of_prepared_and_raw_text(corpus, shakespeare_path):
+    root, _ = corpus
+    cfg = load_config("configs/tiny.yaml", [
+        f"data.mixture=[{{path: {root / 'prepared'}, weight: 1}}, {{path: {shakespeare_path}, weight: 1}}]",
+        "data.packing=true", f"data.seq_len={T}", "train.global_batch=8"])
+    batches, evals = build_data(cfg)
+    batch = next(batches)
+    assert set(batch) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+    assert batch["inputs"].shape == (8, T) and evals and evals[0]["inputs"].shape == (8, T)
+
+
+def test_prepared_data_with_another_tokenizer_is_refused(corpus):
+    root, _ = corpus
+    from jaxlm.data.sources import prepared_streams
+    from jaxlm.data.tokenizer import load_gpt2_files
+    from conftest import SHARED_DATA
+
+    fixtures = SHARED_DATA / "cs336_fixtures"
+    if not fixtures.is_dir():
+        pytest.skip("shared data not found")
+    gpt2 = load_gpt2_files(str(fixtures / "gpt2_vocab.json"), str(fixtures / "gpt2_merges.txt"))
+    with pytest.raises(Exception, match="was tokenized with 'bytes'"):
+        prepared_streams(str(root / "prepared"), gpt2)
