@@ -125,7 +125,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 4
     log_every: int = 10
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # from a config file: runs/<file name> unless set
     peak_flops_per_device: float = 0.0  # 0 = measure a matmul on this machine
     z_loss_coef: float = 0.0
     progress: bool = True
@@ -178,6 +178,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
         node[leaf] = yaml.safe_load(value) if value != "" else None
     cfg = from_dict(Config, raw, prefix="")
+    if path is not None and "run_dir" not in (raw.get("train") or {}):
+        cfg.train.run_dir = f"runs/{path.stem}"
     validate(cfg)
     return cfg
 
