@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="also the >= 100 MB corpus to vocab 32,000")
     ap.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
     args = ap.parse_args()
-    print(f"{os.cpu_count()} cores")
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     timed(DATA / "cs336_fixtures" / "corpus.en", 500, args.workers, repeats=5)
     timed(DATA / "tinyshakespeare" / "input.txt", 10_000, args.workers, repeats=1)
     if args.big:

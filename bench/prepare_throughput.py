@@ -49,6 +49,12 @@ def stdlib_corpus(root: Path) -> None:
             dst.write_text(data, encoding="utf-8")
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the pool workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def size_mb(path: Path) -> float:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return sum(p.stat().st_size for p in files) / 1e6
@@ -71,21 +77,23 @@ def main() -> None:
         jsonl_corpus(tmp / "records.jsonl", args.mb)
         stdlib_corpus(tmp / "stdlib")
         sample = (DATA / "tinyshakespeare" / "input.txt").read_text() * 4
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tok.encode_ordinary(sample)
-        print(f"{os.cpu_count()} cores; tokenizer {tok.name} ({tok.n_vocab} tokens); tiktoken encode_ordinary, "
-              f"1 thread: {len(sample.encode()) / 1e6 / (time.perf_counter() - t0):.1f} MB/s", flush=True)
+        mb = len(sample.encode()) / 1e6
+        print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; tokenizer {tok.name} ({tok.n_vocab} "
+              f"tokens); tiktoken encode_ordinary, 1 thread: {mb / (time.perf_counter() - t0):.1f} MB/s, "
+              f"{mb / (time.process_time() - c0):.1f} MB per CPU-s", flush=True)
         for name, inp in [("jsonl", tmp / "records.jsonl"), ("stdlib .py files", tmp / "stdlib")]:
             mb = size_mb(inp)
             for w in args.workers:
                 out = tmp / f"out-{inp.name}-{w}"
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), cpu_seconds()
                 meta = prepare([str(inp)], spec, str(out), workers=w)
-                dt = time.perf_counter() - t0
+                dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
                 n = sum(s["n_tokens"] for s in meta["splits"].values())
                 docs = sum(s["n_documents"] for s in meta["splits"].values())
                 print(f"{name:>17}: {mb:6.1f} MB, {docs:>7,} documents -> {n / 1e6:6.1f} M tokens, {w} worker(s): "
-                      f"{dt:6.2f} s = {mb / dt:5.1f} MB/s", flush=True)
+                      f"{dt:6.2f} s = {mb / dt:5.1f} MB/s; {cpu:6.2f} CPU s = {mb / cpu:5.1f} MB per CPU-s", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ what the rest of jaxlm needs: a stable content hash, save/load as one directory
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import hashlib
 import json
@@ -313,10 +314,10 @@ def _load_directory(directory: str) -> Tokenizer:
             config = json.load(f)
         ranks = {}
         with open(os.path.join(directory, RANKS_FILE), "rb") as f:
-            for n, line in enumerate(f, 1):
+            for line in f:
                 if line.strip():
                     token, rank = line.split()
-                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                    ranks[binascii.a2b_base64(token, strict_mode=True)] = int(rank)
         tok = Tokenizer(config["name"], pat_str=config["pattern"], mergeable_ranks=ranks,
                         special_tokens=config["special_tokens"])
     except (OSError, ValueError, KeyError) as e:
