@@ -179,9 +179,12 @@ def _patterns(special_tokens: tuple[str, ...]):
 
 def _count_chunk(task: tuple[str, int, int, tuple[str, ...]]) -> Counter[str]:
     path, start, end, special_tokens = task
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -380,6 +380,8 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
                             f"(hash {old.get('tokenizer', {}).get('hash', '?')[:12]}), not {tokenizer!r} "
                             f"(hash {tok.hash[:12]}); remove it or choose another -o")
         raise UserError(f"{out} holds a corpus prepared from other inputs or settings; remove it or choose another -o")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"-o {out} exists and is not a directory")
     made_dir = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     for stale in glob.glob(os.path.join(out, "*.tmp")):
@@ -412,6 +414,8 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
                 os.remove(path)
         if made_dir and not os.listdir(out):
             os.rmdir(out)
+        if isinstance(e, OSError):  # unreadable input, full disk, ...: one line, not a traceback
+            raise UserError(f"{e.filename or out}: {e.strerror or e}") from None
         raise
 
 
