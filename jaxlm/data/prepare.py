@@ -42,10 +42,10 @@ def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, directories, globs, .jsonl files")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.add_argument("--tokenizer", help="'bytes', a tokenizer directory, or a tiktoken name (gpt2, cl100k_base, ...)")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores)")
     p.add_argument("--allow-special", action="store_true",
                    help="encode special-token text in documents as special tokens (default: as plain text)")
     p.add_argument("--check", action="store_true",
