@@ -1,13 +1,22 @@
-"""The training loop: data -> train_step -> metrics, with periodic evaluation."""
+"""The training loop: data -> train_step -> metrics, with periodic evaluation, checkpoints,
+resume and preemption (SIGTERM/SIGINT: finish the step, save, exit cleanly)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxlm import checkpoint as ckpt
 from jaxlm.accounting import train_flops_per_step
 from jaxlm.config import Config, ConfigError, to_yaml
 from jaxlm.data.pipeline import to_global
@@ -35,44 +44,143 @@ def evaluate(trainer: Trainer, params, batches: list[dict]) -> dict:
     return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0)))}
 
 
-def train(cfg: Config, mesh=None) -> list[dict]:
-    """Trains per `cfg`; returns the logged metric records (also in run_dir/metrics.jsonl)."""
+class Preemption:
+    """SIGTERM/SIGINT set a flag; `should_stop()` is called once per step by every process.
+
+    One process: the flag itself. Several: every step each process contributes its flag to a
+    tiny max all-reduce over all devices (gloo on CPU, the usual collectives elsewhere) and reads
+    the previous step's result, so all processes stop after the same step without waiting on the
+    current one. (JAX's reached_preemption_sync_point needs the coordination service's preemption
+    notifier, which handles SIGTERM only and is absent in single-process runs.)
+    """
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._previous[s] = signal.signal(s, self._handle)
+        self._pending = None
+        if jax.process_count() > 1:
+            sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("p",)), PartitionSpec("p"))
+            replicated = NamedSharding(sharding.mesh, PartitionSpec())
+            self._sharding = sharding
+            self._max = jax.jit(jnp.max, out_shardings=replicated)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.signal is not None
+        agreed = self._pending is not None and int(self._pending) > 0
+        local = np.full((jax.local_device_count(),), int(self.signal is not None), np.int32)
+        self._pending = self._max(jax.make_array_from_process_local_data(self._sharding, local))
+        return agreed
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keeps the records up to `step` (the resumed one) so resumed records are not duplicates."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a kill
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _say(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"jaxlm: {msg}", file=sys.stderr, flush=True)
+
+
+def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
+    """Trains per `cfg`; returns the logged metric records (also in run_dir/metrics.jsonl).
+
+    If run_dir/checkpoints holds checkpoints (or `resume` names one), training continues from
+    the newest valid one, bit-exactly where the mesh is the same.
+    """
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     check_batch(cfg, mesh)
     t = cfg.train
-    batches, eval_batches = build_data(cfg)
-
-    trainer = make_trainer(cfg, mesh)
-    state = trainer.init_state()
-    run_dir = Path(t.run_dir)
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-
-    flops = train_flops_per_step(cfg)
-    peak = t.peak_flops_per_device * jax.device_count() if t.peak_flops_per_device else measure_peak_flops()
-    tokens_per_step = t.global_batch * cfg.data.seq_len
-    logger = MetricsLogger(run_dir, t.steps, int(state["step"]), t.progress)
+    preemption = Preemption()  # early: a signal during start-up stops after the first step
+    writer = None
     try:
+        batches, eval_batches = build_data(cfg)
+        trainer = make_trainer(cfg, mesh)
+        run_dir = Path(t.run_dir)
+        tokenizer = ckpt.tokenizer_identity(cfg.data.tokenizer)
+        restored = ckpt.restore_for_training(cfg, trainer, run_dir, resume, tokenizer)
+        tokens_per_step = t.global_batch * cfg.data.seq_len
+        if restored is None:
+            state, tokens_seen = trainer.init_state(), 0
+        else:
+            state, meta = restored
+            batches.set_state(meta["data"])
+            tokens_seen = int(meta["tokens_seen"])
+            _say(f"resumed from step {meta['step']} ({tokens_seen} tokens seen)")
         start = int(state["step"])
-        clock, clock_step = None, start
-        for step in range(start, t.steps):
-            state, metrics = trainer.train_step(state, to_global(next(batches), trainer.batch_sharding))
-            done = step + 1
-            logger.advance()
-            is_last = done == t.steps
-            if done % t.log_every == 0 or is_last or done == start + 1:
-                metrics = jax.device_get(metrics)
-                now = time.perf_counter()
-                if clock is not None:  # the first step (compilation) is not timed
-                    step_time = (now - clock) / (done - clock_step)
-                    metrics.update(step_time=step_time, tokens_per_s=tokens_per_step / step_time,
-                                   mfu=flops / step_time / peak)
-                clock, clock_step = now, done
-                if t.eval_every and eval_batches and (done % t.eval_every == 0 or is_last):
-                    metrics.update(evaluate(trainer, state["params"], eval_batches))
-                    clock = time.perf_counter()  # evaluation time is not step time
-                logger.log(done, metrics)
+        if jax.process_index() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+            if restored is not None:
+                _truncate_metrics(run_dir / "metrics.jsonl", start)
+        every = cfg.checkpoint.every
+        writer = ckpt.CheckpointWriter(run_dir / ckpt.CHECKPOINTS, cfg.checkpoint) if every > 0 else None
+
+        def save(step: int) -> None:
+            meta = ckpt.make_meta(cfg, step, tokens_seen, batches.get_state(), tokenizer)
+            writer.save(step, state, meta)
+
+        flops = train_flops_per_step(cfg)
+        peak = t.peak_flops_per_device * jax.device_count() if t.peak_flops_per_device else measure_peak_flops()
+        logger = MetricsLogger(run_dir, t.steps, start, t.progress)
+        try:
+            clock, clock_step = None, start
+            for step in range(start, t.steps):
+                state, metrics = trainer.train_step(state, to_global(next(batches), trainer.batch_sharding))
+                done = step + 1
+                tokens_seen += tokens_per_step
+                logger.advance()
+                is_last = done == t.steps
+                stop = preemption.should_stop()
+                if writer is not None and (done % every == 0 or is_last or stop):
+                    save(done)  # returns once the arrays are off the devices; writing goes on
+                if done % t.log_every == 0 or is_last or done == start + 1 or stop:
+                    metrics = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    if clock is not None:  # the first step (compilation) is not timed
+                        step_time = (now - clock) / (done - clock_step)
+                        metrics.update(step_time=step_time, tokens_per_s=tokens_per_step / step_time,
+                                       mfu=flops / step_time / peak)
+                    clock, clock_step = now, done
+                    if t.eval_every and eval_batches and (done % t.eval_every == 0 or is_last):
+                        metrics.update(evaluate(trainer, state["params"], eval_batches))
+                        clock = time.perf_counter()  # evaluation time is not step time
+                    logger.log(done, metrics)
+                if stop:
+                    if writer is not None:
+                        writer.wait()
+                    where = f"checkpoint {run_dir / ckpt.CHECKPOINTS / str(done)}" if writer else \
+                        "no checkpoint (checkpoint.every=0)"
+                    _say(f"{preemption.signal or 'preemption'} received: stopped after step {done}; {where}")
+                    break
+        finally:
+            logger.close()
     finally:
-        logger.close()
+        preemption.close()
+        if writer is not None:
+            writer.close()  # waits for a save in flight
     return logger.history

@@ -1,4 +1,4 @@
-"""`jaxlm train CONFIG [section.key=value ...]`."""
+"""`jaxlm train CONFIG [section.key=value ...]`: trains, or resumes when run_dir has checkpoints."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file (e.g. configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=2 optim.lr=3e-4")
     parser.add_argument("--run-dir", help="where metrics, TensorBoard events and checkpoints go (train.run_dir)")
+    parser.add_argument("--resume", metavar="PATH",
+                        help="resume from this checkpoint (RUN_DIR/checkpoints/STEP), or the newest valid one "
+                             "under a run or checkpoints directory; default: the newest valid one in run_dir")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -24,9 +27,10 @@ def main(args: argparse.Namespace) -> int:
     from jaxlm.train.loop import train
 
     initialize()
-    history = train(cfg)
+    history = train(cfg, resume=args.resume)
     if history:
         last = history[-1]
         summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "eval_loss") if k in last)
-        print(f"done: step {last['step']}, {summary}; metrics in {cfg.train.run_dir}/metrics.jsonl")
+        verb = "done" if last["step"] >= cfg.train.steps else "stopped"
+        print(f"{verb}: step {last['step']}, {summary}; metrics in {cfg.train.run_dir}/metrics.jsonl")
     return 0

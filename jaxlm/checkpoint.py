@@ -1,0 +1,317 @@
+"""Checkpoints: orbax CheckpointManager (async, sharded) + a manifest that makes damage visible.
+
+Layout: run_dir/checkpoints/<step>/
+  state/          orbax OCDBT: {"step", "params", "opt_state"}, each process writes its own shards
+  meta/metadata   JSON: data iterator state, rng (seed, step), tokens seen, resolved config, tokenizer
+  manifest.json   size and crc32 of every other file; written inside orbax's temporary directory
+                  just before orbax renames it into place, so a committed step always has one
+
+A step is valid only if its manifest exists and every file matches it: orbax's rename catches a
+killed save, the manifest catches truncated, deleted or damaged files afterwards. Restore walks
+the steps newest first and warns once per invalid step. Steps newer than the restored one
+(invalid, or superseded by an explicit --resume of an older step) move to
+run_dir/checkpoints.set_aside/, so orbax never counts them and the new run can save those steps.
+Assumes a filesystem all processes share (as orbax does for multi-host saves).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import sys
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from jaxlm.config import CheckpointConfig, Config, to_dict
+from jaxlm.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+SET_ASIDE = "checkpoints.set_aside"
+MANIFEST = "manifest.json"
+META_FILE = Path("meta") / "metadata"  # where orbax's JsonSave puts the item "meta"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+FORMAT = 1
+
+# Config keys that may not change on resume: they define the parameters (shapes, tree), the
+# function they compute, or the data order that the saved iterator index points into.
+# Everything else (train.steps, optim schedule/values, eval and log cadence, mesh, checkpoint,
+# microbatches, remat, compute dtype, run_dir) may change.
+LOCKED_SECTIONS = {"model", "moe", "data"}
+UNLOCKED = {
+    "model.max_seq_len", "model.compute_dtype", "model.remat",  # RoPE has no learned positions
+    "moe.noise_std", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.impl", "moe.capacity_factor",
+}
+LOCKED_TRAIN = {"train.seed", "train.global_batch"}  # rng stream; iterator state is a batch index
+
+
+def warn(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"jaxlm: warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+# orbax rewrites its step metadata (and marks the commit) after the rename: not covered
+UNCOVERED = {MANIFEST, "_CHECKPOINT_METADATA", "commit_success.txt"}
+
+
+def _files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*")
+                  if p.is_file() and not (p.parent == step_dir and p.name in UNCOVERED))
+
+
+def write_manifest(step_dir: Path) -> None:
+    files = {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "crc32": _crc32(p)} for p in _files(step_dir)}
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+    os.replace(tmp, step_dir / MANIFEST)
+
+
+def verify(step_dir: Path, checksums: bool = True) -> str | None:
+    """None if the step directory matches its manifest, else the reason (one short phrase)."""
+    if not step_dir.is_dir():
+        return "directory missing"
+    try:
+        files = json.loads((step_dir / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save did not finish)"
+    except (OSError, ValueError, KeyError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__})"
+    for rel, want in files.items():
+        p = step_dir / rel
+        if not p.is_file():
+            return f"file {rel} missing"
+        size = p.stat().st_size
+        if size != want["size"]:
+            return f"file {rel} has {size} bytes, expected {want['size']}"
+        if checksums and _crc32(p) != want["crc32"]:
+            return f"file {rel} checksum mismatch"
+    extra = [str(p.relative_to(step_dir)) for p in _files(step_dir) if str(p.relative_to(step_dir)) not in files]
+    if any(not e.endswith(".tmp") for e in extra):
+        return f"unexpected file {extra[0]}"
+    return None
+
+
+def step_dirs(directory: Path) -> list[tuple[int, Path]]:
+    """Committed step directories (integer names), newest first; orbax's temporaries excluded."""
+    if not directory.is_dir():
+        return []
+    steps = [(int(p.name), p) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(steps, reverse=True)
+
+
+def read_meta(step_dir: Path) -> dict:
+    return json.loads((step_dir / META_FILE).read_text())
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def tokenizer_identity(spec: str) -> dict:
+    """The tokenizer spec, plus its content hash where the tokenizer has one."""
+    try:
+        from jaxlm.data.tokenizer import load_tokenizer
+
+        digest = getattr(load_tokenizer(spec), "hash", None)
+    except Exception:  # noqa: BLE001 - identity is best effort; the spec still compares
+        digest = None
+    return {"spec": spec, "hash": digest if isinstance(digest, str) else None}
+
+
+def make_meta(cfg: Config, step: int, tokens_seen: int, data_state: dict, tokenizer: dict) -> dict:
+    return {
+        "format": FORMAT, "step": step, "tokens_seen": tokens_seen, "data": data_state,
+        "rng": {"seed": cfg.train.seed, "step": step}, "config": to_dict(cfg), "tokenizer": tokenizer,
+        "process_count": jax.process_count(), "device_count": jax.device_count(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class CheckpointWriter:
+    """Asynchronous saves into `directory`; keeps the newest `keep` plus every `keep_every`-th."""
+
+    def __init__(self, directory: Path, c: CheckpointConfig):
+        self.directory, self.async_save = Path(directory).absolute(), c.async_save
+        self.pending: int | None = None
+        keep: list = [ocm.LatestN(max(c.keep, 1))]
+        if c.keep_every:
+            keep.append(ocm.EveryNSteps(c.keep_every))
+        options = ocp.CheckpointManagerOptions(
+            # sync saves also go through the async checkpointer (then wait) so the manifest
+            # hook below runs in both modes
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
+            preservation_policy=ocm.AnyPreservationPolicy(keep),
+            cleanup_tmp_directories=True, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def _seal(self) -> None:
+        """Runs on the primary process once every process has written, before orbax's rename."""
+        step = self.pending
+        tmp = self.directory / f"{step}{TMP_SUFFIX}"
+        write_manifest(tmp if tmp.is_dir() else self.directory / str(step))
+
+    def save(self, step: int, state, meta: dict) -> bool:
+        """Starts saving; returns once the arrays are copied off the devices. False if it exists."""
+        if step in self.manager.all_steps():
+            return False
+        self.manager.wait_until_finished()  # one save in flight: `pending` names it
+        self.pending = step
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        if not self.async_save:
+            self.wait()
+        return True
+
+    def saving(self) -> bool:
+        return self.manager.is_saving_in_progress()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.check_for_errors()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "rules":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def incompatible_keys(saved: dict, cfg: Config, saved_tok: dict | None, tok: dict | None) -> list[str]:
+    """'key (old -> new)' for every change that makes the checkpoint unusable for `cfg`."""
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    out = []
+    for key, value in new.items():
+        locked = (key.split(".")[0] in LOCKED_SECTIONS and key not in UNLOCKED) or key in LOCKED_TRAIN
+        if locked and key in old and old[key] != value:
+            out.append(f"{key} ({old[key]!r} -> {value!r})")
+    # clipping on/off adds or removes a node of the optimizer state
+    clip_old, clip_new = old.get("optim.clip_norm", 0) > 0, cfg.optim.clip_norm > 0
+    if clip_old != clip_new:
+        out.append(f"optim.clip_norm ({old['optim.clip_norm']!r} -> {cfg.optim.clip_norm!r}, clipping on/off)")
+    if saved_tok and tok and saved_tok.get("hash") and tok.get("hash") and saved_tok["hash"] != tok["hash"]:
+        out.append(f"tokenizer hash ({saved_tok['hash'][:12]} -> {tok['hash'][:12]})")
+    return out
+
+
+def abstract_state(trainer):
+    """The train state as abstract arrays carrying the trainer's (target) shardings."""
+    shapes = jax.eval_shape(trainer.init_state)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, trainer.state_shardings)
+
+
+def restore_state(step_dir: Path, trainer):
+    """Reads the saved arrays straight into the trainer's shardings (any mesh, any device count)."""
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore((step_dir / "state").absolute(), abstract_state(trainer))
+
+
+def _candidates(run_dir: Path, resume: str | None) -> tuple[list[tuple[int, Path]], bool]:
+    """(steps to try newest first, explicit): --resume names a step dir, a checkpoints dir or a run dir."""
+    if resume is None:
+        return step_dirs(run_dir / CHECKPOINTS), False
+    path = Path(resume)
+    if not path.exists():
+        raise UserError(f"--resume {resume}: no such file or directory")
+    if (path / MANIFEST).exists() or (path / "state").is_dir() or path.name.isdigit():
+        if not path.name.isdigit():
+            raise UserError(f"--resume {resume}: a step directory is named by its step number")
+        return [(int(path.name), path)], True
+    found = step_dirs(path / CHECKPOINTS) or step_dirs(path)
+    if not found:
+        raise UserError(f"--resume {resume}: no checkpoint step directories in {path} or {path / CHECKPOINTS}")
+    return found, False
+
+
+def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None, tok: dict):
+    """(state, meta) from the newest valid checkpoint, or None to start fresh.
+
+    Invalid steps are skipped with one warning each; an incompatible config is an error (falling
+    back to an older step would not help); no valid step at all is an error naming what was tried.
+    """
+    candidates, explicit = _candidates(run_dir, resume)
+    if not candidates:
+        return None
+    tried = []
+    for step, path in candidates:
+        reason = verify(path)
+        meta = None
+        if reason is None:
+            try:
+                meta = read_meta(path)
+            except (OSError, ValueError) as e:
+                reason = f"metadata unreadable ({type(e).__name__})"
+        if reason is None:
+            bad = incompatible_keys(meta.get("config", {}), cfg, meta.get("tokenizer"), tok)
+            if bad:
+                raise UserError(f"cannot resume from {path}: the config changed in keys that must stay the same: "
+                                f"{', '.join(bad)}; use a new train.run_dir or restore those values")
+            try:
+                state = restore_state(path, trainer)
+            except Exception as e:  # noqa: BLE001 - any read failure means: try the previous step
+                reason = f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if reason is None:
+            _set_aside(run_dir, step)
+            return state, meta
+        tried.append((step, path, reason))
+        if explicit:
+            raise UserError(f"--resume {resume} is not a valid checkpoint: {reason}")
+        warn(f"checkpoint step {step} ({path}) is invalid: {reason}; trying the previous one")
+    listing = "; ".join(f"{p} ({r})" for _, p, r in tried)
+    raise UserError(f"no valid checkpoint to resume from; tried {listing}. Move them away to start afresh")
+
+
+def _set_aside(run_dir: Path, restored: int) -> None:
+    """Moves this run's steps newer than the restored one out of orbax's directory (process 0)."""
+    paths = [p for s, p in step_dirs(run_dir / CHECKPOINTS) if s > restored]
+    if paths and jax.process_index() == 0:
+        dest = run_dir / SET_ASIDE
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            if verify(p, checksums=False) is None:
+                warn(f"checkpoint step {p.name} is newer than the resumed step {restored}; moved to {dest}")
+            target, n = dest / p.name, 1
+            while target.exists():
+                target, n = dest / f"{p.name}.{n}", n + 1
+            shutil.move(str(p), str(target))
+    if paths and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxlm_checkpoint_set_aside")
+
+
+def state_equal(a, b) -> bool:
+    """Exact equality of two state pytrees (tests and tools)."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))

@@ -1,0 +1,86 @@
+"""`jaxlm checkpoint ls RUN_DIR`: the checkpoints of a run, their sizes, validity and config.
+
+Reads only files (manifests, JSON metadata), never the arrays, so it needs no devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jaxlm import checkpoint as ckpt
+from jaxlm.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = sub.add_parser("ls", help="list the checkpoints of a run: step, size, validity, config summary")
+    ls.add_argument("run_dir", help="a run directory (with checkpoints/) or a checkpoints directory")
+    ls.add_argument("--quick", action="store_true", help="check file sizes only, not checksums")
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def config_summary(meta: dict) -> str:
+    c = meta.get("config", {})
+    m, e, d, t = (c.get(k, {}) for k in ("model", "moe", "data", "train"))
+    model = " ".join(f"{k}={m.get(k)}" for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"))
+    moe = f"moe n_experts={e.get('n_experts')} top_k={e.get('top_k')}" if e.get("n_experts") else "dense"
+    tok = meta.get("tokenizer") or {}
+    tok_hash = f" ({tok['hash'][:12]})" if tok.get("hash") else ""
+    return (f"{model} {moe}; tokenizer={d.get('tokenizer')}{tok_hash} seq_len={d.get('seq_len')} "
+            f"global_batch={t.get('global_batch')} steps={t.get('steps')} seed={t.get('seed')}; "
+            f"saved by {meta.get('process_count')} process(es) on {meta.get('device_count')} device(s)")
+
+
+def ls(run_dir: Path, quick: bool) -> int:
+    directory = run_dir / ckpt.CHECKPOINTS if (run_dir / ckpt.CHECKPOINTS).is_dir() else run_dir
+    if not directory.is_dir():
+        raise UserError(f"{run_dir} is not a directory; expected a run directory or its checkpoints/")
+    steps = ckpt.step_dirs(directory)
+    temps = sorted(p.name for p in directory.iterdir() if ckpt.TMP_SUFFIX in p.name)
+    if not steps and not temps:
+        print(f"{directory}: no checkpoints")
+        return 0
+    rows, newest_meta, n_valid = [], None, 0
+    for step, path in steps:
+        reason = ckpt.verify(path, checksums=not quick)
+        meta = {}
+        try:
+            meta = ckpt.read_meta(path)
+        except (OSError, ValueError):
+            pass
+        if reason is None:
+            n_valid += 1
+            newest_meta = newest_meta or meta
+        status = "valid" if reason is None else f"INVALID: {reason}"
+        rows.append((str(step), human(ckpt.dir_size(path)), meta.get("time", "?"),
+                     str(meta.get("tokens_seen", "?")), status))
+    print(f"{directory}: {len(steps)} checkpoint(s), {n_valid} valid"
+          f"{' (sizes only checked)' if quick else ''}")
+    header = ("step", "size", "saved (UTC)", "tokens", "status")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for r in [header, *rows]:
+        print("  ".join(v.rjust(w) if i in (0, 1, 3) else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))),
+              r[4])
+    for name in temps:
+        print(f"{name}: incomplete save (in progress, or killed); removed by the next run")
+    set_aside = directory.parent / ckpt.SET_ASIDE
+    if set_aside.is_dir() and any(set_aside.iterdir()):
+        print(f"set aside (invalid or superseded): {', '.join(sorted(p.name for p in set_aside.iterdir()))}"
+              f" in {set_aside}")
+    if newest_meta:
+        print(f"config (step {newest_meta.get('step')}): {config_summary(newest_meta)}")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "ls":
+        return ls(Path(args.run_dir), args.quick)
+    raise UserError(f"unknown action {args.action!r}; expected ls")

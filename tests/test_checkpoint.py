@@ -1,0 +1,318 @@
+"""Checkpointing and fault tolerance: exact resume, preemption, corruption, resharding, async."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import checkpoint as ckpt
+from jaxlm.config import CheckpointConfig, load_config
+from jaxlm.data.pipeline import to_global
+from jaxlm.data.sources import build_data
+from jaxlm.distributed import make_mesh
+from jaxlm.errors import UserError
+from jaxlm.train.loop import train
+from jaxlm.train.optim import make_schedule
+from jaxlm.train.step import make_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+# A constant schedule (after warmup) makes the compiled step independent of train.steps, so
+# subprocesses with different step counts share one entry of the compilation cache.
+BASE = ["model.n_layers=2", "model.d_model=64", "model.d_ff=128", "data.seq_len=32", "train.global_batch=8",
+        "train.eval_every=0", "train.log_every=1", "train.progress=false", "train.peak_flops_per_device=1e12",
+        "mesh.data=1", "mesh.fsdp=8", "optim.schedule=constant", "optim.warmup_steps=10"] + \
+    ([f"data.path={SHAKESPEARE}"] if SHAKESPEARE.is_file() else [])
+STEPS, EVERY = 40, 6  # the base run: checkpoints 6, 12, ..., 36 and 40 (last); the newest 3 kept
+RUN = (f"train.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=3")
+
+
+def config(*overrides: str):
+    return load_config(TINY, BASE + list(overrides))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory) -> dict:
+    """Subprocesses share one compilation cache: the resumed process runs the killed one's binary."""
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def start_train(run_dir: Path, env: dict, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "jaxlm.cli", "train", TINY, *BASE, *overrides, f"train.run_dir={run_dir}"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> int:
+    """Polls metrics.jsonl until it reaches `step`; returns the last step logged."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        try:
+            last = metrics(run_dir)[-1]["step"]
+        except (FileNotFoundError, IndexError, ValueError):
+            last = 0
+        if last >= step:
+            return last
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"training did not reach step {step} in {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """The uninterrupted reference: 40 steps on 8 devices (fsdp=8); tests work on copies."""
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    history = train(config(*RUN, f"train.run_dir={run_dir}"))
+    assert [r["step"] for r in history] == list(range(1, STEPS + 1))
+    assert [s for s, _ in ckpt.step_dirs(run_dir / "checkpoints")] == [40, 36, 30]
+    return run_dir
+
+
+def copy_run(base: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(base, tmp_path / "run"))
+
+
+def test_sigkill_mid_run_then_resume_gives_bit_identical_losses(base_run, tmp_path, cache_env):
+    run_dir = tmp_path / "run"
+    proc = start_train(run_dir, cache_env, *RUN)
+    killed_at = wait_for_step(run_dir, proc, 15)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL
+    assert metrics(run_dir)[-1]["step"] < STEPS
+
+    resumed = start_train(run_dir, cache_env, *RUN)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    restored = int(err.split("resumed from step ")[1].split()[0])
+    assert restored % EVERY == 0 and restored <= killed_at  # steps after the checkpoint were redone
+
+    got = [(r["step"], r["loss"]) for r in metrics(run_dir)]
+    assert got == [(r["step"], r["loss"]) for r in metrics(base_run)]  # bit for bit, each step once
+
+
+def test_sigterm_finishes_the_step_saves_there_and_exits_zero(tmp_path, cache_env):
+    run_dir = tmp_path / "run"
+    proc = start_train(run_dir, cache_env, "train.steps=5000", "checkpoint.every=1000")
+    seen = wait_for_step(run_dir, proc, 5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = metrics(run_dir)[-1]["step"]
+    assert seen <= stopped <= seen + 2  # the step in flight, at most one more
+    assert f"SIGTERM received: stopped after step {stopped}" in err
+    (newest, path), = ckpt.step_dirs(run_dir / "checkpoints")
+    assert newest == stopped and ckpt.verify(path) is None
+    assert ckpt.read_meta(path)["data"] == {"next_index": stopped}
+
+
+def test_sigint_in_process_stops_with_checkpoint_and_returns(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = config("train.steps=5000", "checkpoint.every=1000", f"train.run_dir={run_dir}")
+
+    def interrupt():
+        while True:
+            try:
+                if metrics(run_dir):
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    threading.Thread(target=interrupt, daemon=True).start()
+    history = train(cfg)  # returns instead of raising KeyboardInterrupt
+    assert history[-1]["step"] < 5000
+    assert [s for s, _ in ckpt.step_dirs(run_dir / "checkpoints")] == [history[-1]["step"]]
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+
+def test_damaged_newest_checkpoints_fall_back_to_previous_with_one_warning_each(base_run, tmp_path, capfd):
+    run_dir = copy_run(base_run, tmp_path)
+    ck = run_dir / "checkpoints"
+    shutil.copytree(ck / "40", ck / "42")
+    (ck / "42" / ckpt.MANIFEST).unlink()  # a step without its manifest
+    (ck / "48.orbax-checkpoint-tmp").mkdir()  # killed mid-save: never renamed
+    data_file = max((ck / "40" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])  # truncated
+    (ck / "36" / "meta" / "metadata").unlink()  # deleted
+
+    cfg = config(*RUN, "train.steps=44", f"train.run_dir={run_dir}")
+    trainer = make_trainer(cfg, make_mesh(cfg.mesh))
+    state, meta = ckpt.restore_for_training(cfg, trainer, run_dir, None, ckpt.tokenizer_identity("bytes"))
+    assert int(state["step"]) == meta["step"] == 30
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 3
+    assert "step 42" in warnings[0] and "no manifest.json" in warnings[0]
+    assert "step 40" in warnings[1] and "bytes, expected" in warnings[1]
+    assert "step 36" in warnings[2] and "meta/metadata missing" in warnings[2]
+    assert sorted(p.name for p in (run_dir / ckpt.SET_ASIDE).iterdir()) == ["36", "40", "42"]
+
+    # training goes on from 30 and saves 36, 42, 44 as new, valid checkpoints
+    history = train(cfg)
+    assert history[0]["step"] == 31
+    assert [(r["step"], r["loss"]) for r in history[:10]] == [(r["step"], r["loss"]) for r in metrics(base_run)[30:]]
+    assert [(s, ckpt.verify(p)) for s, p in ckpt.step_dirs(ck)] == [(44, None), (42, None), (36, None)]
+
+
+def test_no_valid_checkpoint_is_an_error_naming_every_directory_tried(base_run, tmp_path):
+    run_dir = copy_run(base_run, tmp_path)
+    for step in (30, 36, 40):
+        (run_dir / "checkpoints" / str(step) / ckpt.MANIFEST).write_text("{not json")
+    with pytest.raises(UserError) as e:
+        train(config(*RUN, f"train.run_dir={run_dir}"))
+    msg = str(e.value)
+    assert "no valid checkpoint" in msg and "\n" not in msg
+    assert all(str(run_dir / "checkpoints" / str(s)) in msg for s in (30, 36, 40))
+
+
+@pytest.mark.parametrize("mesh_args,n_devices", [(("mesh.data=2", "mesh.fsdp=2"), 4), (("mesh.fsdp=1",), 1)])
+def test_fsdp8_checkpoint_restores_exactly_on_fewer_devices_and_trains_on(base_run, tmp_path, mesh_args, n_devices):
+    step_dir = base_run / "checkpoints" / "36"
+    cfg8 = config(*RUN)
+    reference = ckpt.restore_state(step_dir, make_trainer(cfg8, make_mesh(cfg8.mesh)))
+
+    run_dir = copy_run(base_run, tmp_path)
+    cfg = config(*RUN, *mesh_args, f"train.run_dir={run_dir}")
+    mesh = make_mesh(cfg.mesh, jax.devices()[:n_devices])
+    trainer = make_trainer(cfg, mesh)
+    state = ckpt.restore_state(step_dir, trainer)
+    assert ckpt.state_equal(state, reference)
+    leaf = state["params"]["embed"]["table_VD"]
+    assert leaf.sharding == trainer.state_shardings["params"]["embed"]["table_VD"]
+    assert len(leaf.sharding.device_set) == n_devices
+
+    history = train(cfg, mesh=mesh, resume=str(run_dir / "checkpoints" / "36"))
+    assert [r["step"] for r in history] == [37, 38, 39, 40]
+    # same numbers as on 8 devices, up to the order of floating-point reductions
+    np.testing.assert_allclose([r["loss"] for r in history], [r["loss"] for r in metrics(base_run)[36:]], rtol=1e-5)
+    assert [s for s, _ in ckpt.step_dirs(run_dir / "checkpoints")] == [40, 36, 30]
+    assert (run_dir / ckpt.SET_ASIDE / "40").is_dir()  # the old 40, superseded by --resume 36
+
+
+def test_resume_with_changed_model_shape_is_refused_naming_the_keys(base_run, tmp_path):
+    run_dir = copy_run(base_run, tmp_path)
+    out = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", TINY, *BASE, "model.d_model=128",
+                          "model.n_layers=3", *RUN, f"train.run_dir={run_dir}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    (line,) = [ln for ln in out.stderr.splitlines() if ln.startswith("jaxlm train: error:")]
+    assert "model.d_model (64 -> 128)" in line and "model.n_layers (2 -> 3)" in line
+    assert "train.steps" not in line
+
+
+def test_compatible_changes_are_allowed_and_locked_ones_named():
+    saved = json.loads(json.dumps(ckpt.make_meta(config(*RUN), 9, 0, {}, {})["config"]))
+    ok = config("train.steps=99", "optim.lr=1e-3", "optim.warmup_steps=3", "train.eval_every=5",
+                "train.log_every=2", "mesh.data=2", "mesh.fsdp=4", "model.remat=full", "checkpoint.every=7")
+    assert ckpt.incompatible_keys(saved, ok, None, None) == []
+    bad = config("data.seq_len=64", "train.global_batch=16", "moe.n_experts=4", "optim.clip_norm=0")
+    names = " ".join(ckpt.incompatible_keys(saved, bad, {"hash": "a" * 64}, {"hash": "b" * 64}))
+    for key in ("data.seq_len", "train.global_batch", "moe.n_experts", "optim.clip_norm", "tokenizer hash"):
+        assert key in names
+
+
+def test_resume_with_longer_schedule_continues_without_duplicate_metric_steps(base_run, tmp_path):
+    run_dir = copy_run(base_run, tmp_path)
+    with open(run_dir / "metrics.jsonl", "a") as f:  # records of steps a killed run had not saved
+        f.write(json.dumps({"step": 41, "loss": 0.0}) + "\n" + '{"step": 42, "lo')
+    cfg = config(*RUN, "train.steps=45", "optim.schedule=cosine", f"train.run_dir={run_dir}")
+    history = train(cfg)
+    assert [r["step"] for r in history] == [41, 42, 43, 44, 45]
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 46))
+    assert history[0]["lr"] == pytest.approx(float(make_schedule(cfg.optim, 45)(40)), rel=1e-6)
+    assert ckpt.read_meta(run_dir / "checkpoints" / "45")["tokens_seen"] == 45 * 8 * 32
+
+
+def test_async_save_returns_before_the_write_and_saves_the_state_at_save_time(tmp_path):
+    cfg = config(*RUN)
+    trainer = make_trainer(cfg, make_mesh(cfg.mesh))
+    batches, _ = build_data(cfg)
+    step = lambda s: trainer.train_step(s, to_global(next(batches), trainer.batch_sharding))[0]  # noqa: E731
+    state = step(trainer.init_state())
+    expected = jax.device_get(state)
+
+    writer = ckpt.CheckpointWriter(tmp_path / "checkpoints", CheckpointConfig(every=1))
+    release, seal = threading.Event(), writer._seal
+    writer._seal = lambda: (release.wait(60), seal())  # hold the write in the background
+    writer.save(1, state, ckpt.make_meta(cfg, 1, 256, batches.get_state(), {}))
+    for _ in range(3):  # donated train steps run while the save is still being written
+        state = step(state)
+    jax.block_until_ready(state)
+    assert writer.saving() and not (tmp_path / "checkpoints" / "1").exists()
+    release.set()
+    writer.close()
+    assert ckpt.verify(tmp_path / "checkpoints" / "1") is None
+    restored = ckpt.restore_state(tmp_path / "checkpoints" / "1", trainer)
+    assert ckpt.state_equal(restored, expected) and not ckpt.state_equal(restored, state)
+
+
+def test_checkpoint_ls_lists_steps_sizes_validity_and_config(base_run, tmp_path, capsys):
+    from jaxlm.checkpoint_cli import main
+
+    run_dir = copy_run(base_run, tmp_path)
+    (run_dir / "checkpoints" / "40" / "meta" / "metadata").write_text("{}")  # damaged after the save
+    assert main(Namespace(action="ls", run_dir=str(run_dir), quick=False)) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0].isdigit()}
+    assert set(rows) == {"30", "36", "40"}
+    assert rows["30"].endswith(" valid") and rows["36"].endswith(" valid") and "INVALID" in rows["40"]
+    assert "KiB" in rows["30"] or "MiB" in rows["30"]
+    assert "d_model=64" in out and "n_layers=2" in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MULTI = """
+import sys, jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jaxlm.config import load_config
+from jaxlm.train.loop import train
+print("STOPPED", train(load_config(sys.argv[3], sys.argv[4:]))[-1]["step"], flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_stop_step_when_one_gets_sigterm(tmp_path, cache_env):
+    run_dir, addr = tmp_path / "run", f"127.0.0.1:{_free_port()}"
+    env = {**cache_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    args = [*BASE, "mesh.fsdp=4", "train.steps=5000", "checkpoint.every=1000", f"train.run_dir={run_dir}"]
+    procs = [subprocess.Popen([sys.executable, "-c", MULTI, addr, str(i), TINY, *args], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        wait_for_step(run_dir, procs[0], 5, timeout=400)
+        procs[1].send_signal(signal.SIGTERM)  # only the second process is told
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    stops = {int(o.split("STOPPED ")[1].split()[0]) for o, _ in outs}
+    assert len(stops) == 1
+    (newest, path), = ckpt.step_dirs(run_dir / "checkpoints")
+    assert newest == stops.pop() and ckpt.verify(path) is None
