@@ -9,9 +9,11 @@ state and batch are ShapeDtypeStructs carrying their shardings. Exit 0 = fits, 1
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
+from pathlib import Path
 
 from jaxlm.config import Config, load_config
 from jaxlm.errors import UserError
@@ -32,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topology", required=True,
                         help="TPU generation:shape, e.g. v5p:2x4x4 (v5p-64), v5e:16x16 (v5e-256), v4:2x2x2, v6e:4x4")
     parser.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (mesh.dcn_* span them)")
+    parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON (for scripts and tests)")
     parser.parse_args = parser.parse_intermixed_args  # overrides may come after --topology
 
 
@@ -204,4 +207,7 @@ def main(args: argparse.Namespace) -> int:
     name = f"{gen}:{'x'.join(map(str, dims))}" + (f" x {args.num_slices} slices" if args.num_slices > 1 else "")
     text, fits = report(r, cfg, name, CHIPS[gen]["hbm_gib"] * GIB)
     print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**r, "topology": name, "hbm": CHIPS[gen]["hbm_gib"] * GIB,
+                                               "fits": fits}, indent=1))
     return 0 if fits else 1

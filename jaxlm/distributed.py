@@ -39,7 +39,9 @@ def initialize() -> str:
     kind = "auto" if mode == "auto" else _detect_cluster(env)
     if kind == "single":
         return kind
-    jax.distributed.initialize()  # jax reads SLURM / TPU metadata / Open MPI variables itself
+    local_ids = _local_device_ids(env) or (_slurm_local_device_ids(env) if kind == "slurm" else None)
+    # jax reads the coordinator, process count and id from SLURM / TPU metadata / Open MPI itself
+    jax.distributed.initialize(local_device_ids=local_ids)
     return kind
 
 
@@ -53,6 +55,25 @@ def _detect_cluster(env) -> str:
     if _on_tpu_vm(env):
         return "tpu"  # also fine on a single-host TPU VM: jax then finds one process
     return "single"
+
+
+def _slurm_local_device_ids(env) -> list[int] | None:
+    """GPUs this SLURM task drives; jax's own default is GPU number SLURM_LOCALID, one per task."""
+    visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v]
+    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    if int(env["SLURM_STEP_NUM_TASKS"]) <= nodes:  # one task per node drives all of its GPUs
+        return list(range(len(visible) or int(env.get("SLURM_GPUS_ON_NODE") or 0))) or None
+    if len(visible) == 1:  # srun bound one GPU to this task (--gpus-per-task=1): it is device 0
+        return [0]
+    return None
+
+
+def _local_device_ids(env) -> list[int] | None:
+    ids = env.get("JAXLM_LOCAL_DEVICE_IDS", "").strip()
+    try:
+        return [int(i) for i in ids.split(",")] if ids else None
+    except ValueError:
+        raise UserError(f"JAXLM_LOCAL_DEVICE_IDS={ids!r} must be a comma-separated list of device numbers")
 
 
 def _on_tpu_vm(env) -> bool:
@@ -72,18 +93,16 @@ def _initialize_explicit(env) -> str:
     try:
         n = int(env["JAXLM_NUM_PROCESSES"])
         pid = int(env["JAXLM_PROCESS_ID"])
-        ids = env.get("JAXLM_LOCAL_DEVICE_IDS")
-        local_ids = [int(i) for i in ids.split(",")] if ids else None
     except (KeyError, ValueError):
         raise UserError("JAXLM_COORDINATOR is set, so JAXLM_NUM_PROCESSES and JAXLM_PROCESS_ID must be "
-                        "integers (and JAXLM_LOCAL_DEVICE_IDS, if set, a comma-separated list of integers)")
+                        f"integers; got {env.get('JAXLM_NUM_PROCESSES')!r} and {env.get('JAXLM_PROCESS_ID')!r}")
     if not 0 <= pid < n:
         raise UserError(f"JAXLM_PROCESS_ID={pid} must be in [0, JAXLM_NUM_PROCESSES={n})")
     # Cross-process collectives of CPU devices; only the CPU client reads it, so GPU runs
     # started this way are unaffected.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        env["JAXLM_COORDINATOR"], n, pid, local_device_ids=local_ids,
+        env["JAXLM_COORDINATOR"], n, pid, local_device_ids=_local_device_ids(env),
         initialization_timeout=int(env.get("JAXLM_INIT_TIMEOUT", 300)),
         heartbeat_timeout_seconds=int(env.get("JAXLM_HEARTBEAT_TIMEOUT", 100)))
     return "explicit"

@@ -116,3 +116,18 @@ def test_data_parallel_size_counts_the_batch_axes():
     mesh = make_mesh(load_config(None, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]).mesh)
     assert data_parallel_size(mesh, resolve_rules()) == 4
     assert np.prod(list(mesh.shape.values())) == jax.device_count()
+
+
+@pytest.mark.parametrize("env,ids", [
+    # one task per node: it drives every GPU the node gives it
+    ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, [0, 1, 2, 3]),
+    ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8"}, list(range(8))),
+    # one task per GPU, srun bound one GPU to each task: it is that task's device 0
+    ({"SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_NUM_NODES": "2", "CUDA_VISIBLE_DEVICES": "5"}, [0]),
+    # one task per GPU, all GPUs visible: jax's default (GPU number SLURM_LOCALID)
+    ({"SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_NUM_NODES": "2", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, None),
+])
+def test_slurm_tasks_get_their_nodes_gpus(env, ids):
+    from jaxlm.distributed import _slurm_local_device_ids
+
+    assert _slurm_local_device_ids(env) == ids
