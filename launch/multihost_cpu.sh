@@ -19,15 +19,15 @@ PY=${PYTHON:-python3}
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
 pids=()
-stop_all() {  # TERM first (lets jax flush), KILL whatever is left after 5 s
+stop_all() {  # TERM first (lets jax flush), KILL whatever is left after 5 s, then reap all
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
   for _ in $(seq 50); do
     alive=0
     for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    [ $alive = 0 ] && return
+    [ $alive = 0 ] && break
     sleep 0.1
   done
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
 }
 trap 'echo "multihost_cpu: interrupted; stopping all processes" >&2; stop_all; exit 130' INT TERM
 
