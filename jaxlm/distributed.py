@@ -28,11 +28,13 @@ def initialize() -> str:
     """Starts jax.distributed when the environment asks for several processes.
 
     Must run before anything touches a JAX device. Returns how it started ("single",
-    "explicit", "slurm", "tpu", "ompi", "auto"), for logs and tests.
+    "explicit", "slurm", "tpu", "ompi", "auto", "already"), for logs and tests.
     """
     env = os.environ
     mode = env.get(ENV_MODE, "").strip().lower()
-    if mode == "off" or jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():
+        return "already"
+    if mode == "off":
         return "single"
     if env.get("JAXLM_COORDINATOR"):
         return _initialize_explicit(env)

@@ -131,3 +131,32 @@ def test_slurm_tasks_get_their_nodes_gpus(env, ids):
     from jaxlm.distributed import _slurm_local_device_ids
 
     assert _slurm_local_device_ids(env) == ids
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"JAXLM_COORDINATOR": "127.0.0.1:1234", "JAXLM_NUM_PROCESSES": "2"}, "JAXLM_PROCESS_ID must be"),
+    ({"JAXLM_COORDINATOR": "127.0.0.1:1234", "JAXLM_NUM_PROCESSES": "2", "JAXLM_PROCESS_ID": "2"},
+     r"JAXLM_PROCESS_ID=2 must be in \[0, JAXLM_NUM_PROCESSES=2\)"),
+    ({"JAXLM_COORDINATOR": "127.0.0.1:1234", "JAXLM_NUM_PROCESSES": "2", "JAXLM_PROCESS_ID": "0",
+      "JAXLM_LOCAL_DEVICE_IDS": "0,x"}, "comma-separated list"),
+])
+def test_bad_launch_variables_are_one_line_errors_before_any_connection(env, words, monkeypatch):
+    from jaxlm.distributed import initialize
+    from jaxlm.errors import UserError
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UserError, match=words):
+        initialize()
+
+
+def test_without_launch_variables_initialize_stays_single_process(monkeypatch):
+    from jaxlm.distributed import initialize
+
+    for k in ("JAXLM_COORDINATOR", "SLURM_STEP_NUM_TASKS", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(k, raising=False)
+    assert initialize() == "single" and jax.process_count() == 1
+    monkeypatch.setenv("JAXLM_DISTRIBUTED", "off")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert initialize() == "single"
