@@ -11,6 +11,7 @@ import pytest
 from conftest import SHARED_DATA, run_cli
 
 from jaxlm.data import prepare as P
+from jaxlm.data import prepared as R
 from jaxlm.data.tokenizer import EOT, Tokenizer, byte_tokenizer, load_gpt2_files, load_tokenizer, save_tokenizer
 from jaxlm.errors import UserError
 
@@ -46,7 +47,7 @@ def corpus(tmp_path):
     return root, docs
 
 
-def documents(split: P.PreparedSplit) -> list[np.ndarray]:
+def documents(split: R.PreparedSplit) -> list[np.ndarray]:
     """Cut the split's token stream into documents by the per-shard offsets."""
     starts, base = [], 0
     for shard, offsets in zip(split.shards, split.doc_offsets):
@@ -68,7 +69,7 @@ def test_shards_hold_each_documents_encoding_followed_by_eot(corpus, gpt2_dir, t
     out = tmp_path / "out"
     meta = P.prepare([str(root)], gpt2_dir, str(out), val_fraction=0.2, shard_tokens=7000, workers=workers)
     tok = load_tokenizer(gpt2_dir)
-    prepared = P.open_prepared(str(out))
+    prepared = R.open_prepared(str(out))
     assert prepared.tokenizer_hash == tok.hash and prepared.vocab_size == 50257 and prepared.dtype == np.uint16
     for split in ["train", "val"]:
         s = prepared.split(split)
@@ -78,8 +79,8 @@ def test_shards_hold_each_documents_encoding_followed_by_eot(corpus, gpt2_dir, t
         assert s.n_tokens == sum(map(len, got)) and all(len(x) <= 7000 for x in s.shards)
     splits = [prepared.split("train"), prepared.split("val")]
     assert sum(len(s.shards) for s in splits) > 3 and any(any(s.starts_mid_document) for s in splits)
-    P.check_tokenizer(prepared, tok)
-    P.check_token_ids(prepared)
+    R.check_tokenizer(prepared, tok)
+    R.check_token_ids(prepared)
 
 
 def test_two_workers_write_the_same_bytes_as_one(corpus, tmp_path, monkeypatch):
@@ -106,7 +107,7 @@ def test_large_vocabulary_is_stored_as_uint32(tmp_path):
     save_tokenizer(big, str(tmp_path / "tok"))
     (tmp_path / "a.txt").write_text("hello")
     P.prepare([str(tmp_path / "a.txt")], str(tmp_path / "tok"), str(tmp_path / "out"), val_fraction=0)
-    prepared = P.open_prepared(str(tmp_path / "out"))
+    prepared = R.open_prepared(str(tmp_path / "out"))
     assert prepared.dtype == np.uint32
     assert prepared.split("train").shards[0].tolist() == [104, 101, 108, 108, 111, 70_000]
 
@@ -142,7 +143,7 @@ def test_rerun_skips_finished_work_and_resumes_an_interrupted_run(corpus, tmp_pa
     bins = [n for n in names if n.endswith(".bin")]
     assert len(bins) == 2 and all(n[:-4] + ".json" in names for n in bins)
     with pytest.raises(UserError, match="interrupted"):
-        P.open_prepared(str(out))
+        R.open_prepared(str(out))
     kept = {n: os.stat(out / n).st_mtime_ns for n in bins}
     (out / "train_00002.bin.999.tmp").write_bytes(b"junk from a killed run")
 
@@ -190,9 +191,9 @@ def test_tokenizer_mismatch_and_out_of_vocabulary_ids_are_refused(tmp_path, gpt2
     assert "prepared with tokenizer 'bytes'" in cli_error("prepare", str(tmp_path / "a.txt"), "--tokenizer", gpt2_dir, "-o", out)
     assert "tokenized with 'bytes'" in cli_error("prepare", "--check", "-o", out, "--tokenizer", gpt2_dir)
     with pytest.raises(UserError, match="tokenized with 'bytes'"):
-        P.check_tokenizer(P.open_prepared(out), load_tokenizer(gpt2_dir))
+        R.check_tokenizer(R.open_prepared(out), load_tokenizer(gpt2_dir))
     assert run_cli("prepare", "--check", "-o", out, "--tokenizer", "bytes").returncode == 0
-    shard = P.open_prepared(out).split("train").shards[0]
+    shard = R.open_prepared(out).split("train").shards[0]
     data = np.array(shard)
     data[7] = 300  # >= 257, the byte tokenizer's vocabulary
     data.tofile(os.path.join(out, "train_00000.bin"))

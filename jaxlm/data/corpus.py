@@ -14,6 +14,7 @@ from pathlib import Path
 from jaxlm.errors import UserError
 
 DEFAULT_CORPUS_BYTES = 4_000_000
+_GLOB_CHARS = set("*?[")
 
 
 def default_corpus_files() -> list[Path]:
@@ -37,28 +38,40 @@ def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[str]:
     return docs
 
 
-def expand_inputs(spec: str) -> list[Path]:
-    """A file, a directory (recursive), or a glob -> sorted file list."""
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    elif path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-    if not files:
-        raise UserError(f"data.path={spec!r} matches no files; expected a text file, directory or glob")
+def expand_inputs(inputs: list[str], exclude: str | None = None) -> list[str]:
+    """Files, recursive directories (hidden entries skipped) and globs -> ordered file list."""
+    files: list[str] = []
+    for spec in inputs:
+        if os.path.isdir(spec):
+            found = []
+            for d, subdirs, names in os.walk(spec):
+                subdirs[:] = [s for s in subdirs if not s.startswith(".")]
+                found += [os.path.join(d, n) for n in names if not n.startswith(".")]
+            found.sort()
+        elif os.path.isfile(spec):
+            found = [spec]
+        elif _GLOB_CHARS & set(spec):
+            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        else:
+            raise UserError(f"input {spec} does not exist")
+        if exclude:
+            found = [f for f in found if not os.path.abspath(f).startswith(os.path.abspath(exclude) + os.sep)]
+        if not found:
+            raise UserError(f"input {spec} matches no files")
+        files += found
+    files = list(dict.fromkeys(os.path.abspath(f) for f in files))
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise UserError(f"input {f} is empty")
     return files
 
 
 def read_documents(spec: str) -> list[str]:
     docs = []
-    for path in expand_inputs(spec):
-        raw = path.read_bytes()
+    for path in expand_inputs([spec]):
+        raw = Path(path).read_bytes()
         try:
             docs.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise UserError(f"{path} is not UTF-8 text: undecodable byte at offset {e.start}")
-    if not any(docs):
-        raise UserError(f"data.path={spec!r} holds only empty files")
+            raise UserError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
     return docs

@@ -24,10 +24,11 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
+from jaxlm.data.corpus import expand_inputs
+from jaxlm.data.prepared import check_token_ids, check_tokenizer, open_prepared
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.errors import UserError
 
@@ -35,7 +36,6 @@ SPLITS = ("train", "val")
 _TASK_BYTES = 4 << 20
 _STREAM_ABOVE = 64 << 20  # larger text files are encoded with encode_chunks (bounded text memory)
 _STREAM_BLOCK = 1 << 20
-_GLOB_CHARS = set("*?[")
 
 
 def add_arguments(p) -> None:
@@ -77,34 +77,6 @@ def main(args) -> int:
 
 
 # ---------------------------------------------------------------- inputs and tasks
-
-
-def expand_inputs(inputs: list[str], exclude: str | None = None) -> list[str]:
-    """Files, recursive directories (hidden entries skipped) and globs -> ordered file list."""
-    files: list[str] = []
-    for spec in inputs:
-        if os.path.isdir(spec):
-            found = []
-            for d, subdirs, names in os.walk(spec):
-                subdirs[:] = [s for s in subdirs if not s.startswith(".")]
-                found += [os.path.join(d, n) for n in names if not n.startswith(".")]
-            found.sort()
-        elif os.path.isfile(spec):
-            found = [spec]
-        elif _GLOB_CHARS & set(spec):
-            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-        else:
-            raise UserError(f"input {spec} does not exist")
-        if exclude:
-            found = [f for f in found if not os.path.abspath(f).startswith(os.path.abspath(exclude) + os.sep)]
-        if not found:
-            raise UserError(f"input {spec} matches no files")
-        files += found
-    files = list(dict.fromkeys(os.path.abspath(f) for f in files))
-    for f in files:
-        if os.path.getsize(f) == 0:
-            raise UserError(f"input {f} is empty")
-    return files
 
 
 def _make_tasks(files: list[str]) -> list[list[tuple]]:
@@ -439,97 +411,3 @@ def _metadata(out, tok, spec, dtype, settings, settings_hash) -> dict:
                      "n_documents": sum(x["n_documents"] for x in shards), "shards": shards}
     return {"format": "jaxlm-prepared", "version": 1, "tokenizer": {**tok.identity(), "spec": spec},
             "dtype": dtype, "settings_hash": settings_hash, "settings": settings, "splits": splits}
-
-
-# ---------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class PreparedSplit:
-    name: str
-    shards: list[np.memmap]  # token ids; the split's token stream is their concatenation
-    doc_offsets: list[np.ndarray]  # per shard: int64 offsets of the documents that start in it
-    starts_mid_document: list[bool]  # per shard: its first tokens continue the previous shard's document
-    n_tokens: int
-    n_documents: int
-
-
-@dataclass(frozen=True)
-class PreparedCorpus:
-    path: str
-    metadata: dict
-
-    @property
-    def tokenizer_hash(self) -> str:
-        return self.metadata["tokenizer"]["hash"]
-
-    @property
-    def tokenizer_name(self) -> str:
-        return self.metadata["tokenizer"]["name"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.metadata["tokenizer"]["n_vocab"]
-
-    @property
-    def eot_id(self) -> int:
-        return self.metadata["tokenizer"]["eot_id"]
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.metadata["dtype"])
-
-    def split(self, name: str) -> PreparedSplit:
-        name = {"validation": "val"}.get(name, name)
-        if name not in self.metadata["splits"]:
-            raise UserError(f"{self.path} has no split {name!r}; it has {', '.join(self.metadata['splits'])}")
-        m = self.metadata["splits"][name]
-        shards = [np.memmap(os.path.join(self.path, s["file"]), dtype=self.dtype, mode="r") for s in m["shards"]]
-        offsets = [np.load(os.path.join(self.path, s["offsets_file"])) for s in m["shards"]]
-        return PreparedSplit(name, shards, offsets, [s["starts_mid_document"] for s in m["shards"]],
-                             m["n_tokens"], m["n_documents"])
-
-
-def open_prepared(path: str) -> PreparedCorpus:
-    """Reads OUTDIR/metadata.json and checks that every shard is there with its full size."""
-    meta_path = os.path.join(path, "metadata.json")
-    if not os.path.isfile(meta_path):
-        partial = glob.glob(os.path.join(path, "*_00000.json"))
-        raise UserError(f"{path} is not a prepared corpus (no metadata.json)"
-                        + ("; a run was interrupted: re-run `jaxlm prepare` to finish it" if partial else ""))
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        for s, m in meta["splits"].items():
-            for shard in m["shards"]:
-                f = os.path.join(path, shard["file"])
-                if not os.path.isfile(f) or os.path.getsize(f) != shard["n_tokens"] * itemsize:
-                    raise UserError(f"{f} is missing or not {shard['n_tokens']} tokens long; prepare the corpus again")
-    except UserError:
-        raise
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path} is not valid prepared-corpus metadata ({type(e).__name__}: {e})") from None
-    return PreparedCorpus(path, meta)
-
-
-def check_tokenizer(prepared: PreparedCorpus, tokenizer) -> None:
-    """UserError unless `tokenizer` (a tiktoken Encoding) is the one the shards were made with."""
-    tok = Tokenizer.from_encoding(tokenizer)
-    if tok.hash != prepared.tokenizer_hash:
-        raise UserError(f"{prepared.path} was tokenized with {prepared.tokenizer_name!r} "
-                        f"(hash {prepared.tokenizer_hash[:12]}) but the tokenizer given is {tok.name!r} "
-                        f"(hash {tok.hash[:12]}); use the same tokenizer or prepare the data again")
-
-
-def check_token_ids(prepared: PreparedCorpus, vocab_size: int | None = None) -> None:
-    """UserError if any shard holds a token id >= vocab_size (default: the tokenizer's)."""
-    limit = prepared.vocab_size if vocab_size is None else vocab_size
-    for s in prepared.metadata["splits"]:
-        for shard, meta in zip(prepared.split(s).shards, prepared.metadata["splits"][s]["shards"]):
-            for start in range(0, len(shard), 1 << 24):
-                block = shard[start: start + (1 << 24)]
-                if len(block) and int(block.max()) >= limit:
-                    pos = start + int(np.argmax(block >= limit))
-                    raise UserError(f"{os.path.join(prepared.path, meta['file'])}: token id {int(shard[pos])} "
-                                    f"at position {pos} is >= the vocabulary size {limit}")

@@ -36,7 +36,7 @@ def text_streams(docs: list[str], tokenizer, val_fraction: float) -> tuple[Token
 
 
 def prepared_streams(path: str, tokenizer) -> tuple[TokenStream, TokenStream]:
-    from jaxlm.data.prepare import check_tokenizer, open_prepared
+    from jaxlm.data.prepared import check_tokenizer, open_prepared
 
     corpus = open_prepared(path)
     check_tokenizer(corpus, tokenizer)
