@@ -71,6 +71,9 @@ def topology_devices(gen: str, dims: tuple[int, ...], num_slices: int) -> list:
         raise UserError(f"compiling for TPU needs libtpu, which is not installed; install it with: {libtpu_install_hint()}")
     # libtpu asks the (absent) TPU VM metadata for these; naming them keeps its start-up quiet
     n_chips = math.prod(dims)
+    # no chips are used, so several compiles (parallel tests, two users) need not take turns
+    # on libtpu's one-process-per-machine lock file
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{gen}-{n_chips * (2 if gen in ('v4', 'v5p') else 1)}")
     from jax.experimental import topologies
