@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(VERBS[verb][0])
     verb_parser = argparse.ArgumentParser(prog=f"jaxlm {verb}", description=VERBS[verb][1])
     module.add_arguments(verb_parser)
-    args = verb_parser.parse_args(argv[1:])
+    try:  # flags may follow positional overrides (`train CONFIG a.b=1 --run-dir X`)
+        args = verb_parser.parse_intermixed_args(argv[1:])
+    except TypeError:  # verbs with sub-commands cannot be parsed intermixed
+        args = verb_parser.parse_args(argv[1:])
     try:
         return module.main(args) or 0
     except UserError as e:
