@@ -102,9 +102,6 @@ def verify(step_dir: Path, checksums: bool = True) -> str | None:
             return f"file {rel} has {size} bytes, expected {want['size']}"
         if checksums and _crc32(p) != want["crc32"]:
             return f"file {rel} checksum mismatch"
-    extra = [str(p.relative_to(step_dir)) for p in _files(step_dir) if str(p.relative_to(step_dir)) not in files]
-    if any(not e.endswith(".tmp") for e in extra):
-        return f"unexpected file {extra[0]}"
     return None
 
 
@@ -254,6 +251,15 @@ def _candidates(run_dir: Path, resume: str | None) -> tuple[list[tuple[int, Path
     return found, False
 
 
+def _all_agree(ok: bool) -> bool:
+    """True if `ok` on every process: all processes must take the same step (or none)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None, tok: dict):
     """(state, meta) from the newest valid checkpoint, or None to start fresh.
 
@@ -265,22 +271,24 @@ def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None
         return None
     tried = []
     for step, path in candidates:
-        reason = verify(path)
-        meta = None
+        # process 0 reads every byte once; the others take its word
+        reason = verify(path) if jax.process_index() == 0 else None
+        if not _all_agree(reason is None):
+            reason = reason or "invalid (see process 0)"
         if reason is None:
+            bad = []
             try:
                 meta = read_meta(path)
-            except (OSError, ValueError) as e:
-                reason = f"metadata unreadable ({type(e).__name__})"
-        if reason is None:
-            bad = incompatible_keys(meta.get("config", {}), cfg, meta.get("tokenizer"), tok)
-            if bad:
-                raise UserError(f"cannot resume from {path}: the config changed in keys that must stay the same: "
-                                f"{', '.join(bad)}; use a new train.run_dir or restore those values")
-            try:
-                state = restore_state(path, trainer)
+                bad = incompatible_keys(meta.get("config", {}), cfg, meta.get("tokenizer"), tok)
+                if not bad:
+                    state = restore_state(path, trainer)
             except Exception as e:  # noqa: BLE001 - any read failure means: try the previous step
                 reason = f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if not _all_agree(reason is None):
+                reason = reason or "restore failed on another process"
+            if reason is None and bad:
+                raise UserError(f"cannot resume from {path}: the config changed in keys that must stay the same: "
+                                f"{', '.join(bad)}; use a new train.run_dir or restore those values")
         if reason is None:
             _set_aside(run_dir, step)
             return state, meta

@@ -287,23 +287,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-MULTI = """
-import sys, jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from jaxlm.config import load_config
-from jaxlm.train.loop import train
-print("STOPPED", train(load_config(sys.argv[3], sys.argv[4:]))[-1]["step"], flush=True)
-"""
-
-
 @pytest.mark.slow
 def test_two_processes_agree_on_the_stop_step_when_one_gets_sigterm(tmp_path, cache_env):
-    run_dir, addr = tmp_path / "run", f"127.0.0.1:{_free_port()}"
-    env = {**cache_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    args = [*BASE, "mesh.fsdp=4", "train.steps=5000", "checkpoint.every=1000", f"train.run_dir={run_dir}"]
-    procs = [subprocess.Popen([sys.executable, "-c", MULTI, addr, str(i), TINY, *args], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    run_dir = tmp_path / "run"
+    env = {**cache_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAXLM_COORDINATOR": f"127.0.0.1:{_free_port()}", "JAXLM_NUM_PROCESSES": "2"}
+    procs = [start_train(run_dir, {**env, "JAXLM_PROCESS_ID": str(i)}, "mesh.fsdp=4", "train.steps=5000",
+                         "checkpoint.every=1000") for i in range(2)]
     try:
         wait_for_step(run_dir, procs[0], 5, timeout=400)
         procs[1].send_signal(signal.SIGTERM)  # only the second process is told
@@ -312,7 +302,7 @@ def test_two_processes_agree_on_the_stop_step_when_one_gets_sigterm(tmp_path, ca
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    stops = {int(o.split("STOPPED ")[1].split()[0]) for o, _ in outs}
+    stops = {int(o.split("stopped: step ")[1].split(",")[0]) for o, _ in outs}
     assert len(stops) == 1
     (newest, path), = ckpt.step_dirs(run_dir / "checkpoints")
     assert newest == stops.pop() and ckpt.verify(path) is None

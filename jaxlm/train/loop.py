@@ -132,6 +132,9 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
             tokens_seen = int(meta["tokens_seen"])
             _say(f"resumed from step {meta['step']} ({tokens_seen} tokens seen)")
         start = int(state["step"])
+        if start >= t.steps:
+            _say(f"the checkpoint is at step {start}, train.steps={t.steps}: nothing to do; raise train.steps "
+                 f"to train on")
         if jax.process_index() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
