@@ -12,6 +12,7 @@ time, and reports medians (and minima) of per-step times, so machine noise hits 
 
     python bench/jax_step_variants.py                 # all variants + torch eager + compile
     python bench/jax_step_variants.py --only best naive --no-torch-compile
+    taskset -c 0 python bench/jax_step_variants.py --clock cpu   # stable on a busy machine
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_variants import NEG, _causal, blocked128_bhtd, flash_bhtd, savep_bhtd  # noqa: E402
+from attention_variants import (  # noqa: E402
+    NEG, _causal, blocked64_bhtd, blocked128_bhtd, causal_attention, causal_attention_b64,
+    causal_attention_b128, dense, flash_bhtd, savep_bhtd,
+)
 
 V, D, L, H, KV, DH, F, T, B = 8192, 256, 4, 4, 4, 64, 688, 256, 8
 EPS, THETA = 1e-5, 10000.0
@@ -42,8 +46,9 @@ EPS, THETA = 1e-5, 10000.0
 
 @dataclass(frozen=True)
 class Opts:
-    attention: str = "flash"  # naive_bthd | naive_bhtd | dpa | flash | savep | blocked128
-    loss: str = "fused"  # logsoftmax | optax | onehot | fused
+    attention: str = "ca128"  # naive_bthd | naive_bhtd | dpa | flash | savep | blocked128 | blocked64 | ca | ca128 | ca64
+    loss: str = "fused"  # logsoftmax | optax | onehot | fused | fused2 | fused4 | fused8 (token chunks)
+    linear: str = "dense"  # einsum (autodiff weight grads) | dense (custom_vjp, dW = x^T g)
     remat: str = "none"  # none | full | dots
     scan: bool = False  # lax.scan over stacked layers instead of a Python loop
     donate: bool = True
@@ -115,12 +120,30 @@ ATTENTION = {  # name -> (layout, core)
     "flash": ("bhtd", flash_bhtd),
     "savep": ("bhtd", savep_bhtd),
     "blocked128": ("bhtd", blocked128_bhtd),
+    "blocked64": ("bhtd", blocked64_bhtd),
+    "ca": ("bthd", causal_attention),
+    "ca128": ("bthd", causal_attention_b128),
+    "ca64": ("bthd", causal_attention_b64),
 }
 
 
 def attention_block(lp, x, cos, sin, opts: Opts):
     layout, core = ATTENTION[opts.attention]
     h = rmsnorm(x, lp["attn_norm"])
+    if opts.linear == "dense":
+        # x @ W[D, H*d] through `dense`, free reshape to [B, T, H, d]; bhtd cores transpose.
+        if opts.fused_qkv:
+            qkv = dense(h, lp["wqkv"].reshape(D, 3 * H * DH)).reshape(B, T, 3, H, DH)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            q, k, v = (dense(h, lp[w].reshape(D, H * DH)).reshape(B, T, H, DH) for w in ("wq", "wk", "wv"))
+        q, k = apply_rope(q, cos, sin, "bthd"), apply_rope(k, cos, sin, "bthd")
+        if layout == "bhtd":
+            t = lambda a: a.transpose(0, 2, 1, 3)
+            o = t(core(t(q), t(k), t(v)))
+        else:
+            o = core(q, k, v)
+        return x + dense(o.reshape(B, T, H * DH), lp["wo"].reshape(H * DH, D))
     out_spec = "bhtd" if layout == "bhtd" else "bthd"
     if opts.fused_qkv:
         qkv = jnp.einsum(f"btD,Dnhd->n{out_spec}", h, lp["wqkv"])
@@ -132,14 +155,15 @@ def attention_block(lp, x, cos, sin, opts: Opts):
     return x + jnp.einsum(f"{out_spec},hdD->btD", o, lp["wo"])
 
 
-def mlp_block(lp, x):
+def mlp_block(lp, x, opts: Opts):
     h = rmsnorm(x, lp["mlp_norm"])
-    g = jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])
-    return x + g @ lp["w_down"]
+    mm = dense if opts.linear == "dense" else jnp.matmul
+    g = jax.nn.silu(mm(h, lp["w_gate"])) * mm(h, lp["w_up"])
+    return x + mm(g, lp["w_down"])
 
 
 def layer(lp, x, cos, sin, opts: Opts):
-    return mlp_block(lp, attention_block(lp, x, cos, sin, opts))
+    return mlp_block(lp, attention_block(lp, x, cos, sin, opts), opts)
 
 
 # --- losses: mean next-token cross-entropy from the final hidden state -------------------------
@@ -189,7 +213,45 @@ def _loss_fused_bwd(res, g):
 
 loss_fused.defvjp(_loss_fused_fwd, _loss_fused_bwd)
 
-LOSSES = dict(logsoftmax=loss_logsoftmax, optax=loss_optax, onehot=loss_onehot, fused=loss_fused)
+
+def make_loss_fused_chunked(n_chunks: int):
+    """loss_fused over token chunks (N / n_chunks rows each), so each chunk's logits stay in cache
+    between the head matmul, the softmax and the two gradient matmuls."""
+
+    @jax.custom_vjp
+    def f(h, w, y):
+        return fwd(h, w, y)[0]
+
+    def fwd(h, w, y):
+        n = h.shape[0]
+        c = n // n_chunks
+        loss, dhs, dw = 0.0, [], None
+        for i in range(n_chunks):
+            hc, yc = h[i * c:(i + 1) * c], y[i * c:(i + 1) * c]
+            logits = hc @ w
+            m = jnp.max(logits, axis=-1, keepdims=True)
+            e = jnp.exp(logits - m)
+            s_ = jnp.sum(e, axis=-1, keepdims=True)
+            onehot = jnp.arange(V)[None, :] == yc[:, None]
+            picked = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1, keepdims=True)
+            loss = loss + jnp.sum(m + jnp.log(s_) - picked) / n
+            dlogits = (e / s_ - onehot.astype(jnp.float32)) / n
+            dhs.append(dlogits @ w.T)
+            dwc = hc.T @ dlogits
+            dw = dwc if dw is None else dw + dwc
+        return loss, (jnp.concatenate(dhs, axis=0), dw)
+
+    def bwd(res, g):
+        dh, dw = res
+        return g * dh, g * dw, None
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+LOSSES = dict(logsoftmax=loss_logsoftmax, optax=loss_optax, onehot=loss_onehot, fused=loss_fused,
+              fused2=make_loss_fused_chunked(2), fused4=make_loss_fused_chunked(4),
+              fused8=make_loss_fused_chunked(8))
 
 
 def loss_fn(params, tokens, opts: Opts):
@@ -245,7 +307,7 @@ class JaxRunner:
 
 def check_losses_agree(variants: dict[str, Opts]):
     """Every formulation must give the same loss and gradients (same init, same batch)."""
-    ref_opts = Opts(attention="naive_bthd", loss="logsoftmax", remat="none", donate=False)
+    ref_opts = Opts(attention="naive_bthd", loss="logsoftmax", linear="einsum", remat="none", donate=False)
     rng = np.random.default_rng(1)
     tok = jnp.asarray(rng.integers(0, V, (B, T + 1)), jnp.int32)
     ref_l, ref_g = jax.jit(jax.value_and_grad(partial(loss_fn, opts=ref_opts)))(init_params(jax.random.PRNGKey(0), ref_opts), tok)
@@ -260,21 +322,29 @@ def check_losses_agree(variants: dict[str, Opts]):
 
 BEST = Opts()
 VARIANTS = {
-    "best (flash, fused CE, no remat, donate)": BEST,
+    "best (dense, causal_attention b128, fused CE)": BEST,
+    "attn causal_attention (no blocks)": replace(BEST, attention="ca"),
+    "attn causal_attention b64": replace(BEST, attention="ca64"),
     "attn naive_bthd (jaxlm today)": replace(BEST, attention="naive_bthd"),
     "attn naive_bhtd": replace(BEST, attention="naive_bhtd"),
     "attn jax.nn.dpa": replace(BEST, attention="dpa"),
+    "attn flash bhtd": replace(BEST, attention="flash"),
     "attn savep": replace(BEST, attention="savep"),
-    "attn blocked128": replace(BEST, attention="blocked128"),
+    "attn blocked64 bhtd": replace(BEST, attention="blocked64"),
+    "linear einsum (autodiff weight grads)": replace(BEST, linear="einsum"),
     "loss log_softmax+take": replace(BEST, loss="logsoftmax"),
     "loss optax CE": replace(BEST, loss="optax"),
     "loss onehot lse": replace(BEST, loss="onehot"),
+    "loss fused, 2 chunks": replace(BEST, loss="fused2"),
+    "loss fused, 4 chunks": replace(BEST, loss="fused4"),
+    "loss fused, 8 chunks": replace(BEST, loss="fused8"),
     "remat full": replace(BEST, remat="full"),
     "remat dots": replace(BEST, remat="dots"),
     "scan layers": replace(BEST, scan=True),
     "no donation": replace(BEST, donate=False),
     "fused qkv": replace(BEST, fused_qkv=True),
-    "baseline (naive_bthd, log_softmax)": replace(BEST, attention="naive_bthd", loss="logsoftmax"),
+    "baseline (einsum, naive_bthd, log_softmax)": replace(BEST, attention="naive_bthd", loss="logsoftmax",
+                                                          linear="einsum"),
 }
 
 
@@ -287,10 +357,13 @@ def main():
     ap.add_argument("--no-torch-compile", action="store_true")
     ap.add_argument("--torch-attn", default="sdpa")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time per step (use with taskset -c 0 on a busy machine)")
     args = ap.parse_args()
 
     variants = {n: o for n, o in VARIANTS.items() if not args.only or any(s in n for s in args.only)}
-    print(f"jax {jax.__version__}, cpus={os.cpu_count()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"jax {jax.__version__}, cpus={os.cpu_count()} (usable {len(os.sched_getaffinity(0))}), clock={args.clock}, "
+          f"load avg {os.getloadavg()[0]:.1f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     if not args.no_check:
         t0 = time.perf_counter()
         check_losses_agree(variants)
@@ -319,6 +392,7 @@ def main():
             print(f"{name}: setup+3 warmup steps {setup[name]:.1f}s, {info['optimizer']}, "
                   f"attn={info['attn_implementation']}, torch {info['torch_version']}")
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = {n: [] for n in runners}
     order = list(runners)
     rnd = random.Random(0)
@@ -328,15 +402,16 @@ def main():
         for n in order:
             runners[n].step()  # untimed: lets the previous runner's threads go quiet
             for _ in range(args.iters):
-                t0 = time.perf_counter()
+                t0 = clock()
                 runners[n].step()
-                times[n].append(time.perf_counter() - t0)
+                times[n].append(clock() - t0)
     print(f"timing took {time.perf_counter() - t_all:.0f}s; load avg {os.getloadavg()[0]:.1f}")
 
     med = {n: statistics.median(t) for n, t in times.items()}
     ref = {k: med[k] for k in med if k.startswith("torch")}
     hdr = "".join(f" {'x ' + k.split()[1]:>10}" for k in ref)
-    print(f"\n{'variant':42} {'med ms':>8} {'min ms':>8} {'tok/s':>8}{hdr}")
+    print(f"\n{args.clock} time per step, median of {args.rounds} rounds x {args.iters} steps")
+    print(f"{'variant':42} {'med ms':>8} {'min ms':>8} {'tok/s':>8}{hdr}")
     for n in sorted(med, key=med.get):
         rat = "".join(f" {ref[k] / med[n]:10.2f}" for k in ref)
         print(f"{n:42} {med[n] * 1e3:8.1f} {min(times[n]) * 1e3:8.1f} {B * T / med[n]:8.0f}{rat}")

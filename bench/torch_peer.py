@@ -11,6 +11,8 @@ Install (CPU build; any torch spec other than this exact pin pulls a multi-GB CU
 
 Run ``python bench/torch_peer.py`` for the bench-config figures (eager and torch.compile, sdpa and
 eager attention). Only this file's ``__main__`` prints; the function just returns numbers.
+On a busy machine wall-clock figures swing by 2-5x; ``taskset -c 0 python bench/torch_peer.py``
+(one core, one thread) makes the per-step CPU time column a stable figure.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from __future__ import annotations
 import os
 import statistics
 import time
+
+
+def _usable_cpus() -> int:
+    """os.cpu_count(), narrowed to the CPUs this process may run on (taskset / cgroup cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _best_adamw(params, lr: float, weight_decay: float, impl: str | None):
@@ -64,7 +74,7 @@ def build_torch_llama_step(
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.set_num_threads(num_threads or os.cpu_count() or 1)
+    torch.set_num_threads(num_threads or _usable_cpus())
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab,
@@ -147,7 +157,8 @@ def measure_torch_llama(
 
     Returns a dict with ``step_time_s`` (median over ``steps`` timed steps), ``tokens_per_s``
     (batch * seq_len / step_time_s), ``min_step_time_s``, ``step_times_s`` (all timed steps),
-    ``setup_s`` (model build + warmup, which includes torch.compile's compilation when
+    ``cpu_step_time_s`` (median process CPU time per step: robust to other load on the
+    machine when run on one core, e.g. under ``taskset -c 0``), ``setup_s`` (model build + warmup, which includes torch.compile's compilation when
     ``compile``), ``attn_implementation`` (the one HF actually used), ``compile``,
     ``compile_mode``, ``optimizer``, ``torch_version``, ``transformers_version``, ``num_threads``
     and ``n_params``.
@@ -162,16 +173,18 @@ def measure_torch_llama(
         step()
     setup_s = time.perf_counter() - t_setup
 
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     step_time = statistics.median(times)
     return dict(
         step_time_s=step_time,
         tokens_per_s=batch * seq_len / step_time,
         min_step_time_s=min(times),
+        cpu_step_time_s=statistics.median(cpu_times),
         step_times_s=times,
         setup_s=setup_s,
         **info,
@@ -195,8 +208,9 @@ def main() -> None:
     ap.add_argument("--optimizers", nargs="*", default=[None], help="fused / foreach / for (default: fused)")
     args = ap.parse_args()
 
-    print(f"bench config: {BENCH_CONFIG}, cpus={os.cpu_count()}")
-    print(f"{'attn':6} {'mode':16} {'adamw':8} {'step ms':>9} {'tok/s':>9} {'setup s':>8}")
+    print(f"bench config: {BENCH_CONFIG}, cpus={os.cpu_count()} (usable {_usable_cpus()}), "
+          f"load avg {os.getloadavg()[0]:.1f}")
+    print(f"{'attn':6} {'mode':16} {'adamw':8} {'step ms':>9} {'min ms':>8} {'cpu ms':>8} {'tok/s':>9} {'setup s':>8}")
     for attn in args.attn:
         for opt_impl in args.optimizers:
             for mode in [None] + list(args.compile_modes):
@@ -210,7 +224,8 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 label = "eager" if mode is None else f"compile:{mode}"
                 print(f"{r['attn_implementation']:6} {label:16} {r['optimizer'][6:-1]:8} "
-                      f"{r['step_time_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} {r['setup_s']:8.1f}"
+                      f"{r['step_time_s'] * 1e3:9.1f} {r['min_step_time_s'] * 1e3:8.1f} "
+                      f"{r['cpu_step_time_s'] * 1e3:8.1f} {r['tokens_per_s']:9.0f} {r['setup_s']:8.1f}"
                       f"   (total {wall:.1f}s)", flush=True)
     print(f"torch {r['torch_version']}, transformers {r['transformers_version']}, threads {r['num_threads']}, "
           f"params {r['n_params']}")
