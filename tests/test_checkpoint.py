@@ -230,6 +230,9 @@ def test_compatible_changes_are_allowed_and_locked_ones_named():
     names = " ".join(ckpt.incompatible_keys(saved, bad, {"hash": "a" * 64}, {"hash": "b" * 64}))
     for key in ("data.seq_len", "train.global_batch", "moe.n_experts", "optim.clip_norm", "tokenizer hash"):
         assert key in names
+    moved = config("data.tokenizer=/elsewhere/same_tokenizer")  # another name, the same content
+    assert ckpt.incompatible_keys(saved, moved, {"hash": "a" * 64}, {"hash": "a" * 64}) == []
+    assert "data.tokenizer" in " ".join(ckpt.incompatible_keys(saved, moved, None, None))
 
 
 def test_resume_with_longer_schedule_continues_without_duplicate_metric_steps(base_run, tmp_path):

@@ -178,7 +178,8 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
                         writer.wait()
                     where = f"checkpoint {run_dir / ckpt.CHECKPOINTS / str(done)}" if writer else \
                         "no checkpoint (checkpoint.every=0)"
-                    _say(f"{preemption.signal or 'preemption'} received: stopped after step {done}; {where}")
+                    sig = preemption.signal or "a stop signal (to another process)"
+                    _say(f"{sig} received: stopped after step {done}; {where}")
                     break
         finally:
             logger.close()
