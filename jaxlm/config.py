@@ -133,7 +133,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # steps between checkpoints; 0 disables
+    every: int = 1000  # steps between checkpoints (and one at the last step); 0 disables
     keep: int = 3
     keep_every: int = 0  # also keep every n-th step forever; 0 = none
     async_save: bool = True

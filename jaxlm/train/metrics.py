@@ -23,7 +23,8 @@ class MetricsLogger:
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        # purge_step drops events a resumed run is about to write again
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if progress:
             from tqdm import tqdm
 
