@@ -7,7 +7,8 @@ from d_model=256 (where layout choices can be folded into the projection matmuls
 ``F.scaled_dot_product_attention(is_causal=True)`` forward+backward for orientation.
 
 Every variant's loss and gradients are checked against the naive reference (assert: max abs
-error <= 1e-5, relative to max(1, max |ref|) per tensor). Timing is interleaved: each round runs every variant (in a shuffled order) for a
+error <= 1e-5 relative to max(1, max |ref|) per tensor; 5e-5 for the projected block's weight
+gradients, which sum over 2048 rows). Timing is interleaved: each round runs every variant (in a shuffled order) for a
 few iterations, and the table reports the median over rounds (and the minimum), so a noisy or
 shared machine biases all variants alike.
 
@@ -40,6 +41,10 @@ import numpy as np
 
 B, T, H, DH, DM = 8, 256, 4, 64, 256
 NEG = -1e30  # finite "minus infinity" for masked logits (exp underflows to exactly 0)
+# The projected block's weight gradients sum over B*T = 2048 rows (|grad| ~ 50); different matmul
+# backends (YNNPACK vs Eigen, via XLA_FLAGS) reorder those sums, so they are checked at 5e-5 of
+# their scale. Core attention outputs/gradients are checked at 1e-5.
+BLOCK_TOL = 5e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,7 +663,7 @@ def run_tables(rounds: int, iters: int, only: list[str] | None, with_torch: bool
         fns[n], args[n] = g, (q, k, v)
     for n, f in block.items():
         g = vg_fn(f, ct_block, 5)
-        errs[n] = check(n, g(*xs), ref_block)
+        errs[n] = check(n, g(*xs), ref_block, BLOCK_TOL)
         fns[n], args[n] = g, xs
     if with_torch:
         import torch

@@ -11,6 +11,9 @@ variants and the torch peer (eager, torch.compile) round by round, one synchrono
 time, and reports medians (and minima) of per-step times, so machine noise hits all alike.
 
     python bench/jax_step_variants.py                 # all variants + torch eager + compile
+    python bench/jax_step_variants.py --quiet 0.15    # wall clock, each block waits for a quiet machine
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python bench/jax_step_variants.py
+        # matmuls on Eigen instead of YNNPACK: measured faster for this model on this CPU
     python bench/jax_step_variants.py --only best naive --no-torch-compile
     taskset -c 0 python bench/jax_step_variants.py --clock cpu   # stable on a busy machine
 """
@@ -348,6 +351,27 @@ VARIANTS = {
 }
 
 
+def _cpu_busy_fraction(interval: float = 0.5) -> float:
+    """Fraction of all CPUs busy over `interval` seconds (from /proc/stat), while we sleep."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)  # idle + iowait, total
+    i0, t0 = snap()
+    time.sleep(interval)
+    i1, t1 = snap()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_quiet(max_busy: float, max_wait_s: float) -> bool:
+    """Block until other processes leave the CPUs (nearly) idle; False if max_wait_s ran out."""
+    deadline = time.monotonic() + max_wait_s
+    while time.monotonic() < deadline:
+        if _cpu_busy_fraction() <= max_busy:
+            return True
+    return False
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -359,6 +383,10 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process CPU time per step (use with taskset -c 0 on a busy machine)")
+    ap.add_argument("--quiet", type=float, default=None, metavar="BUSY",
+                    help="before each timed block wait (up to --quiet-wait s) until other load keeps at "
+                         "most this fraction of the CPUs busy, e.g. 0.1 (for wall-clock on a shared machine)")
+    ap.add_argument("--quiet-wait", type=float, default=120.0)
     args = ap.parse_args()
 
     variants = {n: o for n, o in VARIANTS.items() if not args.only or any(s in n for s in args.only)}
@@ -397,15 +425,19 @@ def main():
     order = list(runners)
     rnd = random.Random(0)
     t_all = time.perf_counter()
+    n_loud = 0
     for _ in range(args.rounds):
         rnd.shuffle(order)
         for n in order:
+            if args.quiet is not None and not wait_for_quiet(args.quiet, args.quiet_wait):
+                n_loud += 1
             runners[n].step()  # untimed: lets the previous runner's threads go quiet
             for _ in range(args.iters):
                 t0 = clock()
                 runners[n].step()
                 times[n].append(clock() - t0)
-    print(f"timing took {time.perf_counter() - t_all:.0f}s; load avg {os.getloadavg()[0]:.1f}")
+    print(f"timing took {time.perf_counter() - t_all:.0f}s; load avg {os.getloadavg()[0]:.1f}"
+          + (f"; {n_loud} timed blocks started without a quiet machine" if args.quiet is not None else ""))
 
     med = {n: statistics.median(t) for n, t in times.items()}
     ref = {k: med[k] for k in med if k.startswith("torch")}
