@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
-from jaxlm.model.layers import dtype_of, rope, weight
+from jaxlm.model.layers import dtype_of, project, rope, weight
 from jaxlm.sharding import constrain
 
 
@@ -102,9 +102,9 @@ class Attention(nnx.Module):
         cfg = self.cfg
         cdt = dtype_of(cfg.compute_dtype)
         cast = lambda w: w[...].astype(cdt)
-        q_BTHd = jnp.einsum("btd,dhk->bthk", x_BTD, cast(self.wq_DHd))
-        k_BTKd = jnp.einsum("btd,dhk->bthk", x_BTD, cast(self.wk_DKd))
-        v_BTKd = jnp.einsum("btd,dhk->bthk", x_BTD, cast(self.wv_DKd))
+        q_BTHd = project(x_BTD, cast(self.wq_DHd))
+        k_BTKd = project(x_BTD, cast(self.wk_DKd))
+        v_BTKd = project(x_BTD, cast(self.wv_DKd))
         if cfg.position == "rope":
             q_BTHd = rope(q_BTHd, positions_BT, cfg.rope_theta)
             k_BTKd = rope(k_BTKd, positions_BT, cfg.rope_theta)
@@ -115,4 +115,4 @@ class Attention(nnx.Module):
         K = cfg.n_kv_heads
         out_BTKGd = dot_product_attention(q_BTHd.reshape(B, T, K, H // K, d), k_BTKd, v_BTKd, mask_BTS)
         out_BTHd = out_BTKGd.reshape(B, T, H, d)
-        return jnp.einsum("bthk,hkd->btd", out_BTHd, cast(self.wo_HdD))
+        return project(out_BTHd, cast(self.wo_HdD), n_in=2)

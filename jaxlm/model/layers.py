@@ -28,6 +28,17 @@ def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], fan_in: in
     return nnx.Param(value.astype(dtype), axes=tuple(axes))
 
 
+def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """x [..., *in] @ w [*in, *out], contracting x's last n_in dims with w's first n_in.
+
+    Done as one 2-D matmul: XLA:CPU runs the equivalent 3-D einsum's backward (the weight
+    gradient contracts two token dims) about 2x slower; on GPU/TPU the two are the same.
+    """
+    lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+    out = w.shape[n_in:]
+    return (x.reshape(-1, k) @ w.reshape(k, -1)).reshape(*lead, *out)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
@@ -51,7 +62,7 @@ class Embed(nnx.Module):
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         """Tied output projection: logits against the embedding table."""
         table = self.table_VD[...].astype(self.compute_dtype)
-        return jnp.einsum("btd,vd->btv", x_BTD, table) / math.sqrt(x_BTD.shape[-1])
+        return project(x_BTD, table.T) / math.sqrt(x_BTD.shape[-1])
 
 
 class MLP(nnx.Module):
@@ -67,15 +78,15 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cast = lambda w: w[...].astype(self.compute_dtype)
-        up_BTF = jnp.einsum("btd,df->btf", x_BTD, cast(self.w_up_DF))
+        up_BTF = project(x_BTD, cast(self.w_up_DF))
         if self.kind == "swiglu":
-            h_BTF = jax.nn.silu(jnp.einsum("btd,df->btf", x_BTD, cast(self.w_gate_DF))) * up_BTF
+            h_BTF = jax.nn.silu(project(x_BTD, cast(self.w_gate_DF))) * up_BTF
         elif self.kind == "silu":
             h_BTF = jax.nn.silu(up_BTF)
         else:
             h_BTF = jax.nn.gelu(up_BTF)
         h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
-        return jnp.einsum("btf,fd->btd", h_BTF, cast(self.w_down_FD))
+        return project(h_BTF, cast(self.w_down_FD))
 
 
 def rope(x_BTHd: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:

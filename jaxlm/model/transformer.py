@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.model.attention import Attention, attention_mask
-from jaxlm.model.layers import MLP, Embed, RMSNorm, dtype_of, weight
+from jaxlm.model.layers import MLP, Embed, RMSNorm, dtype_of, project, weight
 from jaxlm.sharding import constrain
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -157,5 +157,5 @@ class Transformer(nnx.Module):
         if cfg.tie_embeddings:
             logits_BTV = self.embed.attend(x_BTD)
         else:
-            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.lm_head_DV[...].astype(dtype_of(cfg.compute_dtype)))
+            logits_BTV = project(x_BTD, self.lm_head_DV[...].astype(dtype_of(cfg.compute_dtype)))
         return constrain(logits_BTV, ("batch", "length", "vocab")), aux
