@@ -10,12 +10,13 @@ same config, in the same run. The pipeline must be far faster than the step. Usa
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import time_jaxlm  # noqa: E402  (same timing as the throughput benchmark)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,8 +33,6 @@ def main() -> None:
     from jaxlm.data.prepare import prepare
     from jaxlm.data.sources import prepared_streams
     from jaxlm.data.tokenizer import load_tokenizer
-    from jaxlm.distributed import make_mesh
-    from jaxlm.train.step import make_trainer
 
     cfg = load_config(args.config, ["mesh.data=1"])
     T, B = cfg.data.seq_len, cfg.train.global_batch
@@ -49,20 +48,8 @@ def main() -> None:
             rate = args.batches * B * T / (time.perf_counter() - t)
             print(f"pipeline ({'packed' if packing else 'windows'}): {rate:,.0f} tokens/s")
 
-    trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:1]))
-    state = trainer.init_state()
-    tokens = np.random.default_rng(0).integers(0, 256, (B, T + 1)).astype(np.int32)
-    batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((B, T), np.int32)},
-                           trainer.batch_sharding)
-    for _ in range(3):
-        state, m = trainer.train_step(state, batch)
-    jax.block_until_ready(m)
-    t = time.perf_counter()
-    for _ in range(10):
-        state, m = trainer.train_step(state, batch)
-    jax.block_until_ready(m)
-    print(f"train step ({Path(args.config).name}): {10 * B * T / (time.perf_counter() - t):,.0f} tokens/s")
-
+    step = time_jaxlm(cfg, steps=10, warmup=3)
+    print(f"train step ({Path(args.config).name}): {step['tokens_per_s']:,.0f} tokens/s")
 
 if __name__ == "__main__":
     main()
