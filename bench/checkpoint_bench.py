@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxlm import checkpoint as ckpt
 from jaxlm.config import CheckpointConfig, load_config
+from jaxlm.data.batch import Batch
 from jaxlm.distributed import make_mesh
 from jaxlm.train.step import make_trainer
 
@@ -51,8 +52,7 @@ def setup(path: Path, overrides: list[str]):
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:1]))
     B, T, V = cfg.train.global_batch, cfg.data.seq_len, cfg.model.vocab_size
     tokens = np.random.default_rng(0).integers(0, V, (B, T + 1)).astype(np.int32)
-    batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                            "loss_mask": np.ones((B, T), np.int32)}, trainer.batch_sharding)
+    batch = jax.device_put(Batch.from_tokens(tokens), trainer.batch_sharding)
     state = trainer.init_state()
     for _ in range(2):  # compile and warm up
         state, metrics = trainer.train_step(state, batch)

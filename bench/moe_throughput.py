@@ -43,6 +43,7 @@ def measure_jax(configs: dict, steps: int, rounds: int) -> dict:
     import numpy as np
 
     from jaxlm.config import MeshConfig
+    from jaxlm.data.batch import Batch
     from jaxlm.distributed import make_mesh
     from jaxlm.train.step import make_trainer
 
@@ -53,10 +54,10 @@ def measure_jax(configs: dict, steps: int, rounds: int) -> dict:
         trainer = make_trainer(cfg, mesh)
         B, T = cfg.train.global_batch, cfg.data.seq_len
         tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32)
-        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((B, T), np.int32)}
-        batch = jax.device_put(batch, trainer.batch_sharding)
+        batch = jax.device_put(Batch.from_tokens(tokens), trainer.batch_sharding)
         state = trainer.init_state()
-        step = trainer.train_step.lower(state, batch).compile()
+        compiled = trainer.jit_train_step.lower(state, batch, trainer.frozen).compile()
+        step = lambda s, b: compiled(s, b, trainer.frozen)  # noqa: E731
         for _ in range(2):  # warm-up
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)

@@ -30,6 +30,7 @@ def worker(config: str, overrides: list[str], steps: int) -> None:
     import numpy as np
 
     from jaxlm.config import load_config
+    from jaxlm.data.batch import Batch
     from jaxlm.data.pipeline import to_global
     from jaxlm.distributed import make_mesh
     from jaxlm.train.step import make_trainer
@@ -40,7 +41,7 @@ def worker(config: str, overrides: list[str], steps: int) -> None:
     B, T, P = cfg.train.global_batch, cfg.data.seq_len, jax.process_count()
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, T + 1), dtype=np.int32)
     rows = slice(jax.process_index() * B // P, (jax.process_index() + 1) * B // P)  # this process's share
-    local = {"inputs": tokens[rows, :-1], "targets": tokens[rows, 1:], "loss_mask": np.ones((B // P, T), np.int32)}
+    local = Batch.from_tokens(tokens[rows])
     batch = to_global(local, trainer.batch_sharding)
     times = []
     for i in range(3 + steps):

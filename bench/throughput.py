@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def time_jaxlm(cfg, steps: int, warmup: int) -> dict:
+    from jaxlm.data.batch import Batch
     from jaxlm.distributed import make_mesh
     from jaxlm.train.step import make_trainer
 
@@ -30,8 +31,7 @@ def time_jaxlm(cfg, steps: int, warmup: int) -> dict:
     state = trainer.init_state()
     B, T, V = cfg.train.global_batch, cfg.data.seq_len, cfg.model.vocab_size
     tokens = np.random.default_rng(0).integers(0, V, (B, T + 1)).astype(np.int32)
-    batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                            "loss_mask": np.ones((B, T), np.int32)}, trainer.batch_sharding)
+    batch = jax.device_put(Batch.from_tokens(tokens), trainer.batch_sharding)
     t0 = time.perf_counter()
     for _ in range(warmup):
         state, metrics = trainer.train_step(state, batch)

@@ -46,6 +46,7 @@ FORMAT = 1
 LOCKED_SECTIONS = {"model", "moe", "data"}
 UNLOCKED = {
     "model.max_seq_len", "model.compute_dtype", "model.remat",  # RoPE has no learned positions
+    "model.attention_impl", "model.projection_impl", "model.scan_layers",  # how, not what, is computed
     "moe.noise_std", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.impl", "moe.capacity_factor",
 }
 LOCKED_TRAIN = {"train.seed", "train.global_batch"}  # rng stream; iterator state is a batch index
@@ -224,17 +225,10 @@ def incompatible_keys(saved: dict, cfg: Config, saved_tok: dict | None, tok: dic
     return out
 
 
-def abstract_state(trainer):
-    """The train state as abstract arrays carrying the trainer's (target) shardings."""
-    shapes = jax.eval_shape(trainer.init_state)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, trainer.state_shardings)
-
-
 def restore_state(step_dir: Path, trainer):
     """Reads the saved arrays straight into the trainer's shardings (any mesh, any device count)."""
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore((step_dir / "state").absolute(), abstract_state(trainer))
+        return ckptr.restore((step_dir / "state").absolute(), trainer.abstract_state())
 
 
 def _candidates(run_dir: Path, resume: str | None) -> tuple[list[tuple[int, Path]], bool]:

@@ -92,19 +92,6 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def abstract_inputs(trainer, cfg: Config):
-    """ShapeDtypeStructs with shardings for (state, batch): the step's inputs, never allocated."""
-    import jax
-    import jax.numpy as jnp
-
-    shapes = jax.eval_shape(trainer.init_state)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, trainer.state_shardings)
-    rows = (cfg.train.global_batch, cfg.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32, sharding=trainer.batch_sharding)
-             for k in ("inputs", "targets", "loss_mask")}
-    return state, batch
-
-
 def per_device_bytes(tree) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
     import jax
@@ -122,12 +109,13 @@ def compile_step(cfg: Config, devices) -> dict:
     mesh = make_mesh(cfg.mesh, devices=devices)
     check_batch(cfg, mesh)
     trainer = make_trainer(cfg, mesh)
-    state, batch = abstract_inputs(trainer, cfg)
+    state, batch = trainer.abstract_state(), trainer.abstract_batch()
     out = {"mesh": dict(mesh.shape), "params": count_params(cfg.model, cfg.moe).total,
            "state_bytes": per_device_bytes(state), "batch_bytes": per_device_bytes(batch),
            "matmul_flops": train_flops_per_step(cfg), "n_devices": len(devices),
-           "n_hosts": len({d.process_index for d in devices})}
-    lowered = trainer.train_step.lower(state, batch)
+           "n_hosts": len({d.process_index for d in devices}),
+           "attention_impl": trainer.cfg.model.attention_impl}
+    lowered = trainer.lower_train_step()
     try:
         compiled = lowered.compile()
     except Exception as e:
@@ -166,7 +154,8 @@ def report(r: dict, cfg: Config, topology: str, hbm: int) -> tuple[str, bool]:
     lines = [f"topology {topology}: {r['n_devices']} chips on {r['n_hosts']} hosts, {_size(hbm)} HBM per chip; "
              f"mesh {mesh}",
              f"model {r['params'] / 1e6:,.1f} M parameters; global batch {cfg.train.global_batch} x "
-             f"{cfg.data.seq_len} tokens",
+             f"{cfg.data.seq_len} tokens" + (" (packed)" if cfg.data.packing else "")
+             + f"; attention kernel {r['attention_impl']}",
              "memory per chip"]
     if "error" in r:
         # XLA refuses to finish a program that cannot fit; what we know without its analysis:

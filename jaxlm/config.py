@@ -43,6 +43,9 @@ class ModelConfig:
     causal: bool = True  # false = bidirectional attention (masked-diffusion LMs)
     remat: Literal["none", "full", "dots_saveable"] = "none"
     scan_layers: bool = True
+    # kernels (jaxlm/model/kernels.py); auto = the platform's best
+    attention_impl: Literal["auto", "xla", "cpu", "cudnn", "pallas_gpu", "splash"] = "auto"
+    projection_impl: Literal["auto", "xla", "cpu"] = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -128,6 +131,7 @@ class TrainConfig:
     run_dir: str = "runs/default"  # from a config file: runs/<file name> unless set
     peak_flops_per_device: float = 0.0  # 0 = measure a matmul on this machine
     z_loss_coef: float = 0.0
+    objective: Literal["next_token"] = "next_token"  # what the step minimises (train/objectives.py)
     progress: bool = True
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -84,6 +86,47 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: dict):
     return nnx.to_pure_dict(jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
+# Parameters at least this large should be split by fsdp; smaller ones (norm scales, biases) may
+# stay whole on every device at little cost.
+LARGE_PARAM_ELEMENTS = 2**14
+
+
+def underused_fsdp(abstract_state: nnx.State, mesh: Mesh, rules: dict) -> list[str]:
+    """Warns once (and returns the lines) for each large parameter that a rule asks to shard over
+    `fsdp` but stays whole because the axis does not divide its dimension: with fsdp > 1 every
+    device then holds all of it (MaxText's assert_params_sufficiently_sharded, as a warning)."""
+    n = mesh.shape.get("fsdp", 1)
+    if n == 1:
+        return []
+    found = []
+    flat = nnx.to_flat_state(abstract_state)
+    for path, var in flat:
+        axes = var.get_metadata().get("axes", ())
+        if math.prod(var.shape) < LARGE_PARAM_ELEMENTS:
+            continue
+        spec = spec_for(var.shape, axes, mesh, rules)
+        if any("fsdp" in _entries(e) for e in spec):
+            continue
+        lead = len(var.shape) - len(axes)
+        wanted = [(name, var.shape[lead + i]) for i, name in enumerate(axes) if name and "fsdp" in rules.get(name, ())]
+        if wanted:
+            name, size = wanted[0]
+            found.append(f"parameter {'.'.join(map(str, path))} {tuple(var.shape)} is not sharded over fsdp={n}: "
+                         f"its '{name}' dimension ({size}) is not divisible by {n}")
+    for line in found:
+        if line not in _WARNED:
+            _WARNED.add(line)
+            print(f"jaxlm: warning: {line}; every device holds a full copy", file=sys.stderr)
+    return found
+
+
+_WARNED: set[str] = set()
+
+
+def _entries(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 # -------------------------------------------------------------- activation constraints
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("jaxlm_sharding", default=None)
@@ -97,6 +140,12 @@ def use_mesh_rules(mesh: Mesh, rules: dict):
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active_mesh_rules() -> tuple[Mesh, dict] | None:
+    """The (mesh, rules) of the enclosing `use_mesh_rules`, or None outside one (e.g. a model
+    called eagerly on one device). Code that places work per device (MoE's shard_map) reads it."""
+    return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import ModelConfig, MoEConfig
-from jaxlm.model.attention import Attention, attention_mask
+from jaxlm.model.attention import Attention
+from jaxlm.model.kernels import AttentionMask
 from jaxlm.model.layers import rope
 from jaxlm.model.transformer import Transformer
 
@@ -60,7 +61,7 @@ def test_grouped_query_attention_equals_reference_multi_head(n_kv_heads):
     attn = Attention(cfg, nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(2), (2, 12, 32))
     pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    got = attn(x, pos, attention_mask(12, True, None))
+    got = attn(x, pos, AttentionMask(causal=True))
     want = reference_mha(x, attn.wq_DHd[...], attn.wk_DKd[...], attn.wv_DKd[...], attn.wo_HdD[...], pos,
                          cfg.rope_theta)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

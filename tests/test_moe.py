@@ -50,13 +50,13 @@ def expert_ref(block: MoEBlock, e: int, x_ND):
 def test_one_expert_top1_equals_dense_mlp_with_same_weights(impl, kind):
     cfg = ModelConfig(**{**CFG.__dict__, "mlp": kind})
     block = MoEBlock(cfg, MoEConfig(n_experts=1, top_k=1, d_ff=24, impl=impl, capacity_factor=1.0), nnx.Rngs(0))
-    dense = MLP(cfg.d_model, 24, kind, nnx.Rngs(1), jnp.float32, jnp.float32)
+    dense = MLP(cfg, 24, nnx.Rngs(1))
     dense.w_up_DF[...], dense.w_down_FD[...] = block.w_up_EDF[...][0], block.w_down_EFD[...][0]
     if kind == "swiglu":
         dense.w_gate_DF[...] = block.w_gate_EDF[...][0]
     x = jax.random.normal(jax.random.key(2), (2, 8, cfg.d_model))
     out, aux = apply(block, x)
-    np.testing.assert_allclose(out, dense(x), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(out, dense(x)[0], atol=1e-6, rtol=1e-6)
     assert float(aux["moe_dropped_frac"]) == 0.0
 
 

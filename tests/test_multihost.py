@@ -84,9 +84,9 @@ def test_each_process_reads_only_its_rows_and_together_they_form_the_global_batc
     for _ in range(3):
         expected = next(whole)
         got = [next(it) for it in parts]
-        assert all(g["inputs"].shape == (4, 16) for g in got)
-        for k in expected:
-            np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), expected[k])
+        assert all(g.inputs.shape == (4, 16) for g in got)
+        for k in ("inputs", "targets", "loss_mask"):
+            np.testing.assert_array_equal(np.concatenate([getattr(g, k) for g in got]), getattr(expected, k))
 
 
 @pytest.mark.slow

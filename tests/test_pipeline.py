@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import jax
 import numpy as np
 import pytest
 
@@ -10,7 +11,7 @@ from jaxlm.data.pipeline import BatchIterator, PackedRows, TokenStream, Windows,
 from jaxlm.data.prepare import prepare
 from jaxlm.data.sources import build_data, load_streams
 from jaxlm.data.tokenizer import byte_tokenizer
-from jaxlm.model.attention import attention_mask
+from jaxlm.model.kernels import attention_mask
 
 T = 32
 
@@ -111,9 +112,7 @@ def test_restored_iterator_continues_with_identical_batches(corpus):
     resumed = BatchIterator(ds, 4, 0, 1)
     resumed.set_state(state)
     for want in expected:
-        got = next(resumed)
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k])
+        jax.tree.map(np.testing.assert_array_equal, next(resumed), want)
 
 
 def test_two_processes_read_disjoint_slices_that_cover_the_global_batch(corpus):
@@ -123,7 +122,7 @@ def test_two_processes_read_disjoint_slices_that_cover_the_global_batch(corpus):
     for _ in range(3):
         rows = [set(p.local_rows(p.next_index)) for p in parts]
         assert not rows[0] & rows[1] and rows[0] | rows[1] == set(whole.local_rows(whole.next_index))
-        np.testing.assert_array_equal(np.concatenate([next(p)["inputs"] for p in parts]), next(whole)["inputs"])
+        np.testing.assert_array_equal(np.concatenate([next(p).inputs for p in parts]), next(whole).inputs)
 
 
 def test_build_data_with_packing_and_a_mixture_of_prepared_and_raw_text(corpus, shakespeare_path):
@@ -133,8 +132,8 @@ def test_build_data_with_packing_and_a_mixture_of_prepared_and_raw_text(corpus, 
         "data.packing=true", f"data.seq_len={T}", "train.global_batch=8"])
     batches, evals = build_data(cfg)
     batch = next(batches)
-    assert set(batch) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
-    assert batch["inputs"].shape == (8, T) and evals and evals[0]["inputs"].shape == (8, T)
+    assert all(getattr(batch, k).shape == (8, T) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions"))
+    assert evals and evals[0].inputs.shape == (8, T) and evals[0].segment_ids.shape == (8, T)
 
 
 def test_prepared_data_with_another_tokenizer_is_refused(corpus):

@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from jaxlm.config import load_config
+from jaxlm.data.batch import Batch
 from jaxlm.distributed import make_mesh
 from jaxlm.sharding import DEFAULT_RULES, resolve_rules, spec_for
 from jaxlm.train.step import make_trainer
@@ -22,7 +23,7 @@ def run(mesh_overrides, params=None, devices=None):
     if params is None:
         params = jax.device_get(trainer.init_state()["params"])
     tokens = np.random.default_rng(0).integers(0, 64, (8, 17)).astype(np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((8, 16), np.int32)}
+    batch = Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=np.ones((8, 16), np.int32))
     loss, grads = trainer.loss_and_grads(jax.device_put(params, trainer.state_shardings["params"]),
                                          jax.device_put(batch, trainer.batch_sharding))
     return params, float(loss), jax.device_get(grads), trainer

@@ -16,6 +16,7 @@ import grain
 import jax
 import numpy as np
 
+from jaxlm.data.batch import Batch
 from jaxlm.errors import UserError
 
 
@@ -140,10 +141,10 @@ class BatchIterator:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch:
         rows = [self.dataset[i] for i in self.local_rows(self.next_index)]
         self.next_index += 1
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        return Batch.stack(rows)
 
     def get_state(self) -> dict:
         return {"next_index": self.next_index}
@@ -152,6 +153,6 @@ class BatchIterator:
         self.next_index = int(state["next_index"])
 
 
-def to_global(local: dict, sharding) -> dict:
+def to_global(local: Batch, sharding) -> Batch:
     """Assemble the processes' slices into global jax.Arrays laid out by `sharding`."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+    return local.map(lambda v: jax.make_array_from_process_local_data(sharding, v))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.model.kernels import project
 from jaxlm.sharding import constrain
 
 
@@ -26,36 +27,6 @@ def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], fan_in: in
     std = 1.0 / math.sqrt(fan_in)
     value = std * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, tuple(shape), jnp.float32)
     return nnx.Param(value.astype(dtype), axes=tuple(axes))
-
-
-def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
-    """x [..., *in] @ w [*in, *out], contracting x's last n_in dims with w's first n_in.
-
-    Done as one 2-D matmul whose weight gradient is written as x^T @ g: autodiff's own form,
-    transpose(g^T @ x), costs XLA:CPU a transposed copy and a slow dot (~1.3x slower per
-    projection, the largest single cost in a CPU train step); elsewhere the two are the same.
-    """
-    lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
-    out = w.shape[n_in:]
-    return _matmul(x.reshape(-1, k), w.reshape(k, -1)).reshape(*lead, *out)
-
-
-@jax.custom_vjp
-def _matmul(x_NK: jax.Array, w_KM: jax.Array) -> jax.Array:
-    return x_NK @ w_KM
-
-
-def _matmul_fwd(x_NK, w_KM):
-    return x_NK @ w_KM, (x_NK, w_KM)
-
-
-def _matmul_bwd(res, g_NM):
-    x_NK, w_KM = res
-    dw_KM = jax.lax.dot_general(x_NK, g_NM, (((0,), (0,)), ((), ())))
-    return g_NM @ w_KM.T, dw_KM.astype(w_KM.dtype)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -70,9 +41,10 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-    def __init__(self, vocab: int, dim: int, rngs: nnx.Rngs, param_dtype, compute_dtype):
+    def __init__(self, vocab: int, dim: int, rngs: nnx.Rngs, param_dtype, compute_dtype, projection_impl="auto"):
         self.table_VD = weight(rngs, (vocab, dim), ("vocab", "embed"), fan_in=1, dtype=param_dtype)
         self.compute_dtype = compute_dtype
+        self.projection_impl = projection_impl
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         x_BTD = jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(self.compute_dtype)
@@ -81,31 +53,35 @@ class Embed(nnx.Module):
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         """Tied output projection: logits against the embedding table."""
         table = self.table_VD[...].astype(self.compute_dtype)
-        return project(x_BTD, table.T) / math.sqrt(x_BTD.shape[-1])
+        return project(x_BTD, table.T, impl=self.projection_impl) / math.sqrt(x_BTD.shape[-1])
 
 
 class MLP(nnx.Module):
     """SwiGLU (gate * up, SiLU-gated) or a plain two-matrix MLP with SiLU or GELU."""
 
-    def __init__(self, d_model: int, d_ff: int, kind: str, rngs: nnx.Rngs, param_dtype, compute_dtype):
-        self.kind = kind
-        self.compute_dtype = compute_dtype
-        if kind == "swiglu":
-            self.w_gate_DF = weight(rngs, (d_model, d_ff), ("embed", "mlp"), d_model, param_dtype)
-        self.w_up_DF = weight(rngs, (d_model, d_ff), ("embed", "mlp"), d_model, param_dtype)
-        self.w_down_FD = weight(rngs, (d_ff, d_model), ("mlp", "embed"), d_ff, param_dtype)
-
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        cast = lambda w: w[...].astype(self.compute_dtype)
-        up_BTF = project(x_BTD, cast(self.w_up_DF))
+    def __init__(self, cfg, d_ff: int, rngs: nnx.Rngs):
+        D, pdt = cfg.d_model, dtype_of(cfg.param_dtype)
+        self.kind = cfg.mlp
+        self.compute_dtype = dtype_of(cfg.compute_dtype)
+        self.projection_impl = cfg.projection_impl
         if self.kind == "swiglu":
-            h_BTF = jax.nn.silu(project(x_BTD, cast(self.w_gate_DF))) * up_BTF
+            self.w_gate_DF = weight(rngs, (D, d_ff), ("embed", "mlp"), D, pdt)
+        self.w_up_DF = weight(rngs, (D, d_ff), ("embed", "mlp"), D, pdt)
+        self.w_down_FD = weight(rngs, (d_ff, D), ("mlp", "embed"), d_ff, pdt)
+
+    def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """Same calling convention as the MoE block: (output, aux metrics); `rng` is unused."""
+        cast = lambda w: w[...].astype(self.compute_dtype)
+        proj = lambda x, w: project(x, cast(w), impl=self.projection_impl)
+        up_BTF = proj(x_BTD, self.w_up_DF)
+        if self.kind == "swiglu":
+            h_BTF = jax.nn.silu(proj(x_BTD, self.w_gate_DF)) * up_BTF
         elif self.kind == "silu":
             h_BTF = jax.nn.silu(up_BTF)
         else:
             h_BTF = jax.nn.gelu(up_BTF)
         h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
-        return project(h_BTF, cast(self.w_down_FD))
+        return proj(h_BTF, self.w_down_FD), {}
 
 
 def rope(x_BTHd: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec
 
 from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.model.layers import MLP, dtype_of, weight
-from jaxlm.sharding import _ACTIVE, spec_for
+from jaxlm.sharding import active_mesh_rules, spec_for
 
 # Use `ragged_all_to_all` for dropless expert parallelism where XLA implements it (not XLA:CPU).
 # None = decide from the backend; tests set it to exercise the path with an emulated collective.
@@ -40,16 +40,16 @@ RAGGED_A2A = jax.lax.ragged_all_to_all
 
 class MoEBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, rngs: nnx.Rngs):
-        pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
+        pdt = dtype_of(cfg.param_dtype)
         E, D, F = moe.n_experts, cfg.d_model, moe.d_ff or cfg.d_ff
-        self.moe, self.kind, self.compute_dtype = moe, cfg.mlp, cdt
+        self.moe, self.kind, self.compute_dtype = moe, cfg.mlp, dtype_of(cfg.compute_dtype)
         self.router_DE = weight(rngs, (D, E), ("embed", None), D, pdt)  # tiny: replicated over experts
         if cfg.mlp == "swiglu":
             self.w_gate_EDF = weight(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), D, pdt)
         self.w_up_EDF = weight(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), D, pdt)
         self.w_down_EFD = weight(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), F, pdt)
         # n shared experts == one MLP with n*F hidden units (the activation is per unit)
-        self.shared = MLP(D, moe.n_shared * F, cfg.mlp, rngs, pdt, cdt) if moe.n_shared else None
+        self.shared = MLP(cfg, moe.n_shared * F, rngs) if moe.n_shared else None
 
     def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
         moe = self.moe
@@ -63,7 +63,7 @@ class MoEBlock(nnx.Module):
         aux["moe_dropped_frac"] = jax.lax.stop_gradient(1.0 - jnp.mean(keep_NK.astype(jnp.float32)))
         out_BTD = out_ND.reshape(B, T, D)
         if self.shared is not None:
-            out_BTD = out_BTD + self.shared(x_BTD)
+            out_BTD = out_BTD + self.shared(x_BTD)[0]
         return out_BTD, aux
 
 
@@ -103,7 +103,7 @@ def route(logits_BTE: jax.Array, moe: MoEConfig, rng) -> tuple[jax.Array, jax.Ar
 
 def run_experts(x_ND, idx_NK, gate_NK, ws: dict, moe: MoEConfig, kind: str) -> tuple[jax.Array, jax.Array]:
     """Routed expert output [N, D] and which slots were served [N, K]; per device under a mesh."""
-    active = _ACTIVE.get()
+    active = active_mesh_rules()
     if active is None or active[0].size == 1:
         return _local(x_ND, idx_NK, gate_NK, ws, moe, kind, (), 1, ())
     mesh, rules = active

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig, MoEConfig
-from jaxlm.model.attention import Attention, attention_mask
-from jaxlm.model.layers import MLP, Embed, RMSNorm, dtype_of, project, weight
+from jaxlm.model.attention import Attention
+from jaxlm.model.kernels import AttentionMask, project
+from jaxlm.model.layers import MLP, Embed, RMSNorm, dtype_of, weight
 from jaxlm.sharding import constrain
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -40,7 +41,7 @@ class Block(nnx.Module):
     """One transformer layer; `norm` picks pre-norm, post-norm or no norm."""
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, kind: str, rngs: nnx.Rngs):
-        pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
+        pdt = dtype_of(cfg.param_dtype)
         self.norm_kind = cfg.norm
         self.attn = Attention(cfg, rngs)
         if kind == "moe":
@@ -48,31 +49,27 @@ class Block(nnx.Module):
 
             self.ffn = MoEBlock(cfg, moe, rngs)
         else:
-            self.ffn = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, rngs, pdt, cdt)
+            self.ffn = MLP(cfg, cfg.d_ff, rngs)
         if cfg.norm != "none":
             self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
             self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
 
-    def __call__(self, x_BTD, positions_BT, mask_BTS, rng) -> tuple[jax.Array, dict]:
-        """`rng` is a key for stochastic layers (MoE router noise), or None for deterministic."""
-        aux = {}
-
-        def ffn(h):
-            if isinstance(self.ffn, MLP):
-                return self.ffn(h)
-            out, more = self.ffn(h, rng=rng)
-            aux.update(more)
-            return out
-
+    def __call__(self, x_BTD, positions_BT, mask: AttentionMask, rng) -> tuple[jax.Array, dict]:
+        """`rng` is a key for stochastic layers (MoE router noise), or None for deterministic.
+        The feed-forward (dense MLP or MoE) returns (output, aux metrics) either way."""
+        attn = lambda h: self.attn(h, positions_BT, mask)
         if self.norm_kind == "pre":
-            x_BTD = x_BTD + self.attn(self.norm1(x_BTD), positions_BT, mask_BTS)
-            x_BTD = x_BTD + ffn(self.norm2(x_BTD))
+            x_BTD = x_BTD + attn(self.norm1(x_BTD))
+            y_BTD, aux = self.ffn(self.norm2(x_BTD), rng=rng)
+            x_BTD = x_BTD + y_BTD
         elif self.norm_kind == "post":
-            x_BTD = self.norm1(x_BTD + self.attn(x_BTD, positions_BT, mask_BTS))
-            x_BTD = self.norm2(x_BTD + ffn(x_BTD))
+            x_BTD = self.norm1(x_BTD + attn(x_BTD))
+            y_BTD, aux = self.ffn(x_BTD, rng=rng)
+            x_BTD = self.norm2(x_BTD + y_BTD)
         else:
-            x_BTD = x_BTD + self.attn(x_BTD, positions_BT, mask_BTS)
-            x_BTD = x_BTD + ffn(x_BTD)
+            x_BTD = x_BTD + attn(x_BTD)
+            y_BTD, aux = self.ffn(x_BTD, rng=rng)
+            x_BTD = x_BTD + y_BTD
         return constrain(x_BTD, ("batch", "length", "embed")), aux
 
 
@@ -82,10 +79,10 @@ class Unit(nnx.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, kinds: tuple[str, ...], rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, moe, kind, rngs) for kind in kinds])
 
-    def __call__(self, x_BTD, positions_BT, mask_BTS, rng):
+    def __call__(self, x_BTD, positions_BT, mask, rng):
         total: dict = {}
         for i, block in enumerate(self.blocks):
-            x_BTD, aux = block(x_BTD, positions_BT, mask_BTS, None if rng is None else jax.random.fold_in(rng, i))
+            x_BTD, aux = block(x_BTD, positions_BT, mask, None if rng is None else jax.random.fold_in(rng, i))
             for k, v in aux.items():
                 total[k] = total.get(k, 0.0) + v
         return x_BTD, total
@@ -105,13 +102,13 @@ class Segment(nnx.Module):
         self.scan = cfg.scan_layers
         self.remat = cfg.remat
 
-    def __call__(self, x_BTD, positions_BT, mask_BTS, rng):
+    def __call__(self, x_BTD, positions_BT, mask, rng):
         graphdef, stacked = nnx.split(self.units)
         keys = None if rng is None else jax.random.split(rng, self.repeats)
 
         def body(x, xs):
             unit_state, key = xs
-            return nnx.merge(graphdef, unit_state)(x, positions_BT, mask_BTS, key)
+            return nnx.merge(graphdef, unit_state)(x, positions_BT, mask, key)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
@@ -128,7 +125,7 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, rngs: nnx.Rngs):
         pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
         self.cfg = cfg
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs, pdt, cdt)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs, pdt, cdt, cfg.projection_impl)
         self.segments = nnx.List([Segment(cfg, moe, kinds, n, rngs) for kinds, n in layer_plan(cfg, moe)])
         if cfg.norm == "pre":
             self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
@@ -144,12 +141,12 @@ class Transformer(nnx.Module):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        mask_BTS = attention_mask(T, cfg.causal, segment_ids_BT)
+        mask = AttentionMask(cfg.causal, segment_ids_BT)
         x_BTD = self.embed(tokens_BT)
         aux: dict = {}
         for i, segment in enumerate(self.segments):
             key = None if rng is None else jax.random.fold_in(rng, i)
-            x_BTD, seg_aux = segment(x_BTD, positions_BT, mask_BTS, key)
+            x_BTD, seg_aux = segment(x_BTD, positions_BT, mask, key)
             for k, v in seg_aux.items():
                 aux[k] = jnp.concatenate([aux[k], v]) if k in aux else v
         if cfg.norm == "pre":
@@ -157,5 +154,6 @@ class Transformer(nnx.Module):
         if cfg.tie_embeddings:
             logits_BTV = self.embed.attend(x_BTD)
         else:
-            logits_BTV = project(x_BTD, self.lm_head_DV[...].astype(dtype_of(cfg.compute_dtype)))
+            logits_BTV = project(x_BTD, self.lm_head_DV[...].astype(dtype_of(cfg.compute_dtype)),
+                                 impl=cfg.projection_impl)
         return constrain(logits_BTV, ("batch", "length", "vocab")), aux

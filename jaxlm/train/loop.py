@@ -38,7 +38,7 @@ def check_batch(cfg: Config, mesh) -> None:
 
 def evaluate(trainer: Trainer, params, batches: list[dict]) -> dict:
     totals = [trainer.eval_step(params, to_global(b, trainer.batch_sharding)) for b in batches]
-    ce = sum(float(t["ce_sum"]) for t in totals)
+    ce = sum(float(t["loss_sum"]) for t in totals)
     count = sum(float(t["count"]) for t in totals)
     loss = ce / max(count, 1.0)
     return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0)))}

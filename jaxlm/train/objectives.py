@@ -1,12 +1,77 @@
-"""Training objectives. Losses are returned as sums with a token count so that microbatches
-and data-parallel shards combine into the exact global mean."""
+"""Training objectives, chosen by `train.objective` and handed to the pure train step.
+
+An objective says how a batch becomes model inputs and a loss. Losses are returned as sums over
+tokens; the step divides by the global token count (`Objective.count`), so microbatches and
+data-parallel shards combine into the exact global mean. Add an objective by subclassing
+`Objective` and registering it in `OBJECTIVES`; the step never branches on which one it has.
+"""
 
 from __future__ import annotations
+
+import abc
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxlm.config import MoEConfig
+from jaxlm.config import Config, MoEConfig
+from jaxlm.data.batch import Batch
+
+
+class Objective(abc.ABC):
+    """The interface the train and eval steps call. `model` is the merged NNX model; `key` is a
+    PRNG key derived from (seed, step, microbatch), or None where the step must be deterministic;
+    `frozen` is a pytree of fixed arrays the objective asked for (e.g. a teacher's parameters)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def extra_fields(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """The objective's own per-row batch fields: {name: (row shape, dtype)}."""
+        return {}
+
+    def frozen(self, mesh, rules) -> tuple[Any, Any]:
+        """(fixed arrays the loss reads, placed on `mesh`; their shardings), e.g. a teacher's params."""
+        return {}, {}
+
+    def count(self, batch: Batch) -> jax.Array:
+        """The normaliser of the loss sums: tokens that count."""
+        return jnp.sum(batch.loss_mask.astype(jnp.float32))
+
+    @abc.abstractmethod
+    def loss(self, model, batch: Batch, key, frozen) -> tuple[jax.Array, dict, dict]:
+        """(objective sum, {metric: sum} reported as sum / count, model aux metrics such as MoE's)."""
+
+    @abc.abstractmethod
+    def eval_sums(self, model, batch: Batch, frozen) -> dict:
+        """{"loss_sum", "count"}: eval_loss = loss_sum / count over the validation batches."""
+
+
+def forward(model, batch: Batch, key=None, inputs=None):
+    """The model on a batch (its own inputs unless `inputs` replaces them): (logits, aux)."""
+    tokens = batch.inputs if inputs is None else inputs
+    return model(tokens, batch.positions, batch.segment_ids, rng=key)
+
+
+class NextToken(Objective):
+    """Autoregressive cross-entropy on the targets, plus PaLM's z-loss when train.z_loss_coef > 0."""
+
+    def loss(self, model, batch, key, frozen):
+        logits, aux = forward(model, batch, key)
+        sums = next_token_loss(logits, batch.targets, batch.loss_mask, self.cfg.train.z_loss_coef)
+        return sums["ce_sum"] + sums["z_sum"], {"loss": sums["ce_sum"]}, aux
+
+    def eval_sums(self, model, batch, frozen):
+        logits, _ = forward(model, batch)
+        sums = next_token_loss(logits, batch.targets, batch.loss_mask)
+        return {"loss_sum": sums["ce_sum"], "count": sums["count"]}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"next_token": NextToken}
+
+
+def make_objective(cfg: Config) -> Objective:
+    return OBJECTIVES[cfg.train.objective](cfg)
 
 
 def next_token_loss(logits_BTV, targets_BT, mask_BT, z_loss_coef: float = 0.0) -> dict:

@@ -1,12 +1,17 @@
-"""Train state, its shardings, and the pure jitted train/eval steps.
+"""The pure train and eval steps, and the Trainer that jits them for one config on one mesh.
 
-The state is a plain pytree {"step", "params", "opt_state"}; params are a pure dict merged
-into the NNX model (graphdef) inside the step. Randomness is derived from (seed, step), so
-the state needs no RNG of its own and a resumed run draws the same numbers.
+As in nanodo, the step is a module-level pure function of (state, batch, frozen); everything
+static it needs (model graph, objective, optimizer, mesh) travels in a `StepSpec`, and
+`make_trainer` only binds the spec and jits with explicit shardings. The state is a plain pytree
+{"step", "params", "opt_state"}; params are a pure dict merged into the NNX model inside the step.
+Randomness is derived from (seed, step), so the state needs no RNG of its own and a resumed run
+draws the same numbers. `frozen` holds fixed arrays an objective asked for (a teacher), else {}.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,118 +21,195 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm.config import Config
+from jaxlm.config import Config, MoEConfig, TrainConfig
+from jaxlm.data.batch import Batch
+from jaxlm.model import kernels
 from jaxlm.model.transformer import Transformer
-from jaxlm.sharding import batch_sharding, constrain, param_shardings, resolve_rules, use_mesh_rules
-from jaxlm.train.objectives import moe_loss, next_token_loss
+from jaxlm.sharding import (batch_sharding, constrain, param_shardings, resolve_rules, underused_fsdp,
+                            use_mesh_rules)
+from jaxlm.train.objectives import Objective, make_objective, moe_loss
 from jaxlm.train.optim import make_optimizer
 
-BATCH_KEYS_2D = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 
+@dataclass(frozen=True)
+class StepSpec:
+    """The static half of the step: what is compiled in, not passed in."""
 
-@dataclass
-class Trainer:
-    """Everything compiled for one config on one mesh."""
-
-    cfg: Config
-    mesh: Mesh
-    rules: dict
     graphdef: Any
+    objective: Objective
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
-    state_shardings: Any
-    train_step: Callable  # (state, batch) -> (state, metrics)
-    eval_step: Callable  # (params, batch) -> {"ce_sum", "count"}
-    loss_and_grads: Callable  # (params, batch) -> (loss, grads), deterministic (no router noise)
-    init_state: Callable  # () -> state, created directly in its shardings
+    train: TrainConfig
+    moe: MoEConfig
+    mesh: Mesh
+    rules: dict
 
-    @property
-    def batch_sharding(self) -> NamedSharding:
-        return batch_sharding(self.mesh, self.rules)
+
+def loss_fn(params, batch: Batch, frozen, key, n_tokens, n_micro: int, spec: StepSpec):
+    """The objective's loss (its sum over `batch` / the global token count) plus the MoE losses
+    (per microbatch, so they are divided by the number of microbatches). Returns (loss, info)."""
+    with use_mesh_rules(spec.mesh, spec.rules):
+        model = nnx.merge(spec.graphdef, params)
+        total, sums, aux = spec.objective.loss(model, batch, key, frozen)
+        loss = total / n_tokens + moe_loss(aux, spec.moe) / n_micro
+        return loss, {"sums": sums, "aux": {k: jnp.mean(v) for k, v in aux.items()}}
+
+
+def grads_and_info(params, batch: Batch, frozen, key, n_tokens, spec: StepSpec):
+    """Gradients of the global mean loss and the summed metrics, over train.microbatches.
+
+    Rows j*M + i form microbatch i, so every device keeps its own rows (no resharding); the sums
+    make accumulation exact: the result equals one pass over the whole batch.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    M = spec.train.microbatches
+    if M == 1:
+        (_, info), grads = grad_fn(params, batch, frozen, key, n_tokens, 1, spec)
+        return grads, info
+    micro = batch.map(lambda a: jnp.swapaxes(a.reshape(a.shape[0] // M, M, *a.shape[1:]), 0, 1))
+
+    def accumulate(carry, xs):
+        mb, i = xs
+        with use_mesh_rules(spec.mesh, spec.rules):
+            mb = mb.map(lambda v: constrain(v, ("batch",) + (None,) * (v.ndim - 1)))
+        mb_key = None if key is None else jax.random.fold_in(key, i)
+        (_, info), g = grad_fn(params, mb, frozen, mb_key, n_tokens, M, spec)
+        return jax.tree.map(jnp.add, carry, (g, info)), None
+
+    first = micro.map(lambda a: a[0])
+    zero_info = jax.eval_shape(lambda: grad_fn(params, first, frozen, key, n_tokens, M, spec)[0][1])
+    zeros = jax.tree.map(jnp.zeros_like, (params, zero_info))
+    (grads, info), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(M)))
+    info["aux"] = jax.tree.map(lambda v: v / M, info["aux"])
+    return grads, info
+
+
+def step_key(train: TrainConfig, step) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(train.seed), step)
+
+
+def train_step(state, batch: Batch, frozen, spec: StepSpec):
+    """One optimizer step: (state, batch, frozen) -> (new state, metrics)."""
+    n_tokens = jnp.maximum(spec.objective.count(batch), 1.0)
+    grads, info = grads_and_info(state["params"], batch, frozen, step_key(spec.train, state["step"]), n_tokens, spec)
+    updates, opt_state = spec.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {
+        **{k: v / n_tokens for k, v in info["sums"].items()},
+        "grad_norm": optax.tree.norm(grads),
+        "lr": spec.schedule(state["step"]),
+        **info["aux"],
+    }
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def eval_step(params, batch: Batch, frozen, spec: StepSpec) -> dict:
+    """The objective's deterministic validation sums {"loss_sum", "count"} on one batch."""
+    with use_mesh_rules(spec.mesh, spec.rules):
+        return spec.objective.eval_sums(nnx.merge(spec.graphdef, params), batch, frozen)
+
+
+def loss_and_grads(params, batch: Batch, frozen, spec: StepSpec):
+    """The loss and its gradients without noise (key None) or an update: for tests across meshes."""
+    n_tokens = jnp.maximum(spec.objective.count(batch), 1.0)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, frozen, None, n_tokens, 1, spec)
+    return loss, grads
+
+
+def init_state(cfg: Config, optimizer: optax.GradientTransformation) -> dict:
+    params = nnx.to_pure_dict(nnx.state(build_model(cfg, cfg.train.seed)))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
 
 def build_model(cfg: Config, seed: int) -> Transformer:
     return Transformer(cfg.model, cfg.moe, nnx.Rngs(params=seed))
 
 
+# ----------------------------------------------------------------------------- the Trainer
+
+
+@dataclass
+class Trainer:
+    """The pure steps jitted for one config on one mesh, with their shardings."""
+
+    cfg: Config  # with the kernels resolved for the mesh's platform
+    spec: StepSpec
+    state_shardings: Any
+    frozen: Any  # the objective's fixed arrays, already placed
+    jit_train_step: Callable  # (state, batch, frozen) -> (state, metrics)
+    jit_eval_step: Callable  # (params, batch, frozen) -> {"loss_sum", "count"}
+    jit_loss_and_grads: Callable  # (params, batch, frozen) -> (loss, grads)
+    init_state: Callable  # () -> state, created directly in its shardings
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.spec.mesh
+
+    @property
+    def rules(self) -> dict:
+        return self.spec.rules
+
+    @property
+    def graphdef(self):
+        return self.spec.graphdef
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return batch_sharding(self.mesh, self.rules)
+
+    def train_step(self, state, batch: Batch):
+        return self.jit_train_step(state, batch, self.frozen)
+
+    def eval_step(self, params, batch: Batch) -> dict:
+        return self.jit_eval_step(params, batch, self.frozen)
+
+    def loss_and_grads(self, params, batch: Batch):
+        return self.jit_loss_and_grads(params, batch, self.frozen)
+
+    def abstract_state(self):
+        """The train state as ShapeDtypeStructs carrying its shardings (never allocated)."""
+        shapes = jax.eval_shape(self.init_state)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings)
+
+    def abstract_batch(self) -> Batch:
+        """The global batch the data pipeline yields for this config, as ShapeDtypeStructs."""
+        c = self.cfg
+        return Batch.abstract(c.train.global_batch, c.data.seq_len, c.data.packing, self.batch_sharding,
+                              self.spec.objective.extra_fields())
+
+    def lower_train_step(self):
+        """The train step lowered for this config's abstract state and batch (`jaxlm compile`)."""
+        return self.jit_train_step.lower(self.abstract_state(), self.abstract_batch(), self.frozen)
+
+
 def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
+    platform = mesh.devices.flat[0].platform
+    cfg = dataclasses.replace(cfg, model=kernels.resolve(cfg.model, platform))
     rules = resolve_rules(cfg.mesh.rules)
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, cfg.train.seed)))
     p_shardings = param_shardings(abstract, mesh, rules)
+    underused_fsdp(abstract, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract))
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     opt_shardings = optax.tree_utils.tree_map_params(
         optimizer, lambda _, s: s, abstract_opt, p_shardings, transform_non_params=lambda _: replicated)
     state_shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings}
-
-    def init_state():
-        params = nnx.to_pure_dict(nnx.state(build_model(cfg, cfg.train.seed)))
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
-
-    def loss_fn(params, batch, n_tokens, key, n_micro):
-        with use_mesh_rules(mesh, rules):
-            model = nnx.merge(graphdef, params)
-            logits, aux = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), rng=key)
-            sums = next_token_loss(logits, batch["targets"], batch["loss_mask"], cfg.train.z_loss_coef)
-            extra = moe_loss(aux, cfg.moe) / n_micro
-            loss = (sums["ce_sum"] + sums["z_sum"]) / n_tokens + extra
-            return loss, {"ce_sum": sums["ce_sum"], "aux": {k: jnp.mean(v) for k, v in aux.items()}}
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def train_step(state, batch):
-        M = cfg.train.microbatches
-        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-        key = jax.random.fold_in(jax.random.key(cfg.train.seed), state["step"])
-        if M == 1:
-            (_, info), grads = grad_fn(state["params"], batch, n_tokens, key, 1)
-        else:
-            # rows j*M + i form microbatch i: every device keeps its own rows (no resharding)
-            micro = jax.tree.map(lambda a: jnp.swapaxes(a.reshape(a.shape[0] // M, M, *a.shape[1:]), 0, 1), batch)
-
-            def accumulate(carry, xs):
-                mb, i = xs
-                with use_mesh_rules(mesh, rules):
-                    mb = {k: constrain(v, ("batch", "length")) for k, v in mb.items()}
-                (_, info), g = grad_fn(state["params"], mb, n_tokens, jax.random.fold_in(key, i), M)
-                return jax.tree.map(jnp.add, carry, (g, info)), None
-
-            zero_info = jax.eval_shape(lambda: grad_fn(state["params"], jax.tree.map(lambda a: a[0], micro),
-                                                       n_tokens, key, M)[0][1])
-            zeros = jax.tree.map(jnp.zeros_like, (state["params"], zero_info))
-            (grads, info), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(M)))
-            info["aux"] = jax.tree.map(lambda v: v / M, info["aux"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {
-            "loss": info["ce_sum"] / n_tokens,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": schedule(state["step"]),
-            **info["aux"],
-        }
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-    def eval_step(params, batch):
-        with use_mesh_rules(mesh, rules):
-            logits, _ = nnx.merge(graphdef, params)(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-            sums = next_token_loss(logits, batch["targets"], batch["loss_mask"])
-        return {"ce_sum": sums["ce_sum"], "count": sums["count"]}
-
-    def loss_and_grads(params, batch):
-        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-        (loss, _), grads = grad_fn(params, batch, n_tokens, None, 1)
-        return loss, grads
-
-    data_sharding = batch_sharding(mesh, rules)
+    objective = make_objective(cfg)
+    spec = StepSpec(graphdef=graphdef, objective=objective, optimizer=optimizer, schedule=schedule,
+                    train=cfg.train, moe=cfg.moe, mesh=mesh, rules=rules)
+    data = batch_sharding(mesh, rules)
+    frozen, frozen_shardings = objective.frozen(mesh, rules)
+    bind = lambda fn: functools.partial(fn, spec=spec)
     return Trainer(
-        cfg=cfg, mesh=mesh, rules=rules, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
-        state_shardings=state_shardings,
-        train_step=jax.jit(train_step, in_shardings=(state_shardings, data_sharding),
-                           out_shardings=(state_shardings, replicated), donate_argnums=0),
-        eval_step=jax.jit(eval_step, in_shardings=(p_shardings, data_sharding), out_shardings=replicated),
-        init_state=jax.jit(init_state, out_shardings=state_shardings),
-        loss_and_grads=jax.jit(loss_and_grads, in_shardings=(p_shardings, data_sharding),
-                               out_shardings=(replicated, p_shardings)),
+        cfg=cfg, spec=spec, state_shardings=state_shardings, frozen=frozen,
+        jit_train_step=jax.jit(bind(train_step), in_shardings=(state_shardings, data, frozen_shardings),
+                               out_shardings=(state_shardings, replicated), donate_argnums=0),
+        jit_eval_step=jax.jit(bind(eval_step), in_shardings=(p_shardings, data, frozen_shardings),
+                              out_shardings=replicated),
+        jit_loss_and_grads=jax.jit(bind(loss_and_grads), in_shardings=(p_shardings, data, frozen_shardings),
+                                   out_shardings=(replicated, p_shardings)),
+        init_state=jax.jit(functools.partial(init_state, cfg, optimizer), out_shardings=state_shardings),
     )

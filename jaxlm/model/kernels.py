@@ -1,0 +1,197 @@
+"""The backend-specific kernels behind one seam: attention and dense projections.
+
+The model says *what* to compute (`attention(q, k, v, mask, impl)`, `project(x, w, impl)`); this
+file says *how* on each backend. Each kernel family has a plain reference (`xla`: the textbook
+formula, autodiff's gradient) that every other implementation is tested against on CPU.
+
+  model.attention_impl  auto | xla | cpu | cudnn | pallas_gpu | splash
+  model.projection_impl auto | xla | cpu
+
+`auto` picks per platform (`AUTO`); `resolve()` turns the config's choice into a concrete one for
+the devices a run compiles for (so `jaxlm compile --topology v5p:...` on a CPU machine picks the
+TPU kernel) and refuses a kernel the platform lacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+# kernel -> the platforms it runs on
+ATTENTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu")}
+PROJECTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu")}
+AUTO = {
+    "attention_impl": {"cpu": "cpu", "gpu": "xla", "tpu": "xla"},
+    "projection_impl": {"cpu": "cpu", "gpu": "xla", "tpu": "xla"},
+}
+IMPLS = {"attention_impl": ATTENTION_IMPLS, "projection_impl": PROJECTION_IMPLS}
+
+
+def resolve(model_cfg, platform: str):
+    """The model config with every `auto` kernel replaced by the platform's choice; a kernel that
+    does not run on `platform` is a one-line ConfigError."""
+    from jaxlm.config import ConfigError
+
+    changes = {}
+    for key, table in IMPLS.items():
+        impl = getattr(model_cfg, key)
+        if impl == "auto":
+            changes[key] = AUTO[key].get(platform, "xla")
+        elif impl not in table:
+            raise ConfigError(f"model.{key}={impl!r} is unknown; expected auto or one of {'|'.join(table)}")
+        elif platform not in table[impl]:
+            ok = [name for name, platforms in table.items() if platform in platforms]
+            raise ConfigError(f"model.{key}={impl!r} needs a {' or '.join(table[impl]).upper()} backend, but this "
+                              f"run's devices are {platform.upper()}; use auto or one of {'|'.join(ok)}")
+    return dataclasses.replace(model_cfg, **changes)
+
+
+def _concrete(impl: str, key: str) -> str:
+    return AUTO[key].get(jax.default_backend(), "xla") if impl == "auto" else impl
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may see, in the form flash kernels take (causal flag, segment ids)
+    rather than a dense [T, S] matrix. Query row t is at key index t + (S - T) (a decode step's
+    queries are the last T of the S cached positions); `kv_valid_BS` masks unwritten cache slots.
+    """
+
+    causal: bool
+    segment_ids_BT: jax.Array | None = None  # query segments; keys share them when S == T
+    kv_segment_ids_BS: jax.Array | None = None
+    kv_valid_BS: jax.Array | None = None
+
+    def dense(self, T: int, S: int) -> jax.Array:
+        """Boolean [B or 1, T, S]: True where query t may attend to key s."""
+        mask = jnp.ones((1, T, S), bool)
+        if self.causal:
+            mask = jnp.tril(mask, k=S - T)
+        if self.segment_ids_BT is not None:
+            kv = self.segment_ids_BT if self.kv_segment_ids_BS is None else self.kv_segment_ids_BS
+            mask = mask & (self.segment_ids_BT[:, :, None] == kv[:, None, :])
+        if self.kv_valid_BS is not None:
+            mask = mask & self.kv_valid_BS[:, None, :]
+        return mask
+
+
+def attention_mask(T: int, causal: bool, segment_ids_BT: jax.Array | None) -> jax.Array:
+    """Dense boolean mask [B or 1, T, T] of self-attention over T tokens."""
+    return AttentionMask(causal, segment_ids_BT).dense(T, T)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, impl: str = "auto") -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v over the keys `mask` allows; returns [B, T, K, G, d].
+
+    Queries come grouped by the kv head they share (G = H / K), so K/V are never repeated.
+    """
+    impl = _concrete(impl, "attention_impl")
+    if impl == "xla":
+        return reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask)
+    if impl == "cpu":
+        return _cpu_attention(q_BTKGd, k_BSKd, v_BSKd, mask.dense(q_BTKGd.shape[1], k_BSKd.shape[1]))
+    raise ValueError(f"attention impl {impl!r} is not available here")
+
+
+def reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask) -> jax.Array:
+    """The textbook formula in f32 with autodiff's gradient: the reference for every kernel."""
+    d = q_BTKGd.shape[-1]
+    s = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd, preferred_element_type=jnp.float32) / math.sqrt(d)
+    allowed = mask.dense(q_BTKGd.shape[1], k_BSKd.shape[1])[:, None, None]
+    p = jax.nn.softmax(jnp.where(allowed, s, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bkgts,bskd->btkgd", p.astype(v_BSKd.dtype), v_BSKd)
+
+
+def _scores(qh_BKQd, kh_BKSd, mask_BQS):
+    """Masked logits [B, K, Q, S]; Q = G*T query rows (the G heads sharing a kv head, stacked)."""
+    s = jnp.einsum("bkqd,bksd->bkqs", qh_BKQd, kh_BKSd, preferred_element_type=jnp.float32)
+    return jnp.where(mask_BQS[:, None], s, jnp.finfo(jnp.float32).min)
+
+
+def _cpu_attention_fwd(q_BTKGd, k_BSKd, v_BSKd, mask_BTS):
+    B, T, K, G, d = q_BTKGd.shape
+    scale = 1.0 / math.sqrt(d)
+    # 4-D [B, K, G*T, d] layouts: every matmul is a plain batched "A @ B" or "A @ B^T"
+    qh = (q_BTKGd * scale).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, d)
+    kh, vh = k_BSKd.transpose(0, 2, 1, 3), v_BSKd.transpose(0, 2, 1, 3)
+    mask = jnp.broadcast_to(mask_BTS[:, None], (mask_BTS.shape[0], G, T, mask_BTS.shape[-1]))
+    mask = mask.reshape(mask_BTS.shape[0], G * T, -1)
+    s = _scores(qh, kh, mask)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    oh = (jnp.einsum("bkqs,bksd->bkqd", e.astype(vh.dtype), vh) / total).astype(vh.dtype)
+    lse = m + jnp.log(total)
+    out = oh.reshape(B, K, G, T, d).transpose(0, 3, 1, 2, 4)
+    return out, (qh, kh, vh, oh, lse, mask)
+
+
+def _cpu_attention_bwd(res, do_BTKGd):
+    qh, kh, vh, oh, lse, mask = res
+    B, T, K, G, d = do_BTKGd.shape
+    doh = do_BTKGd.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, d)
+    delta = jnp.sum(doh.astype(jnp.float32) * oh, axis=-1, keepdims=True)  # rowsum(P * dP)
+    p = jnp.exp(_scores(qh, kh, mask) - lse)
+    dp = jnp.einsum("bkqd,bksd->bkqs", doh, vh, preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta)).astype(qh.dtype)
+    p = p.astype(vh.dtype)
+    dq = jnp.einsum("bkqs,bksd->bkqd", ds, kh) / math.sqrt(d)
+    # dV = P^T dO and dK = dS^T Q, formed as [B, K, d, S] (the fast dot form) then transposed
+    dv_T = jnp.einsum("bkqd,bkqs->bkds", doh, p)
+    dk_T = jnp.einsum("bkqd,bkqs->bkds", qh, ds)
+    dq = dq.reshape(B, K, G, T, d).transpose(0, 3, 1, 2, 4)
+    return dq, dk_T.transpose(0, 3, 1, 2), dv_T.transpose(0, 3, 1, 2), None
+
+
+@jax.custom_vjp
+def _cpu_attention(q_BTKGd, k_BSKd, v_BSKd, mask_BTS):
+    """Flash-attention algebra with a hand-written gradient (P recomputed from the saved
+    log-sum-exp, dS = P * (dP - rowsum(dO * O))), every matmul in a form XLA:CPU runs fast;
+    autodiff's own backward of the same forward is ~2x slower on CPU. Any dense mask."""
+    return _cpu_attention_fwd(q_BTKGd, k_BSKd, v_BSKd, mask_BTS)[0]
+
+
+_cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
+
+
+# ----------------------------------------------------------------------------- projections
+
+
+def project(x: jax.Array, w: jax.Array, n_in: int = 1, impl: str = "auto") -> jax.Array:
+    """x [..., *in] @ w [*in, *out], contracting x's last n_in dims with w's first n_in, as one
+    2-D matmul."""
+    lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+    out = w.shape[n_in:]
+    matmul = _cpu_matmul if _concrete(impl, "projection_impl") == "cpu" else jnp.matmul
+    return matmul(x.reshape(-1, k), w.reshape(k, -1)).reshape(*lead, *out)
+
+
+@jax.custom_vjp
+def _cpu_matmul(x_NK: jax.Array, w_KM: jax.Array) -> jax.Array:
+    """x @ w whose weight gradient is written as x^T @ g: autodiff's form, transpose(g^T @ x),
+    costs XLA:CPU a transposed copy and a slow dot (~1.3x slower per projection, the largest
+    single cost of a CPU train step); elsewhere the two are the same."""
+    return x_NK @ w_KM
+
+
+def _cpu_matmul_fwd(x_NK, w_KM):
+    return x_NK @ w_KM, (x_NK, w_KM)
+
+
+def _cpu_matmul_bwd(res, g_NM):
+    x_NK, w_KM = res
+    dw_KM = jax.lax.dot_general(x_NK, g_NM, (((0,), (0,)), ((), ())))
+    return g_NM @ w_KM.T, dw_KM.astype(w_KM.dtype)
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
