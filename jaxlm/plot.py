@@ -64,7 +64,7 @@ def _agg_figure():
     return fig
 
 
-def plot(runs: list[tuple[str, list[dict], int]], out: Path, x: str = "steps") -> None:
+def plot(runs: list[tuple[str, list[dict], int]], out: Path, x: str = "steps", dpi: int = 100) -> None:
     """Draws (label, records, x scale) runs into `out`, written whole or not at all."""
     fig = _agg_figure()
     fmt = out.suffix.lstrip(".").lower() or "png"
@@ -84,7 +84,7 @@ def plot(runs: list[tuple[str, list[dict], int]], out: Path, x: str = "steps") -
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, format=fmt, dpi=100)
+        fig.savefig(tmp, format=fmt, dpi=dpi)
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -95,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
     parser.add_argument("-o", "--output", default="curves.png", help="image to write (default: curves.png)")
     parser.add_argument("--x", choices=("steps", "tokens"), default="steps", help="x axis (default: steps)")
+    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch of the 15 x 8 inch figure (default: 100)")
     parser.add_argument("--label", action="append", help="legend label of each run, in order (default: its "
                                                          "directory name); give it once per RUN_DIR")
 
@@ -105,7 +106,9 @@ def main(args: argparse.Namespace) -> int:
     if len(labels) != len(dirs):
         raise UserError(f"{len(labels)} --label for {len(dirs)} run directories; give one per RUN_DIR or none")
     runs = [(label, load_run(d), tokens_per_step(d) if args.x == "tokens" else 1) for label, d in zip(labels, dirs)]
+    if not 10 <= args.dpi <= 1000:
+        raise UserError(f"--dpi {args.dpi}: expected 10 to 1000 pixels per inch")
     out = Path(args.output)
-    plot(runs, out, args.x)
+    plot(runs, out, args.x, args.dpi)
     print(f"wrote {out}")
     return 0
