@@ -183,7 +183,8 @@ def report(cfg: Config, device: devices.Device | None = None) -> str:
     rows.append(("  total", f"{sum(flops.values()):,}"))
     rows.append(("memory", ""))
     rows += [(f"  {k}", f"{v / 2**30:,.2f} GiB") for k, v in memory_bytes(c).items()]
-    rows.append((f"  activations saved for backward ({m.compute_dtype})", f"{activation_bytes(cfg) / 2**30:,.2f} GiB"))
+    batch = f"{cfg.train.global_batch} x {cfg.data.seq_len}, {m.compute_dtype}"
+    rows.append((f"  activations for backward ({batch})", f"{activation_bytes(cfg) / 2**30:,.2f} GiB"))
     if device is not None:
         rows += roofline_report(cfg, device)
     width = max(len(k) for k, v in rows if v) + 2

@@ -101,13 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if not 10 <= args.dpi <= 1000:
+        raise UserError(f"--dpi {args.dpi}: expected 10 to 1000 pixels per inch")
     dirs = [Path(d) for d in args.run_dirs]
     labels = args.label or [d.resolve().name for d in dirs]
     if len(labels) != len(dirs):
         raise UserError(f"{len(labels)} --label for {len(dirs)} run directories; give one per RUN_DIR or none")
     runs = [(label, load_run(d), tokens_per_step(d) if args.x == "tokens" else 1) for label, d in zip(labels, dirs)]
-    if not 10 <= args.dpi <= 1000:
-        raise UserError(f"--dpi {args.dpi}: expected 10 to 1000 pixels per inch")
     out = Path(args.output)
     plot(runs, out, args.x, args.dpi)
     print(f"wrote {out}")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import devices
+from jaxlm.config import Config
 
 
 class MetricsLogger:
@@ -77,7 +78,7 @@ def measure_peak_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> fl
     return 2 * n**3 / best
 
 
-def peak_flops(cfg) -> float:
+def peak_flops(cfg: Config) -> float:
     """Peak FLOP/s of all devices together, the denominator of MFU.
 
     `train.peak_flops_per_device` when set; else the table's dense bf16 peak of a known device
