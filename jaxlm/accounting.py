@@ -4,6 +4,9 @@ FLOPs count matrix multiplies only (2 * m * n * k each), the convention of Kapla
 the CS336 notes: norms, softmax, RoPE and activations are left out. The training step costs
 3x the forward (forward + backward that is twice the forward). Attention scores are counted
 for the full T x T square (a causal kernel that skips the masked half does less work).
+
+The roofline (`--device h100`) bounds one step on one chip by the larger of compute time
+(train FLOPs / dense bf16 peak) and memory time (bytes moved / HBM bandwidth).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from jaxlm import devices
 from jaxlm.config import Config, ModelConfig, MoEConfig, load_config
 from jaxlm.model.transformer import layer_plan
 
@@ -95,7 +99,71 @@ def memory_bytes(counts: Counts) -> dict[str, int]:
     return out
 
 
-def report(cfg: Config) -> str:
+def _bytes(dtype: str) -> int:
+    return 2 if dtype == "bfloat16" else 4
+
+
+def activation_bytes(cfg: Config) -> int:
+    """Activations the backward pass reads, over the global batch, in the compute dtype.
+
+    Per token and layer: the norm inputs and outputs (4 D), q, k, v and the attention output
+    ((2 H + 2 K) hd), the softmax probabilities (H T, materialised as the CPU kernel does), and
+    the MLP's hidden units (3 F for SwiGLU's gate, up and product, 2 F otherwise; MoE: the active
+    experts' plus the router logits); once per sequence position, the final norm input and the
+    logits (D + V). Remat changes which of these are kept, not the traffic (it writes them again).
+    """
+    m, moe = cfg.model, cfg.moe
+    T, D, hd = cfg.data.seq_len, m.d_model, m.head_dim
+    attention = 2 * D + (2 * m.n_heads + 2 * m.n_kv_heads) * hd + m.n_heads * T
+    dense_ffn = 2 * D + _mlp_matrices(m) * m.d_ff
+    moe_ffn = 2 * D + _mlp_matrices(m) * (moe.top_k + moe.n_shared) * (moe.d_ff or m.d_ff) + moe.n_experts
+    kinds = _layer_kinds(m, moe)
+    per_token = sum(attention + (moe_ffn if kind == "moe" else dense_ffn) for kind in kinds) + D + m.vocab_size
+    return per_token * cfg.train.global_batch * T * _bytes(m.compute_dtype)
+
+
+def step_bytes(cfg: Config) -> dict[str, int]:
+    """HBM traffic of one AdamW step: what must cross memory at least once.
+
+    Parameters are read by the forward, the backward and the update, and written by the update
+    (4 passes); gradients are written and read once (2); AdamW's two moments are read and written
+    (4). All three live in the parameter dtype. Activations are written in the forward and read
+    in the backward (2 passes over `activation_bytes`).
+    """
+    P = count_params(cfg.model, cfg.moe).total * _bytes(cfg.model.param_dtype)
+    return {"parameters": 4 * P, "gradients": 2 * P, "adamw moments": 4 * P, "activations": 2 * activation_bytes(cfg)}
+
+
+def roofline(cfg: Config, device: devices.Device) -> dict[str, float]:
+    """Step time on one chip bounded by compute or memory, and the tokens/s and MFU it implies."""
+    compute_s = train_flops_per_step(cfg) / device.bf16_flops
+    memory_s = sum(step_bytes(cfg).values()) / device.hbm_bytes_per_s
+    step_s = max(compute_s, memory_s)
+    return {"compute_s": compute_s, "memory_s": memory_s, "step_s": step_s,
+            "tokens_per_s": cfg.train.global_batch * cfg.data.seq_len / step_s, "mfu": compute_s / step_s}
+
+
+def roofline_report(cfg: Config, device: devices.Device) -> list[tuple[str, str]]:
+    r = roofline(cfg, device)
+    moved = step_bytes(cfg)
+    rows = [(f"roofline on one {device.name} (batch {cfg.train.global_batch} x {cfg.data.seq_len}, "
+             f"{device.bf16_flops / 1e12:g} TFLOP/s bf16, {device.hbm_bytes_per_s / 1e9:g} GB/s)", "")]
+    rows.append(("  train FLOPs per step", f"{train_flops_per_step(cfg):,}"))
+    rows += [(f"  bytes moved: {k}", f"{v / 1e9:,.4g} GB") for k, v in moved.items()]
+    rows += [
+        ("  compute time", f"{r['compute_s'] * 1e3:,.5g} ms"),
+        ("  memory time", f"{r['memory_s'] * 1e3:,.5g} ms"),
+        ("  step time (" + ("compute" if r["compute_s"] >= r["memory_s"] else "memory") + "-bound)",
+         f"{r['step_s'] * 1e3:,.5g} ms"),
+        ("  tokens/s", f"{r['tokens_per_s']:,.0f}"),
+        ("  MFU at that step time", f"{r['mfu']:.1%}"),
+    ]
+    if cfg.model.compute_dtype != "bfloat16":
+        rows.append((f"  (peak is bf16; this config computes in {cfg.model.compute_dtype})", ""))
+    return rows
+
+
+def report(cfg: Config, device: devices.Device | None = None) -> str:
     m, moe = cfg.model, cfg.moe
     c = count_params(m, moe)
     flops = forward_flops(m, moe, m.max_seq_len)
@@ -115,15 +183,22 @@ def report(cfg: Config) -> str:
     rows.append(("  total", f"{sum(flops.values()):,}"))
     rows.append(("memory", ""))
     rows += [(f"  {k}", f"{v / 2**30:,.2f} GiB") for k, v in memory_bytes(c).items()]
-    width = max(len(k) for k, _ in rows) + 2
+    batch = f"{cfg.train.global_batch} x {cfg.data.seq_len}, {m.compute_dtype}"
+    rows.append((f"  activations for backward ({batch})", f"{activation_bytes(cfg) / 2**30:,.2f} GiB"))
+    if device is not None:
+        rows += roofline_report(cfg, device)
+    width = max(len(k) for k, v in rows if v) + 2
     return "\n".join(f"{k:<{width}}{v:>24}" if v else k for k, v in rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=48")
+    parser.add_argument("--device", help="add a roofline estimate of the step time on one chip: "
+                                         + ", ".join(d.name for d in devices.DEVICES))
 
 
 def main(args: argparse.Namespace) -> int:
-    print(report(load_config(args.config, args.overrides)))
+    device = devices.by_name(args.device) if args.device else None
+    print(report(load_config(args.config, args.overrides), device))
     return 0

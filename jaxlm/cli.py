@@ -19,6 +19,7 @@ VERBS = {
     "prepare": ("jaxlm.data.prepare", "tokenize a corpus into token shards"),
     "checkpoint": ("jaxlm.checkpoint_cli", "list and inspect checkpoints of a run"),
     "compile": ("jaxlm.compile", "AOT-compile the train step for a TPU topology and size it"),
+    "plot": ("jaxlm.plot", "plot training curves of one or more runs into an image"),
 }
 
 

@@ -23,7 +23,7 @@ from jaxlm.data.pipeline import to_global
 from jaxlm.data.sources import build_data
 from jaxlm.distributed import data_parallel_size, make_mesh
 from jaxlm.sharding import resolve_rules
-from jaxlm.train.metrics import MetricsLogger, measure_peak_flops
+from jaxlm.train.metrics import MetricsLogger, peak_flops
 from jaxlm.train.step import Trainer, make_trainer
 
 
@@ -148,7 +148,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
             writer.save(step, state, meta)
 
         flops = train_flops_per_step(cfg)
-        peak = t.peak_flops_per_device * jax.device_count() if t.peak_flops_per_device else measure_peak_flops()
+        peak = peak_flops(cfg)
         logger = MetricsLogger(run_dir, t.steps, start, t.progress)
         try:
             clock, clock_step = None, start

@@ -11,6 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import devices
+from jaxlm.config import Config
+
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool):
@@ -62,9 +65,9 @@ def _plain(v):
     return v.item() if v.size == 1 else v.tolist()
 
 
-def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """The f32 matmul FLOP/s this process reaches on its first device (a measured peak for MFU)."""
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.local_devices()[0])
+def measure_peak_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """The matmul FLOP/s this process reaches on its first device (a measured peak for MFU)."""
+    a = jax.device_put(jnp.ones((n, n), dtype), jax.local_devices()[0])
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best = math.inf
@@ -73,3 +76,21 @@ def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+def peak_flops(cfg: Config) -> float:
+    """Peak FLOP/s of all devices together, the denominator of MFU.
+
+    `train.peak_flops_per_device` when set; else the table's dense bf16 peak of a known device
+    when the model computes in bf16; else a measured matmul in the compute dtype. XLA:CPU's
+    simulated devices share the host's cores and one device's matmul already uses them all, so
+    on CPU the measurement counts once per process (host), elsewhere once per device.
+    """
+    if cfg.train.peak_flops_per_device:
+        return cfg.train.peak_flops_per_device * jax.device_count()
+    device = jax.devices()[0]
+    known = devices.lookup(device.device_kind)
+    if known is not None and cfg.model.compute_dtype == "bfloat16":
+        return known.bf16_flops * jax.device_count()
+    measured = measure_peak_flops(dtype=jnp.dtype(cfg.model.compute_dtype))
+    return measured * (jax.process_count() if device.platform == "cpu" else jax.device_count())
