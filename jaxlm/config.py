@@ -132,6 +132,8 @@ class TrainConfig:
     peak_flops_per_device: float = 0.0  # 0 = measure a matmul on this machine
     z_loss_coef: float = 0.0
     objective: Literal["next_token"] = "next_token"  # what the step minimises (train/objectives.py)
+    # bit-exact runs and resumes; auto = where free (CPU, TPU), not on GPU (jaxlm/determinism.py)
+    deterministic: Literal["auto", True, False] = "auto"
     progress: bool = True
 
 
@@ -213,7 +215,7 @@ def _coerce(tp, value, key: str):
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed; expected one of {'|'.join(map(str, allowed))}")
+            raise ConfigError(f"{key}={value!r} is not allowed; expected one of {'|'.join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)}")
         return value
     if origin is list:
         if not isinstance(value, list):

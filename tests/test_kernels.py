@@ -110,3 +110,64 @@ def test_auto_resolves_per_platform_and_a_kernel_the_platform_lacks_is_a_config_
             else:
                 with pytest.raises(ConfigError, match=f"model.attention_impl='{impl}' needs"):
                     kernels.resolve(ModelConfig(attention_impl=impl), platform)
+
+
+# ------------------------------------------------- accelerator kernels, in the Pallas interpreter
+
+
+def flash_kernels():
+    from jaxlm.model import flash
+
+    return {
+        "pallas_gpu": lambda q, k, v, m: flash.pallas_gpu_attention(q, k, v, m.causal, m.segment_ids_BT,
+                                                                    interpret=True),
+        "splash": lambda q, k, v, m: flash.splash_attention(q, k, v, m.causal, m.segment_ids_BT, interpret=True),
+    }
+
+
+@pytest.mark.parametrize("name", ["pallas_gpu", "splash"])
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_flash_kernel_in_the_pallas_interpreter_equals_the_reference(name, mask_name):
+    """GPU and TPU kernels run here in Pallas' interpreter: same outputs and gradients (GQA, K=2 G=2).
+    T=128: splash tiles in blocks of at least 128."""
+    fn = flash_kernels()[name]
+    B, T = 2, 128
+    q, k, v = qkv(B=B, T=T, K=2, G=2, d=16, seed=3)
+    seg = np.zeros((B, T), np.int32)
+    seg[0, :50], seg[0, 50:] = 1, 2
+    seg[1, :90], seg[1, 90:] = 1, 0
+    mask = MASKS[mask_name](B, T)
+    if mask.segment_ids_BT is not None:
+        mask = AttentionMask(mask.causal, jnp.asarray(seg))
+    cotangent = jax.random.normal(jax.random.key(9), q.shape)
+    np.testing.assert_allclose(fn(q, k, v, mask), reference_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    got = jax.grad(lambda *a: jnp.sum(fn(*a, mask) * cotangent), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: jnp.sum(reference_attention(*a, mask) * cotangent), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic_runs_pick_an_atomics_free_attention_on_gpu_and_refuse_cudnn():
+    assert kernels.resolve(ModelConfig(), "gpu").attention_impl == "cudnn"
+    assert kernels.resolve(ModelConfig(), "gpu", deterministic=True).attention_impl == "pallas_gpu"
+    assert kernels.resolve(ModelConfig(), "tpu", deterministic=True).attention_impl == "splash"
+    with pytest.raises(ConfigError, match="not deterministic"):
+        kernels.resolve(ModelConfig(attention_impl="cudnn"), "gpu", deterministic=True)
+
+
+def test_a_kernel_that_cannot_express_the_mask_falls_back_with_one_warning(capsys, monkeypatch):
+    from jaxlm.model import flash
+
+    calls = []
+    monkeypatch.setattr(flash, "pallas_gpu_attention", lambda q, k, v, causal, seg: calls.append(seg) or q)
+    q, k, v = qkv(T=8)
+    mask = AttentionMask(causal=True, segment_ids_BT=segments(2, 16)[:, :8])
+    for _ in range(2):
+        attention(q, k, v, mask, "cudnn")
+    assert len(calls) == 2 and calls[0] is mask.segment_ids_BT  # cuDNN has no segment ids: Pallas runs
+    err = capsys.readouterr().err
+    assert err.count("attention kernel cudnn cannot express segment ids") == 1
+    decode = AttentionMask(causal=True, kv_valid_BS=jnp.ones((2, 16), bool))
+    q1, k1, v1 = qkv(T=4, S=16)
+    np.testing.assert_allclose(attention(q1, k1, v1, decode, "splash"), reference_attention(q1, k1, v1, decode))
+    assert "attention kernel splash cannot express a decode step's cache mask; using xla" in capsys.readouterr().err

@@ -7,9 +7,11 @@ formula, autodiff's gradient) that every other implementation is tested against 
   model.attention_impl  auto | xla | cpu | cudnn | pallas_gpu | splash
   model.projection_impl auto | xla | cpu
 
-`auto` picks per platform (`AUTO`); `resolve()` turns the config's choice into a concrete one for
-the devices a run compiles for (so `jaxlm compile --topology v5p:...` on a CPU machine picks the
-TPU kernel) and refuses a kernel the platform lacks.
+`auto` picks per platform (`AUTO`): the hand-tuned XLA:CPU kernels on CPU, cuDNN flash attention
+on GPU (the deterministic Pallas kernel when train.deterministic is on), splash attention on TPU.
+`resolve()` turns the config's choice into a concrete one for the devices a run compiles for (so
+`jaxlm compile --topology v5p:...` on a CPU machine picks the TPU kernel) and refuses a kernel the
+platform lacks. The accelerator kernels live in `flash.py`.
 """
 
 from __future__ import annotations
@@ -18,29 +20,39 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import sys
+
 import jax
 import jax.numpy as jnp
 
 # kernel -> the platforms it runs on
-ATTENTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu")}
+ATTENTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",),
+                   "pallas_gpu": ("gpu",), "splash": ("tpu",)}
 PROJECTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu")}
 AUTO = {
-    "attention_impl": {"cpu": "cpu", "gpu": "xla", "tpu": "xla"},
+    "attention_impl": {"cpu": "cpu", "gpu": "cudnn", "tpu": "splash"},
     "projection_impl": {"cpu": "cpu", "gpu": "xla", "tpu": "xla"},
 }
+DETERMINISTIC_AUTO = {"attention_impl": {"gpu": "pallas_gpu"}}  # cuDNN's backward uses atomics
+NOT_DETERMINISTIC = {"attention_impl": {"cudnn"}}
 IMPLS = {"attention_impl": ATTENTION_IMPLS, "projection_impl": PROJECTION_IMPLS}
 
 
-def resolve(model_cfg, platform: str):
+def resolve(model_cfg, platform: str, deterministic: bool = False):
     """The model config with every `auto` kernel replaced by the platform's choice; a kernel that
-    does not run on `platform` is a one-line ConfigError."""
+    does not run on `platform`, or is not deterministic where that was asked for, is a one-line
+    ConfigError."""
     from jaxlm.config import ConfigError
 
     changes = {}
     for key, table in IMPLS.items():
         impl = getattr(model_cfg, key)
         if impl == "auto":
-            changes[key] = AUTO[key].get(platform, "xla")
+            auto = {**AUTO[key], **(DETERMINISTIC_AUTO.get(key, {}) if deterministic else {})}
+            changes[key] = auto.get(platform, "xla")
+        elif deterministic and impl in NOT_DETERMINISTIC.get(key, ()) and platform in table[impl]:
+            raise ConfigError(f"model.{key}={impl!r} is not deterministic (its backward uses atomics); use auto or "
+                              "pallas_gpu, or set train.deterministic=false")
         elif impl not in table:
             raise ConfigError(f"model.{key}={impl!r} is unknown; expected auto or one of {'|'.join(table)}")
         elif platform not in table[impl]:
@@ -52,6 +64,18 @@ def resolve(model_cfg, platform: str):
 
 def _concrete(impl: str, key: str) -> str:
     return AUTO[key].get(jax.default_backend(), "xla") if impl == "auto" else impl
+
+
+_WARNED: set[str] = set()
+
+
+def _fallback(impl: str, instead: str, why: str) -> str:
+    """Says once (per reason) that a kernel cannot express this mask and which one runs instead."""
+    line = f"jaxlm: warning: attention kernel {impl} cannot express {why}; using {instead} for it"
+    if line not in _WARNED:
+        _WARNED.add(line)
+        print(line, file=sys.stderr)
+    return instead
 
 
 # ----------------------------------------------------------------------------- masks
@@ -95,12 +119,26 @@ def attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, impl: str = "auto") 
 
     Queries come grouped by the kv head they share (G = H / K), so K/V are never repeated.
     """
+    from jaxlm.model import flash
+
     impl = _concrete(impl, "attention_impl")
+    T, S = q_BTKGd.shape[1], k_BSKd.shape[1]
+    if impl in ("cudnn", "pallas_gpu", "splash") and (mask.kv_valid_BS is not None or T != S
+                                                     or mask.kv_segment_ids_BS is not None):
+        impl = _fallback(impl, "xla", "a decode step's cache mask")
+    if impl == "cudnn" and mask.segment_ids_BT is not None:
+        impl = _fallback(impl, "pallas_gpu", "segment ids (packed documents)")
     if impl == "xla":
         return reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask)
     if impl == "cpu":
-        return _cpu_attention(q_BTKGd, k_BSKd, v_BSKd, mask.dense(q_BTKGd.shape[1], k_BSKd.shape[1]))
-    raise ValueError(f"attention impl {impl!r} is not available here")
+        return _cpu_attention(q_BTKGd, k_BSKd, v_BSKd, mask.dense(T, S))
+    if impl == "cudnn":
+        return flash.cudnn_attention(q_BTKGd, k_BSKd, v_BSKd, mask.causal)
+    if impl == "pallas_gpu":
+        return flash.pallas_gpu_attention(q_BTKGd, k_BSKd, v_BSKd, mask.causal, mask.segment_ids_BT)
+    if impl == "splash":
+        return flash.splash_attention(q_BTKGd, k_BSKd, v_BSKd, mask.causal, mask.segment_ids_BT)
+    raise ValueError(f"unknown attention impl {impl!r}")
 
 
 def reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask) -> jax.Array:

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import checkpoint as ckpt
+from jaxlm import determinism
 from jaxlm.accounting import train_flops_per_step
 from jaxlm.config import Config, ConfigError, to_yaml
 from jaxlm.data.pipeline import to_global
@@ -114,6 +115,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
     """
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     check_batch(cfg, mesh)
+    determinism.check(cfg.train.deterministic, mesh.devices.flat[0].platform)
     t = cfg.train
     preemption = Preemption()  # early: a signal during start-up stops after the first step
     writer = None

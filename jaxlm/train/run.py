@@ -23,9 +23,11 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    from jaxlm import determinism
     from jaxlm.distributed import initialize
     from jaxlm.train.loop import train
 
+    determinism.configure(cfg.train.deterministic)  # XLA reads its flags when JAX starts
     initialize()
     history = train(cfg, resume=args.resume)
     if history:
