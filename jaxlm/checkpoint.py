@@ -46,7 +46,7 @@ FORMAT = 1
 LOCKED_SECTIONS = {"model", "moe", "data"}
 UNLOCKED = {
     "model.max_seq_len", "model.compute_dtype", "model.remat",  # RoPE has no learned positions
-    "model.attention_impl", "model.projection_impl", "model.scan_layers",  # how, not what, is computed
+    "model.attention_impl", "model.projection_impl", "model.gmm_impl", "model.scan_layers",  # how, not what
     "moe.noise_std", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.impl", "moe.capacity_factor",
 }
 LOCKED_TRAIN = {"train.seed", "train.global_batch"}  # rng stream; iterator state is a batch index

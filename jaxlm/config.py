@@ -42,10 +42,13 @@ class ModelConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     causal: bool = True  # false = bidirectional attention (masked-diffusion LMs)
     remat: Literal["none", "full", "dots_saveable"] = "none"
-    scan_layers: bool = True
+    # one compiled layer under lax.scan (fast compiles) or unrolled; auto: unrolled on GPU, where
+    # the scan cost 1.4x in step time (issue 10's H100 runs), scanned elsewhere
+    scan_layers: Literal["auto", True, False] = "auto"
     # kernels (jaxlm/model/kernels.py); auto = the platform's best
     attention_impl: Literal["auto", "xla", "cpu", "cudnn", "pallas_gpu", "splash"] = "auto"
     projection_impl: Literal["auto", "xla", "cpu"] = "auto"
+    gmm_impl: Literal["auto", "ragged_dot", "megablox"] = "auto"  # MoE dropless grouped matmul
 
     @property
     def head_dim(self) -> int:

@@ -102,7 +102,11 @@ def test_projection_kernel_and_its_weight_gradient_equal_a_plain_einsum(impl):
 
 def test_auto_resolves_per_platform_and_a_kernel_the_platform_lacks_is_a_config_error():
     cpu = kernels.resolve(ModelConfig(), "cpu")
-    assert (cpu.attention_impl, cpu.projection_impl) == ("cpu", "cpu")
+    assert (cpu.attention_impl, cpu.projection_impl, cpu.scan_layers) == ("cpu", "cpu", True)
+    gpu, tpu = kernels.resolve(ModelConfig(), "gpu"), kernels.resolve(ModelConfig(), "tpu")
+    assert (gpu.attention_impl, gpu.projection_impl, gpu.scan_layers) == ("cudnn", "xla", False)
+    assert (tpu.attention_impl, tpu.projection_impl, tpu.scan_layers) == ("splash", "xla", True)
+    assert kernels.resolve(ModelConfig(scan_layers=True), "gpu").scan_layers is True
     for impl, platforms in kernels.ATTENTION_IMPLS.items():
         for platform in ("cpu", "gpu", "tpu"):
             if platform in platforms:
@@ -171,3 +175,24 @@ def test_a_kernel_that_cannot_express_the_mask_falls_back_with_one_warning(capsy
     q1, k1, v1 = qkv(T=4, S=16)
     np.testing.assert_allclose(attention(q1, k1, v1, decode, "splash"), reference_attention(q1, k1, v1, decode))
     assert "attention kernel splash cannot express a decode step's cache mask; using xla" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "megablox"])
+def test_grouped_matmul_equals_per_group_matmuls_and_zero_past_the_groups(impl):
+    """megablox (TPU) runs in the Pallas interpreter; rows past the groups are exactly 0, and so is
+    their gradient (megablox leaves them unwritten)."""
+    M, K, N = 256, 128, 128
+    x = jax.random.normal(jax.random.key(0), (M, K))
+    w = jax.random.normal(jax.random.key(1), (4, K, N))
+    sizes = jnp.asarray([40, 0, 100, 60], jnp.int32)  # 200 rows used of 256
+    ends = np.cumsum(sizes)
+    want = np.concatenate([x[e - s:e] @ w[g] for g, (s, e) in enumerate(zip(sizes, ends))] + [np.zeros((56, N))])
+    gmm = lambda x, w: kernels.grouped_matmul(x, w, sizes, impl, interpret=True)
+    np.testing.assert_allclose(gmm(x, w), want, atol=1e-4, rtol=1e-5)
+    ref = lambda x, w: jax.lax.ragged_dot(x, w, sizes)
+    cot = jax.random.normal(jax.random.key(2), (M, N))
+    got = jax.grad(lambda x, w: jnp.sum(gmm(x, w) * cot), (0, 1))(x, w)
+    exp = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cot), (0, 1))(x, w)
+    for a, b in zip(got, exp):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5)
+    assert np.all(np.asarray(got[0])[200:] == 0)

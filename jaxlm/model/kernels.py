@@ -6,6 +6,8 @@ formula, autodiff's gradient) that every other implementation is tested against 
 
   model.attention_impl  auto | xla | cpu | cudnn | pallas_gpu | splash
   model.projection_impl auto | xla | cpu
+  model.gmm_impl        auto | ragged_dot | megablox   (MoE's dropless grouped matmul)
+  model.scan_layers     auto | true | false (not a kernel, but a per-backend choice of the same kind)
 
 `auto` picks per platform (`AUTO`): the hand-tuned XLA:CPU kernels on CPU, cuDNN flash attention
 on GPU (the deterministic Pallas kernel when train.deterministic is on), splash attention on TPU.
@@ -29,13 +31,16 @@ import jax.numpy as jnp
 ATTENTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",),
                    "pallas_gpu": ("gpu",), "splash": ("tpu",)}
 PROJECTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu")}
+GMM_IMPLS = {"ragged_dot": ("cpu", "gpu", "tpu"), "megablox": ("tpu",)}
 AUTO = {
     "attention_impl": {"cpu": "cpu", "gpu": "cudnn", "tpu": "splash"},
     "projection_impl": {"cpu": "cpu", "gpu": "xla", "tpu": "xla"},
+    "gmm_impl": {"cpu": "ragged_dot", "gpu": "ragged_dot", "tpu": "megablox"},
+    "scan_layers": {"cpu": True, "gpu": False, "tpu": True},
 }
 DETERMINISTIC_AUTO = {"attention_impl": {"gpu": "pallas_gpu"}}  # cuDNN's backward uses atomics
 NOT_DETERMINISTIC = {"attention_impl": {"cudnn"}}
-IMPLS = {"attention_impl": ATTENTION_IMPLS, "projection_impl": PROJECTION_IMPLS}
+IMPLS = {"attention_impl": ATTENTION_IMPLS, "projection_impl": PROJECTION_IMPLS, "gmm_impl": GMM_IMPLS}
 
 
 def resolve(model_cfg, platform: str, deterministic: bool = False):
@@ -49,7 +54,7 @@ def resolve(model_cfg, platform: str, deterministic: bool = False):
         impl = getattr(model_cfg, key)
         if impl == "auto":
             auto = {**AUTO[key], **(DETERMINISTIC_AUTO.get(key, {}) if deterministic else {})}
-            changes[key] = auto.get(platform, "xla")
+            changes[key] = auto.get(platform, auto["cpu"])
         elif deterministic and impl in NOT_DETERMINISTIC.get(key, ()) and platform in table[impl]:
             raise ConfigError(f"model.{key}={impl!r} is not deterministic (its backward uses atomics); use auto or "
                               "pallas_gpu, or set train.deterministic=false")
@@ -59,19 +64,22 @@ def resolve(model_cfg, platform: str, deterministic: bool = False):
             ok = [name for name, platforms in table.items() if platform in platforms]
             raise ConfigError(f"model.{key}={impl!r} needs a {' or '.join(table[impl]).upper()} backend, but this "
                               f"run's devices are {platform.upper()}; use auto or one of {'|'.join(ok)}")
+    if model_cfg.scan_layers == "auto":
+        changes["scan_layers"] = AUTO["scan_layers"].get(platform, AUTO["scan_layers"]["cpu"])
     return dataclasses.replace(model_cfg, **changes)
 
 
-def _concrete(impl: str, key: str) -> str:
-    return AUTO[key].get(jax.default_backend(), "xla") if impl == "auto" else impl
+def concrete(impl, key: str):
+    """A config choice made concrete for the default backend (a model used outside a Trainer)."""
+    return AUTO[key].get(jax.default_backend(), AUTO[key]["cpu"]) if impl == "auto" else impl
 
 
 _WARNED: set[str] = set()
 
 
-def _fallback(impl: str, instead: str, why: str) -> str:
-    """Says once (per reason) that a kernel cannot express this mask and which one runs instead."""
-    line = f"jaxlm: warning: attention kernel {impl} cannot express {why}; using {instead} for it"
+def _fallback(impl: str, instead: str, why: str, kind: str = "attention") -> str:
+    """Says once (per reason) that a kernel cannot express this case and which one runs instead."""
+    line = f"jaxlm: warning: {kind} kernel {impl} cannot express {why}; using {instead} for it"
     if line not in _WARNED:
         _WARNED.add(line)
         print(line, file=sys.stderr)
@@ -121,7 +129,7 @@ def attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, impl: str = "auto") 
     """
     from jaxlm.model import flash
 
-    impl = _concrete(impl, "attention_impl")
+    impl = concrete(impl, "attention_impl")
     T, S = q_BTKGd.shape[1], k_BSKd.shape[1]
     if impl in ("cudnn", "pallas_gpu", "splash") and (mask.kv_valid_BS is not None or T != S
                                                      or mask.kv_segment_ids_BS is not None):
@@ -210,7 +218,7 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1, impl: str = "auto") -> ja
     2-D matmul."""
     lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
     out = w.shape[n_in:]
-    matmul = _cpu_matmul if _concrete(impl, "projection_impl") == "cpu" else jnp.matmul
+    matmul = _cpu_matmul if concrete(impl, "projection_impl") == "cpu" else jnp.matmul
     return matmul(x.reshape(-1, k), w.reshape(k, -1)).reshape(*lead, *out)
 
 
@@ -233,3 +241,25 @@ def _cpu_matmul_bwd(res, g_NM):
 
 
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+
+
+# ----------------------------------------------------------------------------- grouped matmul
+
+
+def grouped_matmul(x_MK, w_GKN, sizes_G, impl: str = "auto", interpret: bool = False) -> jax.Array:
+    """Rows sorted by group (sizes_G rows each) times their group's matrix: [M, N], with the rows
+    past sum(sizes_G) zero. MoE's dropless experts: one matmul for all experts, no capacity."""
+    impl = concrete(impl, "gmm_impl")
+    (M, K), N = x_MK.shape, w_GKN.shape[-1]
+    if impl == "megablox" and (K % 128 or N % 128):  # one tiling serves K and N (forward and backward)
+        impl = _fallback("megablox", "ragged_dot", "expert matrices whose sides are not multiples of 128",
+                         "grouped matmul")
+    if impl == "ragged_dot":
+        return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
+    from jax.experimental.pallas.ops.tpu.megablox import ops
+
+    # megablox leaves rows past the last group unwritten (and their gradient): select them away
+    used = (jnp.arange(M) < jnp.sum(sizes_G))[:, None]
+    tiling = (128 if M % 128 == 0 else M, 128, 128)  # Mosaic tiles: multiples of 128 or a whole dim
+    out = ops.gmm(jnp.where(used, x_MK, 0), w_GKN, sizes_G, x_MK.dtype, tiling, interpret=interpret)
+    return jnp.where(used, out, 0)

@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.model.attention import Attention
-from jaxlm.model.kernels import AttentionMask, project
+from jaxlm.model.kernels import AttentionMask, concrete, project
 from jaxlm.model.layers import MLP, Embed, RMSNorm, dtype_of, weight
 from jaxlm.sharding import constrain
 
@@ -99,7 +99,7 @@ class Segment(nnx.Module):
 
         self.units = create(rngs)
         self.repeats = repeats
-        self.scan = cfg.scan_layers
+        self.scan = concrete(cfg.scan_layers, "scan_layers")
         self.remat = cfg.remat
 
     def __call__(self, x_BTD, positions_BT, mask, rng):
