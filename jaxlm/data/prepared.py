@@ -75,8 +75,8 @@ def _finish_hint(path: str) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         command = f"jaxlm prepare INPUT... --tokenizer SPEC -o {path}"
     done = len(glob.glob(os.path.join(path, "*_[0-9][0-9][0-9][0-9][0-9].json")))
-    return (f"{path} is an unfinished `jaxlm prepare` output (no metadata.json yet; {done} shard(s) done); "
-            f"run the same command again to finish it: {command}")
+    return (f"{path} is an unfinished `jaxlm prepare` output (interrupted, or still running: no metadata.json yet, "
+            f"{done} shard(s) done); run the same command again to finish it: {command}")
 
 
 def open_prepared(path: str) -> PreparedCorpus:
