@@ -34,8 +34,6 @@ def in_val_split(doc: str, val_fraction: float) -> bool:
 
 
 def _stream(encoded: list[np.ndarray], dtype) -> TokenStream:
-    if not encoded:
-        return TokenStream([np.zeros(0, dtype)], np.zeros(1, np.int64))
     starts = np.cumsum([0] + [len(e) for e in encoded[:-1]]).astype(np.int64)
     return TokenStream([np.concatenate(encoded).astype(dtype)], starts)
 
