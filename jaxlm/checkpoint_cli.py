@@ -14,17 +14,13 @@ from jaxlm.errors import UserError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = sub.add_parser("ls", help="list the checkpoints of a run: step, size, validity, config summary")
+    ls = sub.add_parser("ls", help="list the checkpoints of a run: step, size, validity, config summary",
+                        description="List the checkpoints of a run, newest first: step, size on disk, time saved, "
+                                    "tokens seen and whether every file matches its manifest (valid), then a "
+                                    "summary of the newest valid checkpoint's config. Reads only files; needs no "
+                                    "devices.")
     ls.add_argument("run_dir", help="a run directory (with checkpoints/) or a checkpoints directory")
     ls.add_argument("--quick", action="store_true", help="check file sizes only, not checksums")
-
-
-def human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def config_summary(meta: dict) -> str:
@@ -60,7 +56,7 @@ def ls(run_dir: Path, quick: bool) -> int:
             n_valid += 1
             newest_meta = newest_meta or meta
         status = "valid" if reason is None else f"INVALID: {reason}"
-        rows.append((str(step), human(ckpt.dir_size(path)), meta.get("time", "?"),
+        rows.append((str(step), ckpt.human_bytes(ckpt.dir_size(path)), meta.get("time", "?"),
                      str(meta.get("tokens_seen", "?")), status))
     print(f"{directory}: {len(steps)} checkpoint(s), {n_valid} valid"
           f"{' (sizes only checked)' if quick else ''}")

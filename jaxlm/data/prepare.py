@@ -1,6 +1,7 @@
 """`jaxlm prepare`: text files, directories, globs and JSONL -> token shards + metadata.json.
 
 Layout of OUTDIR (one split = the train or val documents, each followed by <|endoftext|>):
+  prepare.json          written first: the command that makes OUTDIR (to finish an interrupted run)
   train_00000.bin       raw uint16 (or uint32) token ids, a slice of the split's token stream
   train_00000.idx.npy   int64 offsets, in the shard, of the documents that start in it
   train_00000.json      sidecar written last: the shard is complete, and where to resume
@@ -8,7 +9,8 @@ Layout of OUTDIR (one split = the train or val documents, each followed by <|end
 
 A document is one text file or one JSONL record; document i (in input order, counting every
 JSONL line) goes to val when i >= 1 and ceil(i*f) > ceil((i-1)*f), so about a fraction f of
-the documents, spread evenly, at least one when there are two. Files are written under a
+the documents, spread evenly, at least one when there are two; a single document is split by
+tokens instead (its last fraction f goes to val). Files are written under a
 temporary name and renamed; a re-run skips shards that are finished; an error removes what
 this run wrote.
 """
@@ -22,13 +24,15 @@ import json
 import math
 import multiprocessing
 import os
+import shlex
+import signal
 import sys
 import time
 
 import numpy as np
 
 from jaxlm.data.corpus import expand_inputs
-from jaxlm.data.prepared import check_token_ids, check_tokenizer, open_prepared
+from jaxlm.data.prepared import COMMAND_FILE, check_token_ids, check_tokenizer, open_prepared
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.errors import UserError
 
@@ -40,7 +44,9 @@ _STREAM_BLOCK = 1 << 20
 
 def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, directories, globs, .jsonl files")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                   help="directory for the shards and metadata.json (created; an interrupted run there resumes); "
+                        "use it as data.path")
     p.add_argument("--tokenizer", help="'bytes', a tokenizer directory, or a tiktoken name (gpt2, cl100k_base, ...)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
@@ -65,9 +71,14 @@ def main(args) -> int:
     if not args.inputs or not args.tokenizer:
         raise UserError("give INPUT... and --tokenizer SPEC (or --check)")
     t0 = time.perf_counter()
-    meta = prepare(args.inputs, args.tokenizer, args.output, val_fraction=args.val_fraction,
-                   shard_tokens=args.shard_tokens, text_field=args.text_field, workers=args.workers,
-                   allow_special=args.allow_special)
+    try:
+        meta = prepare(args.inputs, args.tokenizer, args.output, val_fraction=args.val_fraction,
+                       shard_tokens=args.shard_tokens, text_field=args.text_field, workers=args.workers,
+                       allow_special=args.allow_special)
+    except KeyboardInterrupt:
+        print(f"jaxlm prepare: interrupted; the finished shards in {args.output} are kept: run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     dt = time.perf_counter() - t0
     mb = sum(i[1] for i in meta["settings"]["inputs"]) / 1e6
     print(f"{args.output}: {mb:.1f} MB in {dt:.1f} s ({mb / dt:.1f} MB/s); " + "; ".join(
@@ -127,6 +138,8 @@ _worker_state: dict = {}
 
 
 def _init_worker(tok: Tokenizer, dtype: str, text_field: str, allow_special: bool) -> None:
+    if multiprocessing.parent_process() is not None:  # Ctrl-C is the parent's to handle (no worker tracebacks)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_state.update(tok=tok, dtype=np.dtype(dtype), field=text_field, allow=allow_special)
 
 
@@ -339,7 +352,7 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
     dtype = "uint16" if tok.n_vocab <= 1 << 16 else "uint32"
     settings = {"inputs": [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files],
                 "val_fraction": val_fraction, "shard_tokens": shard_tokens, "text_field": text_field,
-                "allow_special": allow_special, "tokenizer_hash": tok.hash}
+                "allow_special": allow_special, "tokenizer_hash": tok.hash, "split_single_document": True}
     settings_hash = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
     meta_path = os.path.join(out, "metadata.json")
     if os.path.exists(meta_path):
@@ -361,16 +374,26 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
     created: list[str] = []
     writers: dict[str, _SplitWriter] = {}
     try:
+        _write_json(os.path.join(out, COMMAND_FILE), {"command": _command(
+            inputs, tokenizer, out, val_fraction, shard_tokens, text_field, allow_special)},
+            created)
         writers = {s: _SplitWriter(out, s, dtype, shard_tokens, tok.eot_id, settings_hash, created) for s in SPLITS}
         resume = min(w.next_doc for w in writers.values())
-        tasks = [t for t in _make_tasks(files) if _task_end(t) > resume]
+        all_tasks = _make_tasks(files)
+        # one document cannot be split by document: its last val_fraction of tokens is validation
+        split_one = val_fraction > 0 and _task_end(all_tasks[-1]) == 1
+        tasks = [t for t in all_tasks if _task_end(t) > resume]
         for result in _results(tasks, (tok, dtype, text_field, allow_special), workers):
             for doc, ids, lengths in result:
                 pos = 0
                 for i, n in enumerate(lengths.tolist()):
-                    if n >= 0:
+                    if n >= 0 and split_one:
+                        cut = n - int(n * val_fraction)
+                        writers["train"].add(doc + i, ids[pos: pos + cut])
+                        writers["val"].add(doc + i, ids[pos + cut: pos + n])
+                    elif n >= 0:
                         writers["val" if in_val(doc + i, val_fraction) else "train"].add(doc + i, ids[pos: pos + n])
-                        pos += n
+                    pos += max(n, 0)
         for w in writers.values():
             w.finish()
         meta = _metadata(out, tok, tokenizer, dtype, settings, settings_hash)
@@ -389,6 +412,18 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
         if isinstance(e, OSError):  # unreadable input, full disk, ...: one line, not a traceback
             raise UserError(f"{e.filename or out}: {e.strerror or e}") from None
         raise
+
+
+def _command(inputs, tokenizer, out, val_fraction, shard_tokens, text_field, allow_special) -> str:
+    """The `jaxlm prepare` command line that makes `out`, with absolute paths (any directory can run it)."""
+    args = ["jaxlm", "prepare", *map(os.path.abspath, inputs), "--tokenizer",
+            os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else tokenizer, "-o", os.path.abspath(out)]
+    optional = (("--val-fraction", val_fraction, 0.05), ("--shard-tokens", shard_tokens, 100_000_000),
+                ("--text-field", text_field, "text"))
+    for flag, value, default in optional:
+        if value != default:
+            args += [flag, str(value)]
+    return shlex.join(args + (["--allow-special"] if allow_special else []))
 
 
 def _task_end(task: list[tuple]) -> int:

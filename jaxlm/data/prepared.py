@@ -59,13 +59,33 @@ class PreparedCorpus:
                              m["n_tokens"], m["n_documents"])
 
 
+COMMAND_FILE = "prepare.json"  # written first by `jaxlm prepare`: the command that makes this directory
+
+
+def unfinished_prepare(path: str) -> bool:
+    """True for a directory that `jaxlm prepare` started but did not finish (no metadata.json yet)."""
+    return (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "metadata.json"))
+            and (os.path.isfile(os.path.join(path, COMMAND_FILE)) or bool(glob.glob(os.path.join(path, "*_00000.*")))))
+
+
+def _finish_hint(path: str) -> str:
+    try:
+        with open(os.path.join(path, COMMAND_FILE)) as f:
+            command = json.load(f)["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        command = f"jaxlm prepare INPUT... --tokenizer SPEC -o {path}"
+    done = len(glob.glob(os.path.join(path, "*_[0-9][0-9][0-9][0-9][0-9].json")))
+    return (f"{path} is an unfinished `jaxlm prepare` output (interrupted, or still running: no metadata.json yet, "
+            f"{done} shard(s) done); run the same command again to finish it: {command}")
+
+
 def open_prepared(path: str) -> PreparedCorpus:
     """Reads OUTDIR/metadata.json and checks that every shard is there with its full size."""
     meta_path = os.path.join(path, "metadata.json")
     if not os.path.isfile(meta_path):
-        partial = glob.glob(os.path.join(path, "*_00000.json"))
-        raise UserError(f"{path} is not a prepared corpus (no metadata.json)"
-                        + ("; a run was interrupted: re-run `jaxlm prepare` to finish it" if partial else ""))
+        if unfinished_prepare(path):
+            raise UserError(_finish_hint(path))
+        raise UserError(f"{path} is not a prepared corpus (no metadata.json)")
     try:
         with open(meta_path) as f:
             meta = json.load(f)

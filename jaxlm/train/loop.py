@@ -21,9 +21,10 @@ from jaxlm import determinism
 from jaxlm.accounting import train_flops_per_step
 from jaxlm.config import Config, ConfigError, to_yaml
 from jaxlm.data.pipeline import to_global
-from jaxlm.data.sources import build_data
+from jaxlm.data.sources import build_data, data_fingerprint
 from jaxlm.distributed import data_parallel_size, make_mesh
 from jaxlm.sharding import resolve_rules
+from jaxlm.train.guard import FiniteCheck, RunDirLock
 from jaxlm.train.metrics import MetricsLogger, peak_flops
 from jaxlm.train.step import Trainer, make_trainer
 
@@ -115,16 +116,20 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
     """
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     check_batch(cfg, mesh)
-    determinism.check(cfg.train.deterministic, mesh.devices.flat[0].platform)
+    platform = mesh.devices.flat[0].platform
+    deterministic = {"deterministic": determinism.check(cfg.train.deterministic, platform), "platform": platform}
     t = cfg.train
     preemption = Preemption()  # early: a signal during start-up stops after the first step
     writer = None
+    run_dir = Path(t.run_dir)
+    lock = RunDirLock(run_dir)
     try:
         batches, eval_batches = build_data(cfg)
+        fingerprint = data_fingerprint(cfg.data)
         trainer = make_trainer(cfg, mesh)
-        run_dir = Path(t.run_dir)
         tokenizer = ckpt.tokenizer_identity(cfg.data.tokenizer)
-        restored = ckpt.restore_for_training(cfg, trainer, run_dir, resume, tokenizer)
+        lock.acquire()  # before anything in run_dir is read or moved
+        restored = ckpt.restore_for_training(cfg, trainer, run_dir, resume, tokenizer, fingerprint)
         tokens_per_step = t.global_batch * cfg.data.seq_len
         if restored is None:
             state, tokens_seen = trainer.init_state(), 0
@@ -132,11 +137,17 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
             state, meta = restored
             batches.set_state(meta["data"])
             tokens_seen = int(meta["tokens_seen"])
-            _say(f"resumed from step {meta['step']} ({tokens_seen} tokens seen)")
+            was = meta.get("determinism", deterministic)
+            if was != deterministic:
+                _say(f"the checkpoint was written with {was}, this run has {deterministic}: the resumed run need "
+                     "not match an uninterrupted one bit for bit")
         start = int(state["step"])
-        if start >= t.steps:
-            _say(f"the checkpoint is at step {start}, train.steps={t.steps}: nothing to do; raise train.steps "
-                 f"to train on")
+        if start >= t.steps:  # one line and touch nothing: no config rewrite, no new TensorBoard events file
+            _say(f"{run_dir} is finished (its checkpoint is at step {start}, train.steps={t.steps}); to train on, "
+                 f"raise train.steps (e.g. train.steps={start + t.steps}), or use a new train.run_dir")
+            return []
+        if restored is not None:
+            _say(f"resumed from step {start} ({tokens_seen} tokens seen)")
         if jax.process_index() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -146,8 +157,18 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
         writer = ckpt.CheckpointWriter(run_dir / ckpt.CHECKPOINTS, cfg.checkpoint) if every > 0 else None
 
         def save(step: int) -> None:
-            meta = ckpt.make_meta(cfg, step, tokens_seen, batches.get_state(), tokenizer)
+            checks.check_state(step, state)  # never a non-finite checkpoint
+            meta = {**ckpt.make_meta(cfg, step, tokens_seen, batches.get_state(), tokenizer, fingerprint),
+                    "determinism": deterministic}
             writer.save(step, state, meta)
+
+        def last_good() -> str:
+            if writer is None:
+                return "no checkpoints are written (checkpoint.every=0)"
+            writer.wait()
+            return ckpt.newest_valid(writer.directory)
+
+        checks = FiniteCheck(last_good)
 
         flops = train_flops_per_step(cfg)
         peak = peak_flops(cfg)
@@ -157,6 +178,9 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
             for step in range(start, t.steps):
                 state, metrics = trainer.train_step(state, to_global(next(batches), trainer.batch_sharding))
                 done = step + 1
+                checks.push(done, metrics)  # checks the previous step: this one is queued, the host need not wait
+                if writer is not None:
+                    writer.poll()  # a failed background save stops the run now, not at the next save
                 tokens_seen += tokens_per_step
                 logger.advance()
                 is_last = done == t.steps
@@ -181,12 +205,14 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
                     where = f"checkpoint {run_dir / ckpt.CHECKPOINTS / str(done)}" if writer else \
                         "no checkpoint (checkpoint.every=0)"
                     sig = preemption.signal or "a stop signal (to another process)"
-                    _say(f"{sig} received: stopped after step {done}; {where}")
+                    logger.write(f"jaxlm: {sig} received: stopped after step {done}; {where}")
                     break
+            checks.check()
         finally:
             logger.close()
     finally:
         preemption.close()
         if writer is not None:
             writer.close()  # waits for a save in flight
+        lock.release()
     return logger.history
