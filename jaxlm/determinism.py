@@ -93,3 +93,13 @@ def check(setting, platform: str) -> bool:
               "uninterrupted one, may differ in the last bits; set train.deterministic=true for bit-exact runs",
               file=sys.stderr)
     return deterministic
+
+
+def resume_note(saved: dict | None, now: dict) -> str | None:
+    """A line for a resume whose determinism ({"deterministic", "platform"}) differs from the
+    checkpoint's, or None (also for checkpoints that predate the record)."""
+    if saved is None or saved == now:
+        return None
+    describe = lambda r: f"deterministic={str(r['deterministic']).lower()} on {r['platform'].upper()}"
+    return (f"the checkpoint was written with {describe(saved)}, this run is {describe(now)}: the resumed run "
+            "need not match an uninterrupted one bit for bit")

@@ -37,3 +37,11 @@ def test_auto_is_deterministic_where_free_and_the_gpu_run_says_when_it_is_not(ca
         determinism.check(True, "gpu")
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
     assert determinism.check(True, "gpu") and capsys.readouterr().err == ""
+
+
+def test_a_resume_that_changes_determinism_says_so():
+    cpu, gpu_fast = {"deterministic": True, "platform": "cpu"}, {"deterministic": False, "platform": "gpu"}
+    assert determinism.resume_note(cpu, cpu) is None and determinism.resume_note(None, cpu) is None
+    assert determinism.resume_note(cpu, gpu_fast) == (
+        "the checkpoint was written with deterministic=true on CPU, this run is deterministic=false on GPU: "
+        "the resumed run need not match an uninterrupted one bit for bit")

@@ -1,11 +1,6 @@
 """`jaxlm prepare`: text files, directories, globs and JSONL -> token shards + metadata.json.
 
-Layout of OUTDIR (one split = the train or val documents, each followed by <|endoftext|>):
-  prepare.json          written first: the command that makes OUTDIR (to finish an interrupted run)
-  train_00000.bin       raw uint16 (or uint32) token ids, a slice of the split's token stream
-  train_00000.idx.npy   int64 offsets, in the shard, of the documents that start in it
-  train_00000.json      sidecar written last: the shard is complete, and where to resume
-  metadata.json         written when every split is finished; readers need it
+The on-disk format (shards, sidecars, metadata.json) is owned by data/shards.py.
 
 A document is one text file or one JSONL record; document i (in input order, counting every
 JSONL line) goes to val when i >= 1 and ceil(i*f) > ceil((i-1)*f), so about a fraction f of
@@ -32,11 +27,11 @@ import time
 import numpy as np
 
 from jaxlm.data.corpus import expand_inputs
-from jaxlm.data.prepared import COMMAND_FILE, check_token_ids, check_tokenizer, open_prepared
+from jaxlm.data.shards import (COMMAND_FILE, SPLITS, ShardWriter, check_token_ids, check_tokenizer,
+                                corpus_metadata, open_prepared, write_json)
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.errors import UserError
 
-SPLITS = ("train", "val")
 _TASK_BYTES = 4 << 20
 _STREAM_ABOVE = 64 << 20  # larger text files are encoded with encode_chunks (bounded text memory)
 _STREAM_BLOCK = 1 << 20
@@ -247,96 +242,6 @@ def _results(tasks, init_args, workers: int):
             yield pending.popleft().get()
 
 
-# ---------------------------------------------------------------- shard writing
-
-
-class _SplitWriter:
-    """Appends documents (+ EOT) to one split's shards; resumes after the finished ones."""
-
-    def __init__(self, out: str, split: str, dtype, shard_tokens: int, eot: int, settings_hash: str, created: list):
-        self.out, self.split, self.dtype, self.cap = out, split, np.dtype(dtype), shard_tokens
-        self.eot = np.array([eot], self.dtype)
-        self.settings_hash, self.created = settings_hash, created
-        self.k, self.next_doc, self.next_offset = 0, 0, 0
-        while os.path.exists(side := self._path(self.k, ".json")):
-            with open(side) as f:
-                info = json.load(f)
-            if info.get("settings_hash") != settings_hash:
-                raise UserError(f"{out} holds shards from a run with other inputs, settings or tokenizer "
-                                f"({os.path.basename(side)}); remove it or choose another -o")
-            self.k, self.next_doc, self.next_offset = self.k + 1, info["next_doc"], info["next_offset"]
-        self.file = None
-
-    def _path(self, k: int, ext: str) -> str:
-        return os.path.join(self.out, f"{self.split}_{k:05d}{ext}")
-
-    def _open(self) -> None:
-        self.tmp = self._path(self.k, f".bin.{os.getpid()}.tmp")
-        self.file, self.n, self.offsets, self.buf, self.buffered = open(self.tmp, "wb"), 0, [], [], 0
-        self.mid_doc = self.next_offset > 0
-        self.created.append(self.tmp)
-
-    def add(self, doc: int, ids: np.ndarray) -> None:
-        """Document `doc` (in input order) + EOT; documents before the resume point are done."""
-        if doc < self.next_doc:
-            return
-        pos, total = (self.next_offset if doc == self.next_doc else 0), len(ids) + 1
-        while pos < total:
-            if self.file is None:
-                self._open()
-            if pos == 0:
-                self.offsets.append(self.n)
-            end = pos + min(self.cap - self.n, total - pos)
-            if pos < len(ids):
-                self.buf.append(ids[pos: min(end, len(ids))])
-            if end == total:
-                self.buf.append(self.eot)
-            self.n, self.buffered, pos = self.n + end - pos, self.buffered + end - pos, end
-            self.next_doc, self.next_offset = (doc + 1, 0) if pos == total else (doc, pos)
-            if self.n == self.cap:
-                self._finalize()
-            elif self.buffered >= 1 << 20:
-                self._flush()
-
-    def finish(self) -> None:
-        if self.file is not None and self.n:
-            self._finalize()
-
-    def _flush(self) -> None:
-        if self.buf:
-            np.concatenate(self.buf).tofile(self.file)
-        self.buf, self.buffered = [], 0
-
-    def _finalize(self) -> None:
-        self._flush()
-        self.file.close()
-        self.file = None
-        _replace(self.tmp, self._path(self.k, ".bin"), self.created)
-        idx = self._path(self.k, ".idx.npy")
-        with open(idx + ".tmp", "wb") as f:
-            np.save(f, np.asarray(self.offsets, np.int64))
-        _replace(idx + ".tmp", idx, self.created)
-        _write_json(self._path(self.k, ".json"), {
-            "settings_hash": self.settings_hash, "n_tokens": self.n, "n_documents": len(self.offsets),
-            "starts_mid_document": self.mid_doc, "next_doc": self.next_doc, "next_offset": self.next_offset,
-        }, self.created)
-        self.k += 1
-
-
-def _replace(tmp: str, final: str, created: list) -> None:
-    os.replace(tmp, final)
-    created.append(final)
-
-
-def _write_json(path: str, obj: dict, created: list) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    created.append(tmp)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    _replace(tmp, path, created)
-
-
 def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float = 0.05,
             shard_tokens: int = 100_000_000, text_field: str = "text", workers: int = 1,
             allow_special: bool = False) -> dict:
@@ -372,12 +277,12 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
     for stale in glob.glob(os.path.join(out, "*.tmp")):
         os.remove(stale)  # from a killed run
     created: list[str] = []
-    writers: dict[str, _SplitWriter] = {}
+    writers: dict[str, ShardWriter] = {}
     try:
-        _write_json(os.path.join(out, COMMAND_FILE), {"command": _command(
+        write_json(os.path.join(out, COMMAND_FILE), {"command": _command(
             inputs, tokenizer, out, val_fraction, shard_tokens, text_field, allow_special)},
             created)
-        writers = {s: _SplitWriter(out, s, dtype, shard_tokens, tok.eot_id, settings_hash, created) for s in SPLITS}
+        writers = {s: ShardWriter(out, s, dtype, shard_tokens, tok.eot_id, settings_hash, created) for s in SPLITS}
         resume = min(w.next_doc for w in writers.values())
         all_tasks = _make_tasks(files)
         # one document cannot be split by document: its last val_fraction of tokens is validation
@@ -396,8 +301,8 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
                     pos += max(n, 0)
         for w in writers.values():
             w.finish()
-        meta = _metadata(out, tok, tokenizer, dtype, settings, settings_hash)
-        _write_json(meta_path, meta, created)
+        meta = corpus_metadata(out, tok, tokenizer, dtype, settings, settings_hash)
+        write_json(meta_path, meta, created)
         return meta
     except BaseException as e:
         for w in writers.values():
@@ -429,20 +334,3 @@ def _command(inputs, tokenizer, out, val_fraction, shard_tokens, text_field, all
 def _task_end(task: list[tuple]) -> int:
     *_, doc, _, n_docs = task[-1]
     return doc + n_docs
-
-
-def _metadata(out, tok, spec, dtype, settings, settings_hash) -> dict:
-    splits = {}
-    for s in SPLITS:
-        shards, k = [], 0
-        while os.path.exists(side := os.path.join(out, f"{s}_{k:05d}.json")):
-            with open(side) as f:
-                info = json.load(f)
-            shards.append({"file": f"{s}_{k:05d}.bin", "offsets_file": f"{s}_{k:05d}.idx.npy",
-                           "n_tokens": info["n_tokens"], "n_documents": info["n_documents"],
-                           "starts_mid_document": info["starts_mid_document"]})
-            k += 1
-        splits[s] = {"n_tokens": sum(x["n_tokens"] for x in shards),
-                     "n_documents": sum(x["n_documents"] for x in shards), "shards": shards}
-    return {"format": "jaxlm-prepared", "version": 1, "tokenizer": {**tok.identity(), "spec": spec},
-            "dtype": dtype, "settings_hash": settings_hash, "settings": settings, "splits": splits}

@@ -17,7 +17,7 @@ import numpy as np
 from jaxlm.config import Config, DataConfig
 from jaxlm.data.corpus import default_corpus, default_corpus_paths, expand_inputs, read_documents
 from jaxlm.data.pipeline import BatchIterator, TokenStream, mixture, row_dataset
-from jaxlm.data.prepared import unfinished_prepare
+from jaxlm.data.shards import unfinished_prepare
 from jaxlm.data.tokenizer import EOT, load_tokenizer
 from jaxlm.errors import UserError
 
@@ -58,7 +58,7 @@ def text_streams(docs: list[str], tokenizer, val_fraction: float) -> tuple[Token
 
 
 def prepared_streams(path: str, tokenizer) -> tuple[TokenStream, TokenStream]:
-    from jaxlm.data.prepared import check_tokenizer, open_prepared
+    from jaxlm.data.shards import check_tokenizer, open_prepared
 
     corpus = open_prepared(path)
     check_tokenizer(corpus, tokenizer)
@@ -123,7 +123,7 @@ def _source_files(path: str | None) -> list[str]:
     if path is None:
         return [str(p) for p in default_corpus_paths()]
     if is_prepared(path):
-        from jaxlm.data.prepared import open_prepared
+        from jaxlm.data.shards import open_prepared
 
         meta = open_prepared(path).metadata
         shards = [s["file"] for split in meta["splits"].values() for s in split["shards"]]

@@ -137,10 +137,9 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
             state, meta = restored
             batches.set_state(meta["data"])
             tokens_seen = int(meta["tokens_seen"])
-            was = meta.get("determinism", deterministic)
-            if was != deterministic:
-                _say(f"the checkpoint was written with {was}, this run has {deterministic}: the resumed run need "
-                     "not match an uninterrupted one bit for bit")
+            note = determinism.resume_note(meta.get("determinism"), deterministic)
+            if note:
+                _say(note)
         start = int(state["step"])
         if start >= t.steps:  # one line and touch nothing: no config rewrite, no new TensorBoard events file
             _say(f"{run_dir} is finished (its checkpoint is at step {start}, train.steps={t.steps}); to train on, "
