@@ -48,6 +48,7 @@ LOCKED_SECTIONS = {"model", "moe", "data"}
 UNLOCKED = {
     "model.max_seq_len", "model.compute_dtype", "model.remat",  # RoPE has no learned positions
     "model.attention_impl", "model.projection_impl", "model.gmm_impl", "model.scan_layers",  # how, not what
+    "model.dropout", "model.attention_dropout",
     "moe.noise_std", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.impl", "moe.capacity_factor",
 }
 LOCKED_TRAIN = {"train.seed", "train.global_batch"}  # rng stream; iterator state is a batch index
@@ -115,6 +116,19 @@ def step_dirs(directory: Path) -> list[tuple[int, Path]]:
     return sorted(steps, reverse=True)
 
 
+def best_step(directory: Path, checksums: bool = False) -> int | None:
+    """The valid checkpoint with the lowest eval loss (saved at an evaluation step), or None."""
+    scored = []
+    for step, path in step_dirs(directory):
+        try:
+            loss = read_meta(path).get("eval_loss")
+        except (OSError, ValueError):
+            continue
+        if loss is not None and verify(path, checksums=checksums) is None:
+            scored.append((loss, step))
+    return min(scored)[1] if scored else None
+
+
 def read_meta(step_dir: Path) -> dict:
     return json.loads((step_dir / META_FILE).read_text())
 
@@ -175,6 +189,9 @@ class CheckpointWriter:
         keep: list = [ocm.LatestN(max(c.keep, 1))]
         if c.keep_every:
             keep.append(ocm.EveryNSteps(c.keep_every))
+        if c.keep_best:  # lowest eval loss: sorted descending, the last n are kept
+            keep.append(ocm.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=c.keep_best,
+                                  keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             # sync saves also go through the async checkpointer (then wait) so the manifest
             # hook below runs in both modes
@@ -197,8 +214,9 @@ class CheckpointWriter:
         self.wait()  # one save in flight: `pending` names it
         self.pending = self.unchecked = step
         try:
+            metrics = None if meta.get("eval_loss") is None else {"eval_loss": meta["eval_loss"]}
             self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
         except Exception as e:  # noqa: BLE001 - the synchronous part can fail too (e.g. mkdir on a full disk)
             raise self._failed(e) from None
         if not self.async_save:

@@ -46,6 +46,9 @@ class ModelConfig:
     compute_dtype: Doc[Literal["float32", "bfloat16"], "dtype of matmuls and activations"] = "float32"
     causal: Doc[bool, "causal attention; false = bidirectional (masked-diffusion LMs)"] = True
     remat: Doc[Literal["none", "full", "dots_saveable"], "activation recomputation in the backward pass"] = "none"
+    dropout: Doc[float, "dropout rate on the embedding output and on each residual branch (training only)"] = 0.0
+    attention_dropout: Doc[float, "dropout rate on attention probabilities (training only; runs the xla "
+                                  "attention kernel, the fast ones cannot drop out)"] = 0.0
     scan_layers: Doc[Literal["auto", True, False],
                      "compile one block and scan it over the layers (fast compiles) or unroll them; auto: "
                      "unrolled on GPU, where the scan cost 1.4x in step time, scanned elsewhere"] = "auto"
@@ -146,6 +149,7 @@ class TrainConfig:
     deterministic: Doc[Literal["auto", True, False],
                        "bit-exact runs and resumes; auto: where free (CPU, TPU), not on GPU"] = "auto"
     progress: Doc[bool, "show a progress bar"] = True
+    early_stop_patience: Doc[int, "stop after this many evaluations without a new best eval loss; 0 = never"] = 0
     allow_data_change: Doc[bool, "resume even though the data files changed since the checkpoint"] = False
 
 
@@ -154,6 +158,7 @@ class CheckpointConfig:
     every: Doc[int, "steps between checkpoints (and one at the last step); 0 disables checkpoints"] = 1000
     keep: Doc[int, "newest checkpoints to keep (>= 1)"] = 3
     keep_every: Doc[int, "also keep every n-th step forever; 0 = none"] = 0
+    keep_best: Doc[int, "also keep the n checkpoints with the lowest eval loss (saved at eval steps); 0 = none"] = 0
     async_save: Doc[bool, "write checkpoints in the background while training goes on"] = True
 
 
@@ -290,6 +295,8 @@ def validate(cfg: Config) -> None:
         "train.eval_batches": (t.eval_batches, 1, ""),
         "checkpoint.every": (c.every, 0, " (0 = no checkpoints)"), "checkpoint.keep": (c.keep, 1, ""),
         "checkpoint.keep_every": (c.keep_every, 0, " (0 = none kept forever)"),
+        "checkpoint.keep_best": (c.keep_best, 0, " (0 = none)"),
+        "train.early_stop_patience": (cfg.train.early_stop_patience, 0, " (0 = never)"),
         "optim.warmup_steps": (o.warmup_steps, 0, ""),
     }
     for key, (value, minimum, meaning) in at_least.items():
@@ -304,6 +311,9 @@ def validate(cfg: Config) -> None:
     for key, value in (("optim.weight_decay", o.weight_decay), ("optim.clip_norm", o.clip_norm)):
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
+    for key, rate in (("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout)):
+        if not 0 <= rate < 1:
+            raise ConfigError(f"{key}={rate} must be in [0, 1)")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
     if m.n_heads % m.n_kv_heads:

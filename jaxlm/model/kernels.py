@@ -122,15 +122,21 @@ def attention_mask(T: int, causal: bool, segment_ids_BT: jax.Array | None) -> ja
 # ----------------------------------------------------------------------------- attention
 
 
-def attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, impl: str = "auto") -> jax.Array:
+def attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, impl: str = "auto",
+              dropout: tuple[float, jax.Array | None] = (0.0, None)) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v over the keys `mask` allows; returns [B, T, K, G, d].
 
     Queries come grouped by the kv head they share (G = H / K), so K/V are never repeated.
+    `dropout` = (rate, key) drops attention probabilities (training only: key None = off).
     """
     from jaxlm.model import flash
 
     impl = concrete(impl, "attention_impl")
     T, S = q_BTKGd.shape[1], k_BSKd.shape[1]
+    if dropout[0] > 0 and dropout[1] is not None:
+        if impl != "xla":
+            impl = _fallback(impl, "xla", "dropout of attention probabilities (model.attention_dropout)")
+        return reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask, dropout)
     if impl in ("cudnn", "pallas_gpu", "splash") and (mask.kv_valid_BS is not None or T != S
                                                      or mask.kv_segment_ids_BS is not None):
         impl = _fallback(impl, "xla", "a decode step's cache mask")
@@ -149,12 +155,14 @@ def attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, impl: str = "auto") 
     raise ValueError(f"unknown attention impl {impl!r}")
 
 
-def reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask) -> jax.Array:
+def reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, dropout=(0.0, None)) -> jax.Array:
     """The textbook formula in f32 with autodiff's gradient: the reference for every kernel."""
+    from jaxlm.model.layers import dropout as drop
+
     d = q_BTKGd.shape[-1]
     s = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd, preferred_element_type=jnp.float32) / math.sqrt(d)
     allowed = mask.dense(q_BTKGd.shape[1], k_BSKd.shape[1])[:, None, None]
-    p = jax.nn.softmax(jnp.where(allowed, s, jnp.finfo(jnp.float32).min), axis=-1)
+    p = drop(jax.nn.softmax(jnp.where(allowed, s, jnp.finfo(jnp.float32).min), axis=-1), *dropout)
     return jnp.einsum("bkgts,bskd->btkgd", p.astype(v_BSKd.dtype), v_BSKd)
 
 

@@ -87,6 +87,24 @@ class Preemption:
             signal.signal(s, handler)
 
 
+class EarlyStopping:
+    """Stops after `patience` evaluations in a row without a new best eval loss (0 = never)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.best_step, self.stale = patience, float("inf"), None, 0
+
+    def update(self, step: int, eval_loss: float) -> str | None:
+        """The reason to stop now, or None."""
+        if eval_loss < self.best:
+            self.best, self.best_step, self.stale = eval_loss, step, 0
+            return None
+        self.stale += 1
+        if self.patience and self.stale >= self.patience:
+            return (f"early stop after step {step}: eval loss has not improved for {self.stale} evaluations "
+                    f"(train.early_stop_patience={self.patience}); best {self.best:.4f} at step {self.best_step}")
+        return None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keeps the records up to `step` (the resumed one) so resumed records are not duplicates."""
     if not path.exists():
@@ -155,10 +173,10 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
         every = cfg.checkpoint.every
         writer = ckpt.CheckpointWriter(run_dir / ckpt.CHECKPOINTS, cfg.checkpoint) if every > 0 else None
 
-        def save(step: int) -> None:
+        def save(step: int, eval_loss: float | None) -> None:
             checks.check_state(step, state)  # never a non-finite checkpoint
             meta = {**ckpt.make_meta(cfg, step, tokens_seen, batches.get_state(), tokenizer, fingerprint),
-                    "determinism": deterministic}
+                    "determinism": deterministic, "eval_loss": eval_loss}
             writer.save(step, state, meta)
 
         def last_good() -> str:
@@ -174,6 +192,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
         logger = MetricsLogger(run_dir, t.steps, start, t.progress)
         try:
             clock, clock_step = None, start
+            stopper, early = EarlyStopping(t.early_stop_patience), None
             for step in range(start, t.steps):
                 state, metrics = trainer.train_step(state, to_global(next(batches), trainer.batch_sharding))
                 done = step + 1
@@ -184,9 +203,10 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
                 logger.advance()
                 is_last = done == t.steps
                 stop = preemption.should_stop()
-                if writer is not None and (done % every == 0 or is_last or stop):
-                    save(done)  # returns once the arrays are off the devices; writing goes on
-                if done % t.log_every == 0 or is_last or done == start + 1 or stop:
+                is_eval = bool(t.eval_every and eval_batches and (done % t.eval_every == 0 or is_last))
+                is_log = done % t.log_every == 0 or is_last or done == start + 1 or stop or is_eval
+                eval_loss = None
+                if is_log:
                     metrics = jax.device_get(metrics)
                     now = time.perf_counter()
                     if clock is not None:  # the first step (compilation) is not timed
@@ -194,10 +214,20 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
                         metrics.update(step_time=step_time, tokens_per_s=tokens_per_step / step_time,
                                        mfu=flops / step_time / peak)
                     clock, clock_step = now, done
-                    if t.eval_every and eval_batches and (done % t.eval_every == 0 or is_last):
+                    if is_eval:  # before the save, which keeps the best checkpoints by eval loss
                         metrics.update(evaluate(trainer, state["params"], eval_batches))
+                        eval_loss = metrics["eval_loss"]
+                        early = stopper.update(done, eval_loss)
                         clock = time.perf_counter()  # evaluation time is not step time
+                if writer is not None and (done % every == 0 or is_last or stop or early):
+                    save(done, eval_loss)  # returns once the arrays are off the devices; writing goes on
+                if is_log:
                     logger.log(done, metrics)
+                if early:
+                    if writer is not None:
+                        writer.wait()
+                    logger.write(f"jaxlm: {early}")
+                    break
                 if stop:
                     if writer is not None:
                         writer.wait()
