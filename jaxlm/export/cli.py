@@ -1,0 +1,98 @@
+"""`jaxlm export RUN_DIR [--step N] --format hf|gguf -o OUT [--dtype ...] [--force]`.
+
+hf:   a directory that transformers loads with no custom code (config.json,
+      generation_config.json, model.safetensors or shards + index, tokenizer files).
+gguf: one .gguf file for llama.cpp (weights, llama metadata, the tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jaxlm import checkpoint as ckpt
+from jaxlm.errors import UserError
+
+DTYPES = {"hf": ("f32", "bf16", "f16"), "gguf": ("f32", "f16", "bf16", "q8_0")}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory (or its checkpoints/, or one step directory)")
+    parser.add_argument("--step", type=int, help="the checkpoint step to export (default: the newest valid one)")
+    parser.add_argument("--format", required=True, choices=sorted(DTYPES), help="hf (transformers) or gguf (llama.cpp)")
+    parser.add_argument("-o", "--output", required=True, help="output directory (hf) or .gguf file (gguf)")
+    parser.add_argument("--dtype", help="weights: f32, bf16, f16 (and q8_0 for gguf); default: the checkpoint's "
+                                        "param_dtype (f32 or bf16)")
+    parser.add_argument("--tokenizer", help="tokenizer spec to ship with the model (default: the one the run "
+                                            "recorded, data.tokenizer)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+def numpy_dtype(name: str):
+    import ml_dtypes
+
+    return {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}[name]
+
+
+def load_tokenizer_for(step_dir: Path, spec: str | None, cfg):
+    from jaxlm.data.tokenizer import load_tokenizer
+
+    recorded = ckpt.read_meta(step_dir).get("tokenizer") or {}
+    tok = load_tokenizer(spec or recorded.get("spec") or cfg.data.tokenizer)
+    if spec is None and recorded.get("hash") and recorded["hash"] != tok.hash:
+        raise UserError(f"the run's tokenizer {recorded.get('spec')!r} changed since training (hash "
+                        f"{recorded['hash'][:12]} -> {tok.hash[:12]}); pass --tokenizer with the one it was trained with")
+    return tok
+
+
+def export(run_dir: Path, fmt: str, output: Path, step: int | None = None, dtype: str | None = None,
+           tokenizer: str | None = None, force: bool = False, max_shard_bytes: int | None = None) -> Path:
+    from jaxlm.export import runs
+    from jaxlm.export.atomic import atomic_output
+    from jaxlm.export.compat import check_exportable
+
+    step_dir = runs.find_step(run_dir, step)
+    cfg = runs.config_of(step_dir)
+    arch = check_exportable(cfg.model, cfg.moe, fmt)
+    dtype = dtype or ("f32" if cfg.model.param_dtype == "float32" else "bf16")
+    if dtype not in DTYPES[fmt]:
+        raise UserError(f"--dtype {dtype} is not available for --format {fmt}; expected one of {', '.join(DTYPES[fmt])}")
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists; pass --force to replace it")
+    tok = load_tokenizer_for(step_dir, tokenizer, cfg)
+    _, params = runs.load_params(step_dir)
+    m, moe = cfg.model, cfg.moe
+    with atomic_output(output, force, directory=fmt == "hf") as tmp:
+        if fmt == "gguf":
+            from jaxlm.export.gguf import write_gguf
+
+            write_gguf(tmp, m, moe, params, tok, dtype, name=run_dir.absolute().name)
+        else:
+            write_hf(tmp, arch, cfg, params, tok, dtype, tokenizer or cfg.data.tokenizer, max_shard_bytes)
+    return output
+
+
+def write_hf(out: Path, arch: str, cfg, params: dict, tok, dtype: str, tokenizer_spec: str,
+             max_shard_bytes: int | None) -> None:
+    from jaxlm.export import hf
+    from jaxlm.export.tokenizer_files import write_hf_tokenizer
+
+    m = cfg.model
+    torch_dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[dtype]
+    config = hf.config_json(arch, m, cfg.moe, torch_dtype, tok.eot_id, tokenizer_spec)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "max_length": m.max_seq_len}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    write_hf_tokenizer(tok, out, m.vocab_size, m.max_seq_len)
+    hf.write_checkpoint(out, arch, m, cfg.moe, params, numpy_dtype(dtype),
+                        max_shard_bytes=max_shard_bytes or hf.MAX_SHARD_BYTES)
+
+
+def main(args: argparse.Namespace) -> int:
+    out = export(Path(args.run_dir), args.format, Path(args.output), args.step, args.dtype, args.tokenizer, args.force)
+    print(f"exported {args.run_dir} to {out} ({args.format})", file=sys.stderr)
+    return 0

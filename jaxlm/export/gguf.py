@@ -1,0 +1,138 @@
+"""jaxlm -> one GGUF file for llama.cpp ("llama" architecture; experts for Mixtral-style MoE).
+
+Written with the `gguf` package's GGUFWriter, one tensor at a time (header and tensor table
+first, then each tensor's data), so memory holds the parameters plus one converted tensor.
+
+llama.cpp's "llama" graph applies RoPE to adjacent pairs (2i, 2i+1), jaxlm (like HF) to the
+halves (i, i + d/2): the q and k rows of each head are permuted accordingly, exactly as
+llama.cpp's convert_hf_to_gguf.py does. Types: 1-D norms and the router stay f32 (as llama.cpp's
+converter keeps them); matrices take the chosen type (Q8_0 where the row length allows blocks
+of 32, f32 elsewhere).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from jaxlm.config import ModelConfig, MoEConfig
+from jaxlm.export import params as P
+from jaxlm.export.tokenizer_files import gguf_pre, merges, vocabulary
+
+QTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
+
+def _rope_rows(w_out_in: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of each head reordered from rotate-half (i, i + d/2) to adjacent pairs (2i, 2i+1)."""
+    rows, cols = w_out_in.shape
+    return w_out_in.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def gguf_tensors(cfg: ModelConfig, moe: MoEConfig, params: dict) -> list[tuple[str, object, bool]]:
+    """[(GGUF name, () -> float32 array in GGUF's row-major layout, is a matrix to convert)]."""
+    import gguf
+
+    T, N = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+    slots = P.slots(cfg, moe)
+    get = lambda name, layer=None: np.asarray(P.read(params, slots[(name, layer)]), np.float32)
+    H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.d_model
+    out = [(N[T.TOKEN_EMBD] + ".weight", lambda: get("embed"), True)]
+    for i, kind in enumerate(P.layer_kinds(cfg, moe)):
+        name = lambda t, i=i: N[t].format(bid=i) + ".weight"
+        out += [
+            (name(T.ATTN_NORM), lambda i=i: get("norm1", i), False),
+            (name(T.ATTN_Q), lambda i=i: _rope_rows(get("attn.wq", i).reshape(D, -1).T, H), True),
+            (name(T.ATTN_K), lambda i=i: _rope_rows(get("attn.wk", i).reshape(D, -1).T, K), True),
+            (name(T.ATTN_V), lambda i=i: get("attn.wv", i).reshape(D, -1).T, True),
+            (name(T.ATTN_OUT), lambda i=i: get("attn.wo", i).reshape(-1, D).T, True),
+            (name(T.FFN_NORM), lambda i=i: get("norm2", i), False),
+        ]
+        if kind == "dense":
+            out += [(name(t), lambda i=i, s=s: get(s, i).T, True)
+                    for t, s in ((T.FFN_GATE, "mlp.gate"), (T.FFN_UP, "mlp.up"), (T.FFN_DOWN, "mlp.down"))]
+        else:
+            out.append((name(T.FFN_GATE_INP), lambda i=i: get("moe.router", i).T, False))
+            out += [(name(t), lambda i=i, s=s: get(s, i).transpose(0, 2, 1), True)
+                    for t, s in ((T.FFN_GATE_EXP, "moe.gate"), (T.FFN_UP_EXP, "moe.up"), (T.FFN_DOWN_EXP, "moe.down"))]
+    out.append((N[T.OUTPUT_NORM] + ".weight", lambda: get("final_norm"), False))
+    if cfg.tie_embeddings:  # jaxlm divides tied logits by sqrt(D): a separate, scaled output matrix
+        out.append((N[T.OUTPUT] + ".weight", lambda: get("embed") / np.float32(math.sqrt(D)), True))
+    else:
+        out.append((N[T.OUTPUT] + ".weight", lambda: get("lm_head").T, True))
+    return out
+
+
+def write_gguf(path: Path, cfg: ModelConfig, moe: MoEConfig, params: dict, tok, dtype: str, name: str) -> None:
+    import gguf
+
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(moe.d_ff or cfg.d_ff if moe.n_experts else cfg.d_ff)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    if moe.n_experts:
+        w.add_expert_count(moe.n_experts)
+        w.add_expert_used_count(moe.top_k)
+    _add_tokenizer(w, tok, cfg.vocab_size)
+
+    chosen = getattr(gguf.GGMLQuantizationType, QTYPES[dtype])
+    F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
+    plan = gguf_tensors(cfg, moe, params)
+    # pass 1: the tensor table needs every tensor's type and size before any data
+    qtypes = []
+    for tname, make, matrix in plan:
+        shape = make().shape  # views, mostly: cheap
+        qtype = chosen if matrix and shape[-1] % gguf.GGML_QUANT_SIZES[chosen][0] == 0 else F32
+        qtypes.append(qtype)
+        if qtype in (F32, F16):
+            dt = np.dtype(np.float32 if qtype == F32 else np.float16)
+            w.add_tensor_info(tname, shape, dt, math.prod(shape) * dt.itemsize)
+        else:
+            byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+            w.add_tensor_info(tname, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    # pass 2: the data, one tensor at a time
+    for (_, make, _), qtype in zip(plan, qtypes):
+        w.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(make()), qtype))
+    w.close()
+
+
+def _add_tokenizer(w, tok, n_vocab: int) -> None:
+    import gguf
+
+    tokens, specials = vocabulary(tok, n_vocab)
+    real = set(tok.mergeable_ranks.values())
+    types = [gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL if i in real
+             else gguf.TokenType.UNUSED for i in range(n_vocab)]
+    pre = gguf_pre(tok)
+    if pre is None:
+        import sys
+
+        print(f"jaxlm export: warning: llama.cpp has no pre-tokenizer for {tok.name}'s pattern; 'gpt-2' is "
+              "written, so llama.cpp may split raw text differently (token ids given directly are unaffected)",
+              file=sys.stderr)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre or "gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([f"{a} {b}" for a, b in merges(tok)])
+    if tok.eot_id is not None:
+        w.add_bos_token_id(tok.eot_id)
+        w.add_eos_token_id(tok.eot_id)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)

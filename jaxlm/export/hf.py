@@ -1,0 +1,182 @@
+"""jaxlm <-> Hugging Face checkpoints: tensor names and layouts, config.json, safetensors shards.
+
+Layouts: HF linear weights are [out, in]; jaxlm's are [in, out] with heads kept apart, so
+q_proj = wq [D, H, d] reshaped to [D, H*d] and transposed; RoPE is rotate-half in both.
+
+Two places where a plain HF model cannot say what jaxlm computes, and what the export does:
+  * jaxlm's tied head divides logits by sqrt(D). The export is untied, lm_head = embed / sqrt(D)
+    (config.json "jaxlm" records the tie; the importer reads the embedding back and drops
+    lm_head, so import(export(x)) == x bit for bit). Scaling the final norm instead would keep
+    the tie but makes the round trip inexact unless sqrt(D) is a power of two.
+  * Qwen2-MoE gates its shared expert with sigmoid(w . x); jaxlm's shared experts are ungated.
+    sigmoid cannot be 1 exactly, but sigmoid(0) = 1/2 exactly: the export writes w = 0 and
+    doubles the shared down-projection (scaling by 2 is exact in floating point).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jaxlm.config import ModelConfig, MoEConfig
+from jaxlm.export import params as P
+from jaxlm.export.compat import LLAMA, MIXTRAL, QWEN2_MOE
+
+MODEL_TYPES = {LLAMA: "llama", MIXTRAL: "mixtral", QWEN2_MOE: "qwen2_moe"}
+MAX_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    name: str
+    source: str | None  # canonical name (params.py); None for constants
+    layer: int | None
+    expert: int | None
+    form: str  # how the canonical tensor maps to this one: see to_hf / from_hf
+    shape: tuple
+
+
+def hf_tensors(arch: str, cfg: ModelConfig, moe: MoEConfig) -> list[HFTensor]:
+    """Every tensor of the HF checkpoint, in file order."""
+    D, H, K, d, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size
+    F, E, S = moe.d_ff or cfg.d_ff, moe.n_experts, moe.n_shared * (moe.d_ff or cfg.d_ff)
+    out = [HFTensor("model.embed_tokens.weight", "embed", None, None, "same", (V, D))]
+    for i, kind in enumerate(P.layer_kinds(cfg, moe)):
+        pre = f"model.layers.{i}."
+        t = lambda name, src, form, shape, e=None, layer=i: HFTensor(pre + name, src, layer, e, form, shape)
+        out += [t("input_layernorm.weight", "norm1", "same", (D,)),
+                t("self_attn.q_proj.weight", "attn.wq", "heads_in", (H * d, D)),
+                t("self_attn.k_proj.weight", "attn.wk", "heads_in", (K * d, D)),
+                t("self_attn.v_proj.weight", "attn.wv", "heads_in", (K * d, D)),
+                t("self_attn.o_proj.weight", "attn.wo", "heads_out", (D, H * d)),
+                t("post_attention_layernorm.weight", "norm2", "same", (D,))]
+        if arch == QWEN2_MOE:  # Qwen2 attention has q/k/v biases: zeros
+            out += [t(f"self_attn.{p}_proj.bias", None, "zeros", (n * d,)) for p, n in (("q", H), ("k", K), ("v", K))]
+        if kind == "dense":
+            out += [t(f"mlp.{p}_proj.weight", f"mlp.{p}", "T", shape)
+                    for p, shape in (("gate", (cfg.d_ff, D)), ("up", (cfg.d_ff, D)), ("down", (D, cfg.d_ff)))]
+        elif arch == MIXTRAL:
+            out.append(t("block_sparse_moe.gate.weight", "moe.router", "T", (E, D)))
+            for e in range(E):
+                out += [t(f"block_sparse_moe.experts.{e}.{w}.weight", f"moe.{p}", "T", shape, e)
+                        for w, p, shape in (("w1", "gate", (F, D)), ("w2", "down", (D, F)), ("w3", "up", (F, D)))]
+        else:
+            out.append(t("mlp.gate.weight", "moe.router", "T", (E, D)))
+            for e in range(E):
+                out += [t(f"mlp.experts.{e}.{p}_proj.weight", f"moe.{p}", "T", shape, e)
+                        for p, shape in (("gate", (F, D)), ("up", (F, D)), ("down", (D, F)))]
+            if moe.n_shared:
+                out += [t("mlp.shared_expert.gate_proj.weight", "moe.shared.gate", "T", (S, D)),
+                        t("mlp.shared_expert.up_proj.weight", "moe.shared.up", "T", (S, D)),
+                        t("mlp.shared_expert.down_proj.weight", "moe.shared.down", "T2x", (D, S))]
+            else:  # Qwen2-MoE always has one: a 1-unit expert with zero weights adds exactly 0
+                out += [t(f"mlp.shared_expert.{p}_proj.weight", None, "zeros", shape)
+                        for p, shape in (("gate", (1, D)), ("up", (1, D)), ("down", (D, 1)))]
+            out.append(t("mlp.shared_expert_gate.weight", None, "zeros", (1, D)))
+    out.append(HFTensor("model.norm.weight", "final_norm", None, None, "same", (D,)))
+    if cfg.tie_embeddings:
+        out.append(HFTensor("lm_head.weight", "embed", None, None, "tied_head", (V, D)))
+    else:
+        out.append(HFTensor("lm_head.weight", "lm_head", None, None, "T", (V, D)))
+    return out
+
+
+def to_hf(t: HFTensor, canonical: np.ndarray | None) -> np.ndarray:
+    """The HF tensor (float32) from the canonical one (already indexed by expert)."""
+    if t.form == "zeros":
+        return np.zeros(t.shape, np.float32)
+    x = np.asarray(canonical, np.float32)
+    if t.form == "same":
+        return x
+    if t.form == "T":
+        return x.T
+    if t.form == "T2x":
+        return x.T * np.float32(2.0)
+    if t.form == "heads_in":
+        return x.reshape(x.shape[0], -1).T
+    if t.form == "heads_out":
+        return x.reshape(-1, x.shape[-1]).T
+    if t.form == "tied_head":
+        return x / np.float32(math.sqrt(x.shape[1]))
+    raise ValueError(t.form)
+
+
+def from_hf(t: HFTensor, x: np.ndarray, canonical_shape: tuple) -> np.ndarray:
+    """The canonical tensor (one expert's, for expert tensors) from the HF one; inverse of to_hf."""
+    if t.form == "same":
+        return x
+    if t.form == "T":
+        return x.T
+    if t.form == "T2x":
+        return x.T * np.asarray(0.5, x.dtype)
+    if t.form in ("heads_in", "heads_out"):
+        return x.T.reshape(canonical_shape)
+    raise ValueError(t.form)
+
+
+def config_json(arch: str, cfg: ModelConfig, moe: MoEConfig, dtype: str, eot: int | None, tokenizer: str) -> dict:
+    c = {
+        "architectures": [arch], "model_type": MODEL_TYPES[arch], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "use_cache": True, "dtype": dtype,
+        "bos_token_id": eot, "eos_token_id": eot,
+        # read back by `jaxlm import` for an exact round trip (e.g. the tied head)
+        "jaxlm": {"model": asdict(cfg), "moe": asdict(moe), "tokenizer": tokenizer},
+    }
+    F = moe.d_ff or cfg.d_ff
+    if arch == MIXTRAL:
+        c.update(intermediate_size=F, num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k,
+                 router_aux_loss_coef=moe.aux_loss_coef, output_router_logits=False, router_jitter_noise=0.0,
+                 sliding_window=None)
+    elif arch == QWEN2_MOE:
+        dense = [i for i, kind in enumerate(P.layer_kinds(cfg, moe)) if kind == "dense"]
+        c.update(num_experts=moe.n_experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=F,
+                 shared_expert_intermediate_size=moe.n_shared * F or 1, norm_topk_prob=True, decoder_sparse_step=1,
+                 mlp_only_layers=dense, qkv_bias=True, use_sliding_window=False, sliding_window=None,
+                 max_window_layers=cfg.n_layers, router_aux_loss_coef=moe.aux_loss_coef, output_router_logits=False)
+    return c
+
+
+def write_checkpoint(out: Path, arch: str, cfg: ModelConfig, moe: MoEConfig, params: dict, dtype,
+                     max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """model.safetensors, or shards of at most max_shard_bytes plus model.safetensors.index.json.
+    Each shard's tensors are made just before it is written, so memory holds one shard."""
+    from safetensors.numpy import save_file
+
+    slots = P.slots(cfg, moe)
+    tensors = hf_tensors(arch, cfg, moe)
+    itemsize = np.dtype(dtype).itemsize
+    shards: list[list[HFTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = math.prod(t.shape) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+
+    def make(t: HFTensor) -> np.ndarray:
+        src = None if t.source is None else P.read(params, slots[(t.source, t.layer)])
+        if t.expert is not None:
+            src = src[t.expert]
+        x = to_hf(t, src)
+        assert x.shape == t.shape, (t.name, x.shape, t.shape)
+        return np.ascontiguousarray(x.astype(dtype))
+
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fname, shard in zip(names, shards):
+        save_file({t.name: make(t) for t in shard}, out / fname, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(math.prod(t.shape) * itemsize for t in tensors)},
+                 "weight_map": {t.name: fname for fname, shard in zip(names, shards) for t in shard}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
