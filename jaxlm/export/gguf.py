@@ -130,7 +130,9 @@ def _add_tokenizer(w, tok, n_vocab: int) -> None:
     w.add_tokenizer_pre(pre or "gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges([f"{a} {b}" for a, b in merges(tok)])
+    # llama.cpp requires the merges key and the gguf package cannot write an empty array: a
+    # tokenizer without merges (bytes) gets one whose left side no merge can ever produce
+    w.add_token_merges([f"{a} {b}" for a, b in merges(tok)] or ["\u0120\u0120 \u0120\u0120"])
     if tok.eot_id is not None:
         w.add_bos_token_id(tok.eot_id)
         w.add_eos_token_id(tok.eot_id)
