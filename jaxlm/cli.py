@@ -22,6 +22,8 @@ VERBS = {
     "compile": ("jaxlm.compile", "AOT-compile the train step for a TPU topology and size it"),
     "plot": ("jaxlm.plot", "plot training curves of one or more runs into an image"),
     "config": ("jaxlm.config_cli", "list every config key with its type, default and description"),
+    "export": ("jaxlm.export.cli", "export a checkpoint to Hugging Face (safetensors) or llama.cpp (GGUF)"),
+    "import": ("jaxlm.export.importer", "import Hugging Face weights into a run directory to fine-tune"),
 }
 
 

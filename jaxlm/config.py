@@ -151,6 +151,8 @@ class TrainConfig:
     progress: Doc[bool, "show a progress bar"] = True
     early_stop_patience: Doc[int, "stop after this many evaluations without a new best eval loss; 0 = never"] = 0
     allow_data_change: Doc[bool, "resume even though the data files changed since the checkpoint"] = False
+    init_from: Doc[Optional[str], "a Hugging Face model directory (Llama, Mixtral, Qwen2-MoE) whose weights "
+                   "start the run when run_dir has no checkpoint"] = None
 
 
 @dataclass
@@ -331,6 +333,8 @@ def validate(cfg: Config) -> None:
     if t.global_batch % t.microbatches:
         raise ConfigError(
             f"train.global_batch={t.global_batch} must be divisible by train.microbatches={t.microbatches}")
+    if t.init_from is not None and not Path(t.init_from, "config.json").is_file():
+        raise ConfigError(f"train.init_from={t.init_from!r} is not a Hugging Face model directory (no config.json)")
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     if d.path is not None and not _path_exists(d.path):

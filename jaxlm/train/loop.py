@@ -151,6 +151,11 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
         tokens_per_step = t.global_batch * cfg.data.seq_len
         if restored is None:
             state, tokens_seen = trainer.init_state(), 0
+            if t.init_from:
+                from jaxlm.export.importer import load_hf_params
+
+                state["params"] = load_hf_params(t.init_from, cfg, trainer.state_shardings["params"])
+                _say(f"initialised from {t.init_from}")
         else:
             state, meta = restored
             batches.set_state(meta["data"])
