@@ -11,8 +11,7 @@ qwen2moe graph does not renormalise, hence no GGUF for those models).
 
 from __future__ import annotations
 
-import sys
-
+from jaxlm.checkpoint import warn
 from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.errors import UserError
 
@@ -46,8 +45,8 @@ def check_exportable(cfg: ModelConfig, moe: MoEConfig, fmt: str) -> str:
         raise UserError(f"cannot export to gguf: {what} have no llama.cpp equivalent that renormalises the "
                         "top-k weights as jaxlm does; use --format hf")
     if moe.n_experts and moe.impl == "dropping":
-        print("jaxlm export: warning: moe.impl=dropping: the export runs every token through its experts, so it "
-              "equals the trained model only where nothing was dropped (capacity_factor)", file=sys.stderr)
+        warn("moe.impl=dropping: the export runs every token through its experts, so it equals the trained "
+             "model only where nothing was dropped (capacity_factor)")
     return arch
 
 

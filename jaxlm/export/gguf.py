@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxlm.checkpoint import warn
 from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.export import params as P
 from jaxlm.export.tokenizer_files import gguf_pre, merges, vocabulary
@@ -76,7 +77,7 @@ def write_gguf(path: Path, cfg: ModelConfig, moe: MoEConfig, params: dict, tok, 
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(moe.d_ff or cfg.d_ff if moe.n_experts else cfg.d_ff)
+    w.add_feed_forward_length((moe.d_ff or cfg.d_ff) if moe.n_experts else cfg.d_ff)
     w.add_head_count(cfg.n_heads)
     w.add_head_count_kv(cfg.n_kv_heads)
     w.add_rope_dimension_count(cfg.head_dim)
@@ -121,11 +122,8 @@ def _add_tokenizer(w, tok, n_vocab: int) -> None:
              else gguf.TokenType.UNUSED for i in range(n_vocab)]
     pre = gguf_pre(tok)
     if pre is None:
-        import sys
-
-        print(f"jaxlm export: warning: llama.cpp has no pre-tokenizer for {tok.name}'s pattern; 'gpt-2' is "
-              "written, so llama.cpp may split raw text differently (token ids given directly are unaffected)",
-              file=sys.stderr)
+        warn(f"llama.cpp has no pre-tokenizer for {tok.name}'s pattern; 'gpt-2' is written, so llama.cpp may "
+             "split raw text differently (token ids given directly are unaffected)")
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre or "gpt-2")
     w.add_token_list(tokens)

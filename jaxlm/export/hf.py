@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -176,6 +177,7 @@ def write_checkpoint(out: Path, arch: str, cfg: ModelConfig, moe: MoEConfig, par
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for fname, shard in zip(names, shards):
         save_file({t.name: make(t) for t in shard}, out / fname, metadata={"format": "pt"})
+        os.chmod(out / fname, 0o644)  # safetensors creates its files 0600
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(math.prod(t.shape) * itemsize for t in tensors)},
                  "weight_map": {t.name: fname for fname, shard in zip(names, shards) for t in shard}}

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxlm.checkpoint import warn
 from jaxlm.config import Config, ConfigError, ModelConfig, MoEConfig, from_dict
 from jaxlm.errors import UserError
 from jaxlm.export import hf
@@ -191,28 +192,8 @@ def load_params(src: Source, cfg: Config, shardings) -> dict:
 
         return jax.make_array_from_callback(spec.shape, sharding, shard)
 
-    flat = {path: leaf for path, leaf in _flatten(abstract)}
-    sh = dict(_flatten(shardings))
-    built = {path: build(path, spec, sh[path]) for path, spec in flat.items()}
-    return _unflatten(built)
-
-
-def _flatten(tree: dict, prefix: tuple = ()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
+    return jax.tree_util.tree_map_with_path(
+        lambda path, spec, sharding: build(tuple(k.key for k in path), spec, sharding), abstract, shardings)
 
 
 def load_hf_params(hf_dir: str | Path, cfg: Config, shardings) -> dict:
@@ -249,19 +230,13 @@ def import_run(hf_dir: str | Path, run_dir: Path, config: str | None = None, ove
         from_checkpoint.append(f"data.tokenizer={json.dumps(src.tokenizer)}")
     cfg = load_config(config, from_checkpoint + list(overrides) + [f"train.run_dir={json.dumps(str(run_dir))}"])
     if src.tokenizer is None:
-        jaxlm_warn(f"{src.path} has no tokenizer jaxlm reads (vocab.json + merges.txt); data.tokenizer is "
+        warn(f"{src.path} has no tokenizer jaxlm reads (vocab.json + merges.txt); data.tokenizer is "
                    f"{cfg.data.tokenizer!r}: set it to the tokenizer of this model before training")
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices))
     params = load_params(src, cfg, trainer.state_shardings["params"])
     with atomic_output(run_dir, force, directory=True) as tmp:
         write_step0(tmp, cfg, params, trainer)
     return cfg
-
-
-def jaxlm_warn(msg: str) -> None:
-    import sys
-
-    print(f"jaxlm import: warning: {msg}", file=sys.stderr)
 
 
 def main(args) -> int:
