@@ -71,12 +71,14 @@ def write_step0(run_dir: Path, cfg: Config, params: dict, trainer) -> None:
     """run_dir/config.yaml and checkpoints/0 (params, fresh optimizer state) that `jaxlm train`
     resumes from, so training starts from `params`. `params` carry the trainer's shardings."""
     from jaxlm.data.pipeline import BatchIterator
+    from jaxlm.data.sources import data_fingerprint
 
-    opt_init = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_shardings["opt_state"])
+    opt_init = jax.jit(trainer.spec.optimizer.init, out_shardings=trainer.state_shardings["opt_state"])
     step = jax.device_put(jnp.zeros((), jnp.int32), trainer.state_shardings["step"])
     state = {"step": step, "params": params, "opt_state": opt_init(params)}
     fresh_data = BatchIterator(None, cfg.train.global_batch).get_state()
-    meta = ckpt.make_meta(cfg, 0, 0, fresh_data, ckpt.tokenizer_identity(cfg.data.tokenizer))
+    meta = ckpt.make_meta(cfg, 0, 0, fresh_data, ckpt.tokenizer_identity(cfg.data.tokenizer),
+                          data_fingerprint(cfg.data))
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = ckpt.CheckpointWriter(run_dir / ckpt.CHECKPOINTS, cfg.checkpoint)
     try:
