@@ -179,3 +179,26 @@ def test_run_dir_helper_agrees_with_jaxlm_config(args, expected):
         from jaxlm.config import load_config
 
         assert os.path.normpath(load_config(args[0], args[1:2] if len(args) > 1 else []).train.run_dir) == expected
+
+
+def test_gpu_config_is_124m_and_runs_offline_from_the_files_its_header_names(tmp_path, shakespeare_path, monkeypatch):
+    """The two commands in configs/gpu-124m.yaml's header make everything it needs, without the
+    internet: GPT-2 files -> tokenizer directory -> prepared corpus at the config's own paths."""
+    from jaxlm import cli
+    from jaxlm.accounting import count_params
+    from jaxlm.config import load_config
+    from jaxlm.data.shards import check_tokenizer, open_prepared
+    from jaxlm.data.tokenizer import load_tokenizer
+
+    fixtures = shakespeare_path.parents[1] / "cs336_fixtures"
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["tokenizer", "convert", "--gpt2-vocab", str(fixtures / "gpt2_vocab.json"),
+                     "--gpt2-merges", str(fixtures / "gpt2_merges.txt"), "-o", "tok/gpt2"]) == 0
+    assert cli.main(["prepare", str(shakespeare_path), "--tokenizer", "tok/gpt2", "-o", "data/corpus-gpt2",
+                     "--workers", "1"]) == 0
+    cfg = load_config(REPO / "configs" / "gpu-124m.yaml")  # data.path must exist: it does now
+    assert count_params(cfg.model, cfg.moe).total == 123_587_328
+    tok = load_tokenizer(cfg.data.tokenizer)
+    assert tok.n_vocab == 50257 <= cfg.model.vocab_size and cfg.model.vocab_size % 128 == 0
+    check_tokenizer(open_prepared(cfg.data.path), tok)
+    assert cfg.model.param_dtype == "float32" and cfg.model.compute_dtype == "bfloat16"
