@@ -24,7 +24,11 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 fail() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 
 [ -f "$CONFIG" ] || fail "config $CONFIG does not exist"
-run_dir=$("${PYTHON:-python3}" "$ROOT/launch/run_dir.py" "$CONFIG" "$@")  # what the workers will use
+value() { local key=$1; shift; "${PYTHON:-python3}" "$ROOT/launch/config_value.py" "$key" "$CONFIG" "$@"; }
+if [ -z "$(value data.path "$@")$(value data.mixture "$@")" ]; then
+  fail "$CONFIG has no data.path (nor data.mixture), so the pod would train on the built-in default corpus (the Python standard library); add data.path=DIR, a \`jaxlm prepare\` directory that every worker can read"
+fi
+run_dir=$(value train.run_dir "$@")
 case "$run_dir" in
   *://*) fail "train.run_dir=$run_dir: jaxlm writes the run directory with plain file I/O, so URLs do not work; mount the bucket on every worker (gcsfuse) and set train.run_dir to a path under that mount" ;;
 esac

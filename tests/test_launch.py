@@ -63,7 +63,8 @@ POD = ["launch/tpu_pod.sh", "my-tpu", "us-east5-a", "configs/pod-1b-v5p64.yaml"]
 ])
 def test_tpu_pod_refuses_a_run_dir_that_is_not_shared_in_one_line_before_touching_the_pod(
         tmp_path, run_dir, shared, expected):
-    proc, calls = run_script([*POD, f"train.run_dir={run_dir}"], tmp_path, {"SHARED_DIR": shared}, "gcloud")
+    proc, calls = run_script([*POD, "data.path=/data/c", f"train.run_dir={run_dir}"], tmp_path,
+                             {"SHARED_DIR": shared}, "gcloud")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("tpu_pod.sh: train.run_dir=")
     assert expected in proc.stderr
@@ -164,21 +165,33 @@ def test_slurm_on_one_node_skips_the_probe(tmp_path):
     assert proc.returncode == 0 and [c[:2] for c in calls] == [["--kill-on-bad-exit=1", "--label"]]
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["configs/tiny.yaml"], "runs/tiny"),
-    (["configs/gpt2-xl.yaml"], "runs/gpt2-xl"),  # no train section: jaxlm's runs/<file name>
-    (["configs/tiny.yaml", "train.run_dir=/a//b/../c", "x.y=1"], "/a/c"),
-    (["configs/tiny.yaml", "train.run_dir=/a", "--run-dir", "/b"], "/b"),
-    (["configs/tiny.yaml", "train.run_dir='gs://b/r'"], "gs://b/r"),
+@pytest.mark.parametrize("key, args, expected", [
+    ("train.run_dir", ["configs/tiny.yaml"], "runs/tiny"),
+    ("train.run_dir", ["configs/gpt2-xl.yaml"], "runs/gpt2-xl"),  # no train section: runs/<file name>
+    ("train.run_dir", ["configs/tiny.yaml", "train.run_dir=/a//b/../c", "x.y=1"], "/a/c"),
+    ("train.run_dir", ["configs/tiny.yaml", "train.run_dir=/a", "--run-dir", "/b"], "/b"),
+    ("train.run_dir", ["configs/tiny.yaml", "train.run_dir='gs://b/r'"], "gs://b/r"),
+    ("data.path", ["configs/pod-1b-v5p64.yaml"], ""),
+    ("data.path", ["configs/pod-1b-v5p64.yaml", "data.path=/d/c", "data.path=/d/e"], "/d/e"),
+    ("data.mixture", ["configs/tiny.yaml", "data.mixture=[{path: a}]"], "[{'path': 'a'}]"),
 ])
-def test_run_dir_helper_agrees_with_jaxlm_config(args, expected):
-    out = subprocess.run([sys.executable, "launch/run_dir.py", *args], capture_output=True, text=True,
+def test_config_value_agrees_with_jaxlm_config(key, args, expected):
+    out = subprocess.run([sys.executable, "launch/config_value.py", key, *args], capture_output=True, text=True,
                          cwd=REPO, check=True).stdout.strip()
     assert out == expected
-    if "://" not in expected and "--run-dir" not in args:
+    if key == "train.run_dir" and "://" not in expected and "--run-dir" not in args:
         from jaxlm.config import load_config
 
-        assert os.path.normpath(load_config(args[0], args[1:2] if len(args) > 1 else []).train.run_dir) == expected
+        assert os.path.normpath(load_config(args[0], args[1:2]).train.run_dir) == expected
+
+
+def test_tpu_pod_refuses_a_config_without_data(tmp_path):
+    proc, calls = run_script([*POD, "train.run_dir=/mnt/shared/pod"], tmp_path, {"SHARED_DIR": "/mnt/shared"},
+                             "gcloud")
+    assert proc.returncode == 2 and calls == []
+    assert proc.stderr == ("tpu_pod.sh: configs/pod-1b-v5p64.yaml has no data.path (nor data.mixture), so the pod "
+                           "would train on the built-in default corpus (the Python standard library); add "
+                           "data.path=DIR, a `jaxlm prepare` directory that every worker can read\n")
 
 
 def test_gpu_config_is_124m_and_runs_offline_from_the_files_its_header_names(tmp_path, shakespeare_path, monkeypatch):
