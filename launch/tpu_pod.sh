@@ -11,7 +11,7 @@
 # worker. jaxlm finds the TPU chips and calls jax.distributed.initialize(), which learns the
 # other workers from the TPU metadata. Every worker writes its checkpoint shards into
 # train.run_dir, so it must be shared; jaxlm writes it with plain file I/O, so a gs:// URL does
-# not work (mount the bucket instead). data.path must exist on every worker.
+# not work (mount the bucket instead). data.path must be set and exist on every worker.
 # Check the config fits first, here:  jaxlm compile CONFIG --topology v5p:2x4x4
 set -euo pipefail
 if [ $# -lt 3 ]; then
