@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jaxlm.data.bpe import count_pretokens, merge_pretokens, train_bpe
+from jaxlm.tokenizer.bpe import count_pretokens, merge_pretokens, train_bpe
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EOT = "<|endoftext|>"

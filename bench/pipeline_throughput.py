@@ -32,7 +32,7 @@ def main() -> None:
     from jaxlm.data.pipeline import BatchIterator, row_dataset
     from jaxlm.data.prepare import prepare
     from jaxlm.data.sources import prepared_streams
-    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.tokenizer.tokenizer import load_tokenizer
 
     cfg = load_config(args.config, ["mesh.data=1"])
     T, B = cfg.data.seq_len, cfg.train.global_batch

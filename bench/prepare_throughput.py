@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from jaxlm.data.prepare import prepare
-from jaxlm.data.tokenizer import load_gpt2_files, load_tokenizer, save_tokenizer
+from jaxlm.tokenizer.tokenizer import load_gpt2_files, load_tokenizer, save_tokenizer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

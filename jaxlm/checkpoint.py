@@ -159,7 +159,7 @@ def newest_valid(directory: Path) -> str:
 def tokenizer_identity(spec: str) -> dict:
     """The tokenizer spec, plus its content hash where the tokenizer has one."""
     try:
-        from jaxlm.data.tokenizer import load_tokenizer
+        from jaxlm.tokenizer.tokenizer import load_tokenizer
 
         digest = getattr(load_tokenizer(spec), "hash", None)
     except Exception:  # noqa: BLE001 - identity is best effort; the spec still compares

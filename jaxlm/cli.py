@@ -16,7 +16,7 @@ from jaxlm.errors import UserError
 VERBS = {
     "train": ("jaxlm.train.run", "train (or resume) a model from a YAML config"),
     "accounting": ("jaxlm.accounting", "parameters, FLOPs and memory of a config"),
-    "tokenizer": ("jaxlm.data.tokenizer_cli", "train, inspect or convert tokenizers"),
+    "tokenizer": ("jaxlm.tokenizer.cli", "train, inspect or convert tokenizers"),
     "prepare": ("jaxlm.data.prepare", "tokenize a corpus into token shards"),
     "checkpoint": ("jaxlm.checkpoint_cli", "list and inspect checkpoints of a run"),
     "compile": ("jaxlm.compile", "AOT-compile the train step for a TPU topology and size it"),

@@ -8,8 +8,8 @@ import pytest
 import regex
 from conftest import SHARED_DATA, run_cli
 
-from jaxlm.data.bpe import GPT2_PATTERN, chunk_boundaries, count_pretokens, pretokenize_counts, train_bpe
-from jaxlm.data.tokenizer import EOT, from_bpe, load_tokenizer
+from jaxlm.tokenizer.bpe import GPT2_PATTERN, chunk_boundaries, count_pretokens, pretokenize_counts, train_bpe
+from jaxlm.tokenizer.tokenizer import EOT, from_bpe, load_tokenizer
 from jaxlm.errors import UserError
 
 FIX = SHARED_DATA / "cs336_fixtures"

@@ -21,7 +21,7 @@ from flax import nnx
 from jaxlm import checkpoint as ckpt
 from jaxlm import cli
 from jaxlm.config import load_config
-from jaxlm.data.tokenizer import byte_tokenizer, load_gpt2_files
+from jaxlm.tokenizer.tokenizer import byte_tokenizer, load_gpt2_files
 from jaxlm.distributed import make_mesh
 from jaxlm.export import runs
 from jaxlm.export.cli import export

@@ -18,7 +18,7 @@ from jaxlm.data import prepare as P
 from jaxlm.data import prepared as R
 from jaxlm.data.corpus import default_corpus
 from jaxlm.data.sources import build_data, in_val_split, text_streams
-from jaxlm.data.tokenizer import byte_tokenizer
+from jaxlm.tokenizer.tokenizer import byte_tokenizer
 from jaxlm.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

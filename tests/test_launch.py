@@ -201,7 +201,7 @@ def test_gpu_config_is_124m_and_runs_offline_from_the_files_its_header_names(tmp
     from jaxlm.accounting import count_params
     from jaxlm.config import load_config
     from jaxlm.data.shards import check_tokenizer, open_prepared
-    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.tokenizer.tokenizer import load_tokenizer
 
     fixtures = shakespeare_path.parents[1] / "cs336_fixtures"
     monkeypatch.chdir(tmp_path)

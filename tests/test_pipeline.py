@@ -10,7 +10,7 @@ from jaxlm.config import load_config
 from jaxlm.data.pipeline import BatchIterator, PackedRows, TokenStream, Windows, mixture, row_dataset
 from jaxlm.data.prepare import prepare
 from jaxlm.data.sources import build_data, load_streams
-from jaxlm.data.tokenizer import byte_tokenizer
+from jaxlm.tokenizer.tokenizer import byte_tokenizer
 from jaxlm.model.kernels import attention_mask
 
 T = 32
@@ -139,7 +139,7 @@ def test_build_data_with_packing_and_a_mixture_of_prepared_and_raw_text(corpus, 
 def test_prepared_data_with_another_tokenizer_is_refused(corpus):
     root, _ = corpus
     from jaxlm.data.sources import prepared_streams
-    from jaxlm.data.tokenizer import load_gpt2_files
+    from jaxlm.tokenizer.tokenizer import load_gpt2_files
     from conftest import SHARED_DATA
 
     fixtures = SHARED_DATA / "cs336_fixtures"

@@ -12,7 +12,7 @@ from conftest import SHARED_DATA, run_cli
 
 from jaxlm.data import prepare as P
 from jaxlm.data import prepared as R
-from jaxlm.data.tokenizer import EOT, Tokenizer, byte_tokenizer, load_gpt2_files, load_tokenizer, save_tokenizer
+from jaxlm.tokenizer.tokenizer import EOT, Tokenizer, byte_tokenizer, load_gpt2_files, load_tokenizer, save_tokenizer
 from jaxlm.errors import UserError
 
 FIX = SHARED_DATA / "cs336_fixtures"

@@ -11,8 +11,8 @@ import regex
 import tiktoken
 from conftest import SHARED_DATA, run_cli
 
-from jaxlm.data.bpe import GPT2_PATTERN
-from jaxlm.data.tokenizer import (
+from jaxlm.tokenizer.bpe import GPT2_PATTERN
+from jaxlm.tokenizer.tokenizer import (
     EOT,
     GPT2_PAT_STR,
     Tokenizer,

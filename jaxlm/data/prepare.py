@@ -29,7 +29,7 @@ import numpy as np
 from jaxlm.data.corpus import expand_inputs
 from jaxlm.data.shards import (COMMAND_FILE, SPLITS, ShardWriter, check_token_ids, check_tokenizer,
                                 corpus_metadata, open_prepared, write_json)
-from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.tokenizer.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.errors import UserError
 
 _TASK_BYTES = 4 << 20

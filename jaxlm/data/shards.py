@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.tokenizer.tokenizer import Tokenizer
 from jaxlm.errors import UserError
 
 SPLITS = ("train", "val")

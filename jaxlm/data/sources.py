@@ -18,7 +18,7 @@ from jaxlm.config import Config, DataConfig
 from jaxlm.data.corpus import default_corpus, default_corpus_paths, expand_inputs, read_documents
 from jaxlm.data.pipeline import BatchIterator, TokenStream, mixture, row_dataset
 from jaxlm.data.shards import unfinished_prepare
-from jaxlm.data.tokenizer import EOT, load_tokenizer
+from jaxlm.tokenizer.tokenizer import EOT, load_tokenizer
 from jaxlm.errors import UserError
 
 

@@ -39,7 +39,7 @@ def numpy_dtype(name: str):
 
 
 def load_tokenizer_for(step_dir: Path, spec: str | None, cfg):
-    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.tokenizer.tokenizer import load_tokenizer
 
     recorded = ckpt.read_meta(step_dir).get("tokenizer") or {}
     tok = load_tokenizer(spec or recorded.get("spec") or cfg.data.tokenizer)

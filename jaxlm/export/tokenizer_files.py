@@ -12,7 +12,7 @@ import functools
 import json
 from pathlib import Path
 
-from jaxlm.data.tokenizer import EOT, GPT2_PAT_STR, Tokenizer, _gpt2_byte_decoder
+from jaxlm.tokenizer.tokenizer import EOT, GPT2_PAT_STR, Tokenizer, _gpt2_byte_decoder
 from jaxlm.errors import UserError
 
 

@@ -49,10 +49,10 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from jaxlm.data import tokenizer as T
+    from jaxlm.tokenizer import tokenizer as T
 
     if args.command == "train":
-        from jaxlm.data.bpe import train_bpe
+        from jaxlm.tokenizer.bpe import train_bpe
 
         specials = args.special if args.special is not None else [T.EOT]
         t0 = time.perf_counter()
