@@ -131,8 +131,29 @@ class TrainConfig:
     run_dir: str = "runs/default"  # from a config file: runs/<file name> unless set
     peak_flops_per_device: float = 0.0  # 0 = measure a matmul on this machine
     z_loss_coef: float = 0.0
-    objective: Literal["next_token"] = "next_token"  # what the step minimises (train/objectives.py)
+    # what the step minimises (train/objectives.py, train/diffusion.py, train/distill.py)
+    objective: Literal["next_token", "mdlm", "distill"] = "next_token"
+    teacher: Optional[str] = None  # distill: the teacher's run directory (its newest valid checkpoint)
     progress: bool = True
+
+
+@dataclass
+class DiffusionConfig:
+    """Masked diffusion (train.objective=mdlm): the noise schedule and the ELBO evaluation."""
+
+    schedule: Literal["linear", "loglinear", "cosine"] = "linear"
+    t_min: float = 1e-3  # t ~ U(t_min, 1): keeps the 1/t weight of the ELBO finite
+    low_discrepancy: bool = True  # stratified t across the batch (else i.i.d.)
+    eval_t_samples: int = 4  # t samples per validation sequence (seeded, evenly spread)
+
+
+@dataclass
+class DistillConfig:
+    """Distillation (train.objective=distill): weight * tau^2 * KL(teacher || student) at
+    temperature tau + (1 - weight) * next-token cross-entropy."""
+
+    temperature: float = 2.0
+    weight: float = 0.5
 
 
 @dataclass
@@ -152,6 +173,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -297,11 +320,35 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"moe.every={e.every} must be >= 1")
         if e.capacity_factor <= 0:
             raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be > 0")
+    _validate_objective(cfg)
     for name in ("data", "fsdp", "expert", "tensor"):
         for key in (name, f"dcn_{name}"):
             size = getattr(cfg.mesh, key)
             if size == 0 or size < -1:
                 raise ConfigError(f"mesh.{key}={size} must be a positive size or -1 (fill)")
+
+
+def _validate_objective(cfg: Config) -> None:
+    t, m, f, s = cfg.train, cfg.model, cfg.diffusion, cfg.distill
+    if t.objective == "mdlm":
+        if m.causal:
+            raise ConfigError("train.objective=mdlm needs bidirectional attention: set model.causal=false")
+        if m.vocab_size < 2:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} has no room for <|mask|> (id vocab_size-1)")
+        if not 0 < f.t_min < 1:
+            raise ConfigError(f"diffusion.t_min={f.t_min} must be in (0, 1)")
+        if f.eval_t_samples < 1:
+            raise ConfigError(f"diffusion.eval_t_samples={f.eval_t_samples} must be >= 1")
+    if t.objective == "distill":
+        if not t.teacher:
+            raise ConfigError("train.objective=distill needs train.teacher=RUN_DIR (the teacher's run directory)")
+        if not m.causal:
+            raise ConfigError("train.objective=distill trains a next-token student: set model.causal=true")
+        if s.temperature <= 0 or not 0 <= s.weight <= 1:
+            raise ConfigError(f"distill.temperature={s.temperature} must be > 0 and distill.weight={s.weight} "
+                              "in [0, 1]")
+    elif t.teacher:
+        raise ConfigError(f"train.teacher is set but train.objective={t.objective}; use train.objective=distill")
 
 
 def _path_exists(path: str) -> bool:
