@@ -242,8 +242,11 @@ def newest_valid_step(run_dir: str | Path) -> Path:
 
 def restore_params(step_dir: Path, abstract_params):
     """Only the parameters of a saved state, read into `abstract_params`' shardings (a teacher)."""
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore((step_dir / "state").absolute(), {"params": abstract_params}, strict=False)["params"]
+    item = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore((step_dir / "state").absolute(), args=args)["params"]
 
 
 def _candidates(run_dir: Path, resume: str | None) -> tuple[list[tuple[int, Path]], bool]:

@@ -93,8 +93,9 @@ class MDLM(Objective):
         self.mask = mask_id(cfg.model.vocab_size)
         _check_mask_room(cfg)
 
-    def nelbo_sum(self, model, batch: Batch, key, t_BT, rng=None) -> tuple[jax.Array, dict, dict]:
-        """(sum over tokens of the weighted masked cross-entropy, {mask_rate: sum}, aux)."""
+    def nelbo_BT(self, model, batch: Batch, key, t_BT, rng=None) -> tuple[jax.Array, jax.Array, dict]:
+        """(per-token weighted cross-entropy [B, T], 0 where not masked or not scored; the scored
+        mask [B, T]; the model's aux metrics)."""
         x0_BT = batch.inputs
         x_t, masked_BT = mask_tokens(key, x0_BT, t_BT, self.cfg.diffusion.schedule, self.mask)
         logits, aux = forward(model, batch, rng, inputs=x_t)
@@ -102,6 +103,11 @@ class MDLM(Objective):
         ce_BT = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, x0_BT[..., None], -1)[..., 0]
         scored_BT = masked_BT & (batch.loss_mask > 0)
         weighted_BT = jnp.where(scored_BT, elbo_weight(self.cfg.diffusion.schedule, t_BT) * ce_BT, 0.0)
+        return weighted_BT, scored_BT, aux
+
+    def nelbo_sum(self, model, batch: Batch, key, t_BT, rng=None) -> tuple[jax.Array, dict, dict]:
+        """(the bound summed over tokens, {mask_rate: masked tokens}, aux)."""
+        weighted_BT, scored_BT, aux = self.nelbo_BT(model, batch, key, t_BT, rng)
         return jnp.sum(weighted_BT), {"mask_rate": jnp.sum(scored_BT.astype(jnp.float32))}, aux
 
     def loss(self, model, batch, key, frozen):
