@@ -197,3 +197,20 @@ def test_block_diffusion_finishes_each_block_before_the_next(mask_loving_model):
         block = step // 2
         gen = canvas[0, 5:]
         assert not (gen[: 8 * block] == MASK).any() and (gen[8 * (block + 1):] == MASK).all()
+
+
+def test_the_generate_adapter_prints_the_continuation_and_its_speed(mask_loving_model):
+    import argparse
+
+    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.inference.diffusion import add_arguments, generate_mdlm
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=5)  # a generate CLI's own flag is kept
+    add_arguments(parser)
+    args = parser.parse_args(["--sampler", "mdlm", "--steps", "4", "--max-new-tokens", "12", "--block-size", "6"])
+    lines = []
+    sample = generate_mdlm(mask_loving_model, mdlm_config(), load_tokenizer("bytes"), "To be", args, out=lines.append)
+    assert sample.tokens.shape == (1, 17) and sample.steps == 4  # two blocks of 6, two steps each
+    assert lines[0] == load_tokenizer("bytes").decode(sample.tokens[0].tolist()) and lines[0].startswith("To be")
+    assert lines[1].startswith("[mdlm: 12 tokens in 4 steps") and lines[1].endswith("tokens/s]")

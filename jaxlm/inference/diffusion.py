@@ -13,8 +13,8 @@ emitted) and tokens already unmasked stay as they are.
                  to right, each denoised by low-confidence remasking with steps/n_blocks steps,
                  conditioned on the finished blocks (later blocks are still masks).
 
-Each takes a `block_size` (None = the whole generation as one block; sample_mdlm then also goes
-block by block), returns a `Sample` with its wall time, and runs one compiled step per call
+sample_mdlm also takes a `block_size`: given, it goes block by block as sample_block does. Each
+returns a `Sample` with its wall time and makes one call of one compiled step per denoising step
 (compiled before the clock starts). `generate_mdlm` is the entry point for `jaxlm generate`.
 """
 
@@ -138,36 +138,32 @@ def sample_mdlm(model, prompt_ids, length: int, steps: int, seed: int = 0, *, sc
     return _run(d.ancestral, d.state, x_BT, calls, history, rows * length)
 
 
-def _remask_calls(key, P: int, plan, first_call: int = 0) -> list:
-    """(key, n_keep, lo, hi) per step: each block's masks revealed in near-equal parts (the
-    first steps take the remainder, as in LLaDA)."""
-    calls = []
+def _remasking(model, prompt_ids, length: int, plan, seed: int, temperature: float, rows: int,
+               history: bool) -> Sample:
+    """Low-confidence remasking over the blocks of `plan` in order: each block's masks revealed
+    in near-equal parts per step (the first steps take the remainder, as in LLaDA)."""
+    cfg = model.cfg
+    d = _Denoiser(model, cfg.vocab_size, temperature)
+    x_BT = _canvas(prompt_ids, length, rows, d.mask, cfg.max_seq_len)
+    P, key, calls = x_BT.shape[1] - length, jax.random.key(seed), []
     for lo, hi, n in plan:
         base, extra = divmod(hi - lo, n)
         for i in range(n):
-            calls.append((jax.random.fold_in(key, first_call + len(calls)),
-                          *_scalars(base + (i < extra), P + lo, P + hi)))
-    return calls
+            calls.append((jax.random.fold_in(key, len(calls)), *_scalars(base + (i < extra), P + lo, P + hi)))
+    return _run(d.remask, d.state, x_BT, calls, history, rows * length)
 
 
 def sample_remask(model, prompt_ids, length: int, steps: int, seed: int = 0, *, temperature: float = 1.0,
                   rows: int = 1, history: bool = False) -> Sample:
     """LLaDA low-confidence remasking over the whole generation at once."""
-    cfg = model.cfg
-    d = _Denoiser(model, cfg.vocab_size, temperature)
-    x_BT = _canvas(prompt_ids, length, rows, d.mask, cfg.max_seq_len)
-    calls = _remask_calls(jax.random.key(seed), x_BT.shape[1] - length, [(0, length, max(1, steps))])
-    return _run(d.remask, d.state, x_BT, calls, history, rows * length)
+    return _remasking(model, prompt_ids, length, [(0, length, max(1, steps))], seed, temperature, rows, history)
 
 
 def sample_block(model, prompt_ids, length: int, steps: int, block_size: int, seed: int = 0, *,
                  temperature: float = 1.0, rows: int = 1, history: bool = False) -> Sample:
     """Block diffusion: remasking block by block, left to right; `steps` in all."""
-    cfg = model.cfg
-    d = _Denoiser(model, cfg.vocab_size, temperature)
-    x_BT = _canvas(prompt_ids, length, rows, d.mask, cfg.max_seq_len)
-    calls = _remask_calls(jax.random.key(seed), x_BT.shape[1] - length, block_plan(length, steps, block_size))
-    return _run(d.remask, d.state, x_BT, calls, history, rows * length)
+    plan = block_plan(length, steps, block_size)
+    return _remasking(model, prompt_ids, length, plan, seed, temperature, rows, history)
 
 
 # ----------------------------------------------------------------------------- `jaxlm generate`
