@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import shutil
 import sys
@@ -30,7 +31,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxlm.config import CheckpointConfig, Config, to_dict
-from jaxlm.errors import UserError
+from jaxlm.errors import RunFailed, UserError
 
 CHECKPOINTS = "checkpoints"
 SET_ASIDE = "checkpoints.set_aside"
@@ -46,7 +47,8 @@ FORMAT = 1
 LOCKED_SECTIONS = {"model", "moe", "data"}
 UNLOCKED = {
     "model.max_seq_len", "model.compute_dtype", "model.remat",  # RoPE has no learned positions
-    "model.attention_impl", "model.projection_impl", "model.scan_layers",  # how, not what, is computed
+    "model.attention_impl", "model.projection_impl", "model.gmm_impl", "model.scan_layers",  # how, not what
+    "model.dropout", "model.attention_dropout",
     "moe.noise_std", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.impl", "moe.capacity_factor",
 }
 LOCKED_TRAIN = {"train.seed", "train.global_batch"}  # rng stream; iterator state is a batch index
@@ -114,12 +116,41 @@ def step_dirs(directory: Path) -> list[tuple[int, Path]]:
     return sorted(steps, reverse=True)
 
 
+def best_step(directory: Path, checksums: bool = False) -> int | None:
+    """The valid checkpoint with the lowest eval loss (saved at an evaluation step), or None."""
+    scored = []
+    for step, path in step_dirs(directory):
+        try:
+            loss = read_meta(path).get("eval_loss")
+        except (OSError, ValueError):
+            continue
+        if loss is not None and verify(path, checksums=checksums) is None:
+            scored.append((loss, step))
+    return min(scored)[1] if scored else None
+
+
 def read_meta(step_dir: Path) -> dict:
     return json.loads((step_dir / META_FILE).read_text())
 
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def newest_valid(directory: Path) -> str:
+    """A phrase naming the newest checkpoint in `directory` that matches its manifest (sizes only)."""
+    for step, path in step_dirs(directory):
+        if verify(path, checksums=False) is None:
+            return f"last good checkpoint: {path} (step {step})"
+    return f"no checkpoint in {directory}"
 
 
 # ----------------------------------------------------------------------------- saving
@@ -136,9 +167,11 @@ def tokenizer_identity(spec: str) -> dict:
     return {"spec": spec, "hash": digest if isinstance(digest, str) else None}
 
 
-def make_meta(cfg: Config, step: int, tokens_seen: int, data_state: dict, tokenizer: dict) -> dict:
+def make_meta(cfg: Config, step: int, tokens_seen: int, data_state: dict, tokenizer: dict,
+              data_fingerprint: list | None = None) -> dict:
     return {
         "format": FORMAT, "step": step, "tokens_seen": tokens_seen, "data": data_state,
+        "data_fingerprint": data_fingerprint,
         "rng": {"seed": cfg.train.seed, "step": step}, "config": to_dict(cfg), "tokenizer": tokenizer,
         "process_count": jax.process_count(), "device_count": jax.device_count(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -151,9 +184,14 @@ class CheckpointWriter:
     def __init__(self, directory: Path, c: CheckpointConfig):
         self.directory, self.async_save = Path(directory).absolute(), c.async_save
         self.pending: int | None = None
+        self.unchecked: int | None = None  # a save whose outcome is not yet known
+        _quiet_orbax_errors()
         keep: list = [ocm.LatestN(max(c.keep, 1))]
         if c.keep_every:
             keep.append(ocm.EveryNSteps(c.keep_every))
+        if c.keep_best:  # lowest eval loss: sorted descending, the last n are kept
+            keep.append(ocm.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=c.keep_best,
+                                  keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             # sync saves also go through the async checkpointer (then wait) so the manifest
             # hook below runs in both modes
@@ -173,10 +211,14 @@ class CheckpointWriter:
         """Starts saving; returns once the arrays are copied off the devices. False if it exists."""
         if step in self.manager.all_steps():
             return False
-        self.manager.wait_until_finished()  # one save in flight: `pending` names it
-        self.pending = step
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self.wait()  # one save in flight: `pending` names it
+        self.pending = self.unchecked = step
+        try:
+            metrics = None if meta.get("eval_loss") is None else {"eval_loss": meta["eval_loss"]}
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001 - the synchronous part can fail too (e.g. mkdir on a full disk)
+            raise self._failed(e) from None
         if not self.async_save:
             self.wait()
         return True
@@ -184,12 +226,60 @@ class CheckpointWriter:
     def saving(self) -> bool:
         return self.manager.is_saving_in_progress()
 
+    def poll(self) -> None:
+        """Raises RunFailed if the save in flight has failed; cheap enough for every step (no waiting)."""
+        if self.unchecked is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.check_for_errors()
+        """Waits for the save in flight; RunFailed if it failed."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - orbax wraps the cause in its own exceptions
+            raise self._failed(e) from None
+        self.unchecked = None
+
+    def _failed(self, e: BaseException) -> RunFailed:
+        """One line: which save failed and why, the free space there, and what was kept."""
+        step, self.unchecked = self.unchecked, None
+        cause = _root_cause(e)
+        reason = (f"{cause.strerror or cause}" if isinstance(cause, OSError)
+                  else f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}")
+        where = self.directory
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        free = human_bytes(shutil.disk_usage(where).free)
+        return RunFailed(f"saving checkpoint step {step} to {self.directory} failed: {reason}; {free} free there; "
+                         f"{newest_valid(self.directory)} (kept). Free some space or move train.run_dir, then "
+                         "run the same command to resume")
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The first OSError in the chain of causes (a full disk, say), else the innermost exception."""
+    seen = []
+    while e is not None and e not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen[-1]
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """orbax logs each failed save with hundreds of lines of traceback; the writer reports it in one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _quiet_orbax_errors() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
+        logger.addFilter(_DropOrbaxErrors())
 
 
 # ----------------------------------------------------------------------------- resume
@@ -266,7 +356,7 @@ def _candidates(run_dir: Path, resume: str | None) -> tuple[list[tuple[int, Path
     return found, False
 
 
-def _all_agree(ok: bool) -> bool:
+def all_processes_agree(ok: bool) -> bool:
     """True if `ok` on every process: all processes must take the same step (or none)."""
     if jax.process_count() == 1:
         return ok
@@ -275,7 +365,15 @@ def _all_agree(ok: bool) -> bool:
     return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None, tok: dict):
+def changed_sources(saved: list | None, now: list | None) -> list[str]:
+    """The data sources whose fingerprint differs from the checkpoint's (none known: none)."""
+    if not saved or not now:
+        return []
+    return [n["source"] for s, n in zip(saved, now) if s.get("sha256") != n.get("sha256")]
+
+
+def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None, tok: dict,
+                         data_fingerprint: list | None = None):
     """(state, meta) from the newest valid checkpoint, or None to start fresh.
 
     Invalid steps are skipped with one warning each; an incompatible config is an error (falling
@@ -288,22 +386,29 @@ def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None
     for step, path in candidates:
         # process 0 reads every byte once; the others take its word
         reason = verify(path) if jax.process_index() == 0 else None
-        if not _all_agree(reason is None):
+        if not all_processes_agree(reason is None):
             reason = reason or "invalid (see process 0)"
         if reason is None:
-            bad = []
+            bad, changed = [], []
             try:
                 meta = read_meta(path)
                 bad = incompatible_keys(meta.get("config", {}), cfg, meta.get("tokenizer"), tok)
-                if not bad:
+                if not cfg.train.allow_data_change:
+                    changed = changed_sources(meta.get("data_fingerprint"), data_fingerprint)
+                if not bad and not changed:
                     state = restore_state(path, trainer)
             except Exception as e:  # noqa: BLE001 - any read failure means: try the previous step
                 reason = f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            if not _all_agree(reason is None):
+            if not all_processes_agree(reason is None):
                 reason = reason or "restore failed on another process"
             if reason is None and bad:
                 raise UserError(f"cannot resume from {path}: the config changed in keys that must stay the same: "
                                 f"{', '.join(bad)}; use a new train.run_dir or restore those values")
+            if reason is None and changed:
+                raise UserError(f"cannot resume from {path}: the data changed since it was saved "
+                                f"({', '.join(changed)}: files differ in size or content), so the saved data "
+                                "position would point into other data; restore the data, use a new train.run_dir, "
+                                "or set train.allow_data_change=true to resume anyway")
         if reason is None:
             _set_aside(run_dir, step)
             return state, meta

@@ -14,17 +14,13 @@ from jaxlm.errors import UserError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = sub.add_parser("ls", help="list the checkpoints of a run: step, size, validity, config summary")
+    ls = sub.add_parser("ls", help="list the checkpoints of a run: step, size, validity, config summary",
+                        description="List the checkpoints of a run, newest first: step, size on disk, time saved, "
+                                    "tokens seen and whether every file matches its manifest (valid), then a "
+                                    "summary of the newest valid checkpoint's config. Reads only files; needs no "
+                                    "devices.")
     ls.add_argument("run_dir", help="a run directory (with checkpoints/) or a checkpoints directory")
     ls.add_argument("--quick", action="store_true", help="check file sizes only, not checksums")
-
-
-def human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def config_summary(meta: dict) -> str:
@@ -49,6 +45,7 @@ def ls(run_dir: Path, quick: bool) -> int:
         print(f"{directory}: no checkpoints")
         return 0
     rows, newest_meta, n_valid = [], None, 0
+    best = ckpt.best_step(directory, checksums=not quick)
     for step, path in steps:
         reason = ckpt.verify(path, checksums=not quick)
         meta = {}
@@ -59,16 +56,17 @@ def ls(run_dir: Path, quick: bool) -> int:
         if reason is None:
             n_valid += 1
             newest_meta = newest_meta or meta
-        status = "valid" if reason is None else f"INVALID: {reason}"
-        rows.append((str(step), human(ckpt.dir_size(path)), meta.get("time", "?"),
-                     str(meta.get("tokens_seen", "?")), status))
+        status = ("valid" + (", best" if step == best else "")) if reason is None else f"INVALID: {reason}"
+        loss = meta.get("eval_loss")
+        rows.append((str(step), ckpt.human_bytes(ckpt.dir_size(path)), meta.get("time", "?"),
+                     str(meta.get("tokens_seen", "?")), "-" if loss is None else f"{loss:.4f}", status))
     print(f"{directory}: {len(steps)} checkpoint(s), {n_valid} valid"
           f"{' (sizes only checked)' if quick else ''}")
-    header = ("step", "size", "saved (UTC)", "tokens", "status")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    header = ("step", "size", "saved (UTC)", "tokens", "eval loss", "status")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
     for r in [header, *rows]:
-        print("  ".join(v.rjust(w) if i in (0, 1, 3) else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))),
-              r[4])
+        print("  ".join(v.rjust(w) if i in (0, 1, 3, 4) else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))),
+              r[5])
     for name in temps:
         print(f"{name}: incomplete save (in progress, or killed); removed by the next run")
     set_aside = directory.parent / ckpt.SET_ASIDE

@@ -1,7 +1,7 @@
 """`jaxlm <verb>`: each verb lives in its own module with `add_arguments(parser)` and `main(args)`.
 
 Modules are imported only when their verb runs, so `jaxlm --help` stays fast. A `UserError`
-anywhere below becomes one line on stderr and exit code 2.
+anywhere below becomes one line on stderr and its exit code (2 for bad input, 1 for a failed run).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from jaxlm import __version__
 from jaxlm.errors import UserError
 
 VERBS = {
@@ -20,16 +21,20 @@ VERBS = {
     "checkpoint": ("jaxlm.checkpoint_cli", "list and inspect checkpoints of a run"),
     "compile": ("jaxlm.compile", "AOT-compile the train step for a TPU topology and size it"),
     "plot": ("jaxlm.plot", "plot training curves of one or more runs into an image"),
+    "config": ("jaxlm.config_cli", "list every config key with its type, default and description"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="jaxlm", description="Train transformer language models with JAX.")
+    parser.add_argument("--version", action="version", version=f"jaxlm {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (_, help_text) in VERBS.items():
         sub.add_parser(verb, help=help_text, add_help=False)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+    if not argv or argv[0] in ("-h", "--help", "--version") or argv[0] not in VERBS:
+        if argv and argv[0] == "--version":
+            parser.parse_args(argv[:1])  # prints the version and exits 0
         if argv and argv[0] not in ("-h", "--help"):
             print(f"jaxlm: unknown command {argv[0]!r}; expected one of {', '.join(VERBS)}", file=sys.stderr)
             return 2
@@ -47,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         return module.main(args) or 0
     except UserError as e:
         print(f"jaxlm {verb}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"jaxlm {verb}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def compile_step(cfg: Config, devices) -> dict:
            "state_bytes": per_device_bytes(state), "batch_bytes": per_device_bytes(batch),
            "matmul_flops": train_flops_per_step(cfg), "n_devices": len(devices),
            "n_hosts": len({d.process_index for d in devices}),
-           "attention_impl": trainer.cfg.model.attention_impl}
+           "attention_impl": trainer.cfg.model.attention_impl, "scan_layers": trainer.cfg.model.scan_layers}
     lowered = trainer.lower_train_step()
     try:
         compiled = lowered.compile()
@@ -178,7 +178,7 @@ def report(r: dict, cfg: Config, topology: str, hbm: int) -> tuple[str, bool]:
               f"  total         {_size(r['total']):>14}  = {100 * r['total'] / hbm:.1f}% of {_size(hbm)}",
               f"FLOPs per step  {r['flops']:.3e} per chip, {r['flops'] * r['n_devices']:.3e} all chips "
               "(XLA cost analysis" + ("; a scanned layer loop counts once: model.scan_layers=false for the full count)"
-                                      if cfg.model.scan_layers and cfg.model.n_layers > 1 else ")"),
+                                      if r["scan_layers"] and cfg.model.n_layers > 1 else ")"),
               f"                {r['matmul_flops']:.3e} all chips (matmuls by hand, jaxlm accounting)",
               f"fits: {'yes' if fits else 'NO'} ({_size(r['total'])} of {_size(hbm)} per chip"
               + ("" if fits else f", over by {_size(r['total'] - hbm)}") + ")"]

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 
@@ -23,29 +23,41 @@ class ConfigError(UserError):
     """A config problem; its message is one line meant for the user."""
 
 
+# Every key carries a one-line description (`Doc[type, "..."]`); `jaxlm config` lists them.
+Doc = Annotated
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 257  # bytes + <|endoftext|>
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    d_ff: int = 344
-    max_seq_len: int = 1024  # maximum positions the model supports
-    norm: Literal["pre", "post", "none"] = "pre"
-    mlp: Literal["swiglu", "silu", "gelu"] = "swiglu"
-    position: Literal["rope", "none"] = "rope"
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = False
-    norm_eps: float = 1e-5
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    causal: bool = True  # false = bidirectional attention (masked-diffusion LMs)
-    remat: Literal["none", "full", "dots_saveable"] = "none"
-    scan_layers: bool = True
-    # kernels (jaxlm/model/kernels.py); auto = the platform's best
-    attention_impl: Literal["auto", "xla", "cpu", "cudnn", "pallas_gpu", "splash"] = "auto"
-    projection_impl: Literal["auto", "xla", "cpu"] = "auto"
+    vocab_size: Doc[int, "vocabulary size; at least the tokenizer's (257 = 256 bytes + <|endoftext|>)"] = 257
+    d_model: Doc[int, "width of the residual stream"] = 128
+    n_layers: Doc[int, "number of transformer blocks"] = 4
+    n_heads: Doc[int, "attention (query) heads; must divide d_model"] = 4
+    n_kv_heads: Doc[int, "key/value heads (grouped-query attention); must divide n_heads"] = 4
+    d_ff: Doc[int, "hidden size of the dense feed-forward block"] = 344
+    max_seq_len: Doc[int, "maximum positions the model supports (>= data.seq_len)"] = 1024
+    norm: Doc[Literal["pre", "post", "none"], "where RMSNorm sits in each block"] = "pre"
+    mlp: Doc[Literal["swiglu", "silu", "gelu"], "feed-forward activation (swiglu is gated)"] = "swiglu"
+    position: Doc[Literal["rope", "none"], "positional encoding: rotary or none"] = "rope"
+    rope_theta: Doc[float, "RoPE base frequency"] = 10000.0
+    tie_embeddings: Doc[bool, "share the input embedding with the output projection"] = False
+    norm_eps: Doc[float, "RMSNorm epsilon (> 0)"] = 1e-5
+    param_dtype: Doc[Literal["float32", "bfloat16"], "dtype the parameters are stored in"] = "float32"
+    compute_dtype: Doc[Literal["float32", "bfloat16"], "dtype of matmuls and activations"] = "float32"
+    causal: Doc[bool, "causal attention; false = bidirectional (masked-diffusion LMs)"] = True
+    remat: Doc[Literal["none", "full", "dots_saveable"], "activation recomputation in the backward pass"] = "none"
+    dropout: Doc[float, "dropout rate on the embedding output and on each residual branch (training only)"] = 0.0
+    attention_dropout: Doc[float, "dropout rate on attention probabilities (training only; runs the xla "
+                                  "attention kernel, the fast ones cannot drop out)"] = 0.0
+    scan_layers: Doc[Literal["auto", True, False],
+                     "compile one block and scan it over the layers (fast compiles) or unroll them; auto: "
+                     "unrolled on GPU, where the scan cost 1.4x in step time, scanned elsewhere"] = "auto"
+    attention_impl: Doc[Literal["auto", "xla", "cpu", "cudnn", "pallas_gpu", "splash"],
+                        "attention kernel (model/kernels.py); auto: cpu on CPU, cudnn on GPU (pallas_gpu when "
+                        "deterministic), splash on TPU"] = "auto"
+    projection_impl: Doc[Literal["auto", "xla", "cpu"], "dense projection kernel; auto: cpu on CPU, else xla"] = "auto"
+    gmm_impl: Doc[Literal["auto", "ragged_dot", "megablox"],
+                  "MoE dropless grouped matmul; auto: megablox on TPU, else ragged_dot"] = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -56,95 +68,102 @@ class ModelConfig:
 class MoEConfig:
     """Mixture-of-Experts feed-forward; n_experts == 0 means a dense model."""
 
-    n_experts: int = 0
-    top_k: int = 2
-    d_ff: int = 0  # expert hidden size; 0 = model.d_ff
-    every: int = 1  # an MoE block in every `every`-th layer
-    first_dense: int = 0  # leading dense layers before the first MoE layer
-    n_shared: int = 0  # shared experts every token passes through
-    router: Literal["softmax", "sigmoid"] = "softmax"
-    noise_std: float = 0.0  # noisy top-k during training
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
-    impl: Literal["dropping", "dropless"] = "dropless"
-    capacity_factor: float = 1.25
+    n_experts: Doc[int, "experts per MoE layer; 0 = dense model"] = 0
+    top_k: Doc[int, "experts each token is routed to"] = 2
+    d_ff: Doc[int, "expert hidden size; 0 = model.d_ff"] = 0
+    every: Doc[int, "an MoE block in every `every`-th layer (>= 1)"] = 1
+    first_dense: Doc[int, "leading dense layers before the first MoE layer"] = 0
+    n_shared: Doc[int, "shared experts every token passes through"] = 0
+    router: Doc[Literal["softmax", "sigmoid"], "router score function"] = "softmax"
+    noise_std: Doc[float, "noise added to router logits during training (noisy top-k); 0 = off"] = 0.0
+    aux_loss_coef: Doc[float, "weight of the load-balancing loss"] = 0.01
+    z_loss_coef: Doc[float, "weight of the router z-loss"] = 0.001
+    impl: Doc[Literal["dropping", "dropless"], "dropping: fixed expert capacity; dropless: every token"] = "dropless"
+    capacity_factor: Doc[float, "dropping: expert capacity as a multiple of the fair share"] = 1.25
 
 
 @dataclass
 class MeshConfig:
     """Mesh axis sizes within a host/slice (ici) and across hosts (dcn); -1 fills."""
 
-    data: int = -1
-    fsdp: int = 1
-    expert: int = 1
-    tensor: int = 1
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_expert: int = 1
-    dcn_tensor: int = 1
-    # logical axis -> mesh axis (or list of mesh axes, or null); merged over the defaults
-    rules: dict[str, Any] = field(default_factory=dict)
+    data: Doc[int, "data-parallel size within a host/slice; -1 = fill with the remaining devices"] = -1
+    fsdp: Doc[int, "fully-sharded data-parallel size within a host/slice"] = 1
+    expert: Doc[int, "expert-parallel size within a host/slice"] = 1
+    tensor: Doc[int, "tensor-parallel size within a host/slice"] = 1
+    dcn_data: Doc[int, "data-parallel size across hosts/slices"] = 1
+    dcn_fsdp: Doc[int, "fsdp size across hosts/slices"] = 1
+    dcn_expert: Doc[int, "expert-parallel size across hosts/slices"] = 1
+    dcn_tensor: Doc[int, "tensor-parallel size across hosts/slices"] = 1
+    rules: Doc[dict[str, Any], "logical axis -> mesh axis, list of axes or null; merged over the defaults, "
+               "e.g. '{embed: null}'"] = field(default_factory=dict)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2  # WSD: final fraction of steps spent decaying
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    decay_embeddings: bool = False
-    clip_norm: float = 1.0  # 0 disables clipping
+    lr: Doc[float, "peak learning rate (> 0)"] = 1e-3
+    min_lr: Doc[float, "final learning rate of the cosine and WSD schedules"] = 1e-4
+    schedule: Doc[Literal["cosine", "wsd", "constant"], "learning-rate schedule after warmup"] = "cosine"
+    warmup_steps: Doc[int, "linear warmup from 0 to lr (>= 0)"] = 100
+    decay_fraction: Doc[float, "WSD: final fraction of steps spent decaying"] = 0.2
+    beta1: Doc[float, "AdamW first-moment decay, in [0, 1)"] = 0.9
+    beta2: Doc[float, "AdamW second-moment decay, in [0, 1)"] = 0.95
+    eps: Doc[float, "AdamW epsilon"] = 1e-8
+    weight_decay: Doc[float, "AdamW decoupled weight decay (not on norm gains)"] = 0.1
+    decay_embeddings: Doc[bool, "also decay the embedding table"] = False
+    clip_norm: Doc[float, "clip gradients to this global norm; 0 disables clipping"] = 1.0
 
 
 @dataclass
 class SourceConfig:
-    path: str = ""
-    weight: float = 1.0
+    path: Doc[str, "a text file, directory, glob or prepared corpus"] = ""
+    weight: Doc[float, "share of the training rows drawn from this source (> 0)"] = 1.0
 
 
 @dataclass
 class DataConfig:
-    # a text file / directory / glob, or a directory made by `jaxlm prepare`; null = embedded corpus
-    path: Optional[str] = None
-    mixture: list[SourceConfig] = field(default_factory=list)  # several sources with weights (instead of path)
-    packing: bool = False  # pack whole documents into rows (segment ids, positions restart) vs plain windows
-    tokenizer: str = "bytes"  # "bytes", a tokenizer directory, or a named tiktoken encoding
-    seq_len: int = 128
-    val_fraction: float = 0.05
-    seed: int = 0
+    path: Doc[Optional[str], "a text file, directory, glob, or a directory made by `jaxlm prepare`; "
+              "null = the embedded default corpus"] = None
+    mixture: Doc[list[SourceConfig], "several sources with weights, [{path, weight}, ...] (instead of path)"] = \
+        field(default_factory=list)
+    packing: Doc[bool, "pack whole documents into rows (segment ids, positions restart) vs plain windows"] = False
+    tokenizer: Doc[str, "'bytes', a tokenizer directory, or a tiktoken encoding name"] = "bytes"
+    seq_len: Doc[int, "tokens per training row"] = 128
+    val_fraction: Doc[float, "share of raw text held out for evaluation (prepared data has its own split)"] = 0.05
+    seed: Doc[int, "seed of the row shuffle"] = 0
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    global_batch: int = 16
-    microbatches: int = 1  # gradient accumulation
-    seed: int = 0
-    eval_every: int = 100
-    eval_batches: int = 4
-    log_every: int = 10
-    run_dir: str = "runs/default"  # from a config file: runs/<file name> unless set
-    peak_flops_per_device: float = 0.0  # 0 = measure a matmul on this machine
-    z_loss_coef: float = 0.0
-    # what the step minimises (train/objectives.py, train/diffusion.py, train/distill.py)
-    objective: Literal["next_token", "mdlm", "distill"] = "next_token"
-    teacher: Optional[str] = None  # distill: the teacher's run directory (its newest valid checkpoint)
-    progress: bool = True
+    steps: Doc[int, "total optimizer steps (raise it to continue a finished run)"] = 300
+    global_batch: Doc[int, "rows per step over all devices"] = 16
+    microbatches: Doc[int, "gradient accumulation: global_batch is split into this many microbatches"] = 1
+    seed: Doc[int, "seed of initialization and of training randomness"] = 0
+    eval_every: Doc[int, "steps between evaluations (and one at the last step); 0 = off"] = 100
+    eval_batches: Doc[int, "global batches of validation data per evaluation"] = 4
+    log_every: Doc[int, "steps between metric records (>= 1)"] = 10
+    run_dir: Doc[str, "metrics, TensorBoard events and checkpoints; from a config file: runs/<file name> "
+                 "unless set"] = "runs/default"
+    peak_flops_per_device: Doc[float, "for MFU; 0 = measure a matmul on this machine"] = 0.0
+    z_loss_coef: Doc[float, "weight of the output z-loss (log-partition squared)"] = 0.0
+    objective: Doc[Literal["next_token", "mdlm", "distill"],
+                   "what the step minimises (train/objectives.py, diffusion.py, distill.py)"] = "next_token"
+    teacher: Doc[Optional[str], "distill: the teacher's run directory (its newest valid checkpoint)"] = None
+    deterministic: Doc[Literal["auto", True, False],
+                       "bit-exact runs and resumes; auto: where free (CPU, TPU), not on GPU"] = "auto"
+    progress: Doc[bool, "show a progress bar"] = True
+    early_stop_patience: Doc[int, "stop after this many evaluations without a new best eval loss; 0 = never"] = 0
+    allow_data_change: Doc[bool, "resume even though the data files changed since the checkpoint"] = False
 
 
 @dataclass
 class DiffusionConfig:
     """Masked diffusion (train.objective=mdlm): the noise schedule and the ELBO evaluation."""
 
-    schedule: Literal["linear", "loglinear", "cosine"] = "linear"
-    t_min: float = 1e-3  # t ~ U(t_min, 1): keeps the 1/t weight of the ELBO finite
-    low_discrepancy: bool = True  # stratified t across the batch (else i.i.d.)
-    eval_t_samples: int = 4  # t samples per validation sequence (seeded, evenly spread)
+    schedule: Doc[Literal["linear", "loglinear", "cosine"], "alpha_t: 1 - t, MDLM's log-linear (1 - (1 - 1e-3) t), "
+                  "or cos(pi t / 2)"] = "linear"
+    t_min: Doc[float, "t ~ U(t_min, 1): keeps the 1/t weight of the ELBO finite"] = 1e-3
+    low_discrepancy: Doc[bool, "t stratified across the batch (else i.i.d.)"] = True
+    eval_t_samples: Doc[int, "t per validation sequence for the ELBO bound (seeded, evenly spread)"] = 4
 
 
 @dataclass
@@ -152,16 +171,17 @@ class DistillConfig:
     """Distillation (train.objective=distill): weight * tau^2 * KL(teacher || student) at
     temperature tau + (1 - weight) * next-token cross-entropy."""
 
-    temperature: float = 2.0
-    weight: float = 0.5
+    temperature: Doc[float, "tau: both distributions are softened by it in the KL term"] = 2.0
+    weight: Doc[float, "share of the KL term; 1 - weight goes to the next-token loss"] = 0.5
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 1000  # steps between checkpoints (and one at the last step); 0 disables
-    keep: int = 3
-    keep_every: int = 0  # also keep every n-th step forever; 0 = none
-    async_save: bool = True
+    every: Doc[int, "steps between checkpoints (and one at the last step); 0 disables checkpoints"] = 1000
+    keep: Doc[int, "newest checkpoints to keep (>= 1)"] = 3
+    keep_every: Doc[int, "also keep every n-th step forever; 0 = none"] = 0
+    keep_best: Doc[int, "also keep the n checkpoints with the lowest eval loss (saved at eval steps); 0 = none"] = 0
+    async_save: Doc[bool, "write checkpoints in the background while training goes on"] = True
 
 
 @dataclass
@@ -203,12 +223,23 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(value) if value != "" else None
+        node[leaf] = _parse_override_value(item, value)
     cfg = from_dict(Config, raw, prefix="")
     if path is not None and "run_dir" not in (raw.get("train") or {}):
         cfg.train.run_dir = f"runs/{path.stem}"
     validate(cfg)
     return cfg
+
+
+def _parse_override_value(item: str, value: str):
+    if value == "":
+        return None
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = str(e).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value does not parse as YAML ({problem}); quote the whole "
+                          "override so the shell passes it as one argument, e.g. 'mesh.rules={embed: null}'") from None
 
 
 def from_dict(cls, raw: dict, prefix: str):
@@ -236,7 +267,7 @@ def _coerce(tp, value, key: str):
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed; expected one of {'|'.join(map(str, allowed))}")
+            raise ConfigError(f"{key}={value!r} is not allowed; expected one of {'|'.join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -273,7 +304,7 @@ def _coerce(tp, value, key: str):
 
 def validate(cfg: Config) -> None:
     """Checks that need several keys together. Device-dependent checks live in the mesh code."""
-    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+    m, o, t, d, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.checkpoint
     positive = {
         "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff,
@@ -283,6 +314,30 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")
+    at_least = {  # key: (value, minimum, what the minimum means)
+        "train.log_every": (t.log_every, 1, ""), "train.eval_every": (t.eval_every, 0, " (0 = no evaluation)"),
+        "train.eval_batches": (t.eval_batches, 1, ""),
+        "checkpoint.every": (c.every, 0, " (0 = no checkpoints)"), "checkpoint.keep": (c.keep, 1, ""),
+        "checkpoint.keep_every": (c.keep_every, 0, " (0 = none kept forever)"),
+        "checkpoint.keep_best": (c.keep_best, 0, " (0 = none)"),
+        "train.early_stop_patience": (cfg.train.early_stop_patience, 0, " (0 = never)"),
+        "optim.warmup_steps": (o.warmup_steps, 0, ""),
+    }
+    for key, (value, minimum, meaning) in at_least.items():
+        if value < minimum:
+            raise ConfigError(f"{key}={value} must be >= {minimum}{meaning}")
+    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}={value} must be in [0, 1)")
+    for key, value in (("model.norm_eps", m.norm_eps), ("optim.eps", o.eps)):
+        if not value > 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.clip_norm", o.clip_norm)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    for key, rate in (("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout)):
+        if not 0 <= rate < 1:
+            raise ConfigError(f"{key}={rate} must be in [0, 1)")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
     if m.n_heads % m.n_kv_heads:

@@ -33,6 +33,7 @@ def test_config_compiles_for_v5p_2x2x2_and_reports_memory_and_flops(tmp_path, co
     proc, r = compile_cli(tmp_path, config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert r["n_devices"] == 8 and r["n_hosts"] == 2 and r["fits"]
+    assert r["attention_impl"] == "splash" and "attention kernel splash" in proc.stdout  # TPU flash kernel
     # XLA's argument buffers are the state and batch shards one chip holds (+ TPU tile padding)
     ours = r["state_bytes"] + r["batch_bytes"]
     assert ours <= r["arguments"] <= 1.01 * ours + 2**16

@@ -102,7 +102,11 @@ def test_projection_kernel_and_its_weight_gradient_equal_a_plain_einsum(impl):
 
 def test_auto_resolves_per_platform_and_a_kernel_the_platform_lacks_is_a_config_error():
     cpu = kernels.resolve(ModelConfig(), "cpu")
-    assert (cpu.attention_impl, cpu.projection_impl) == ("cpu", "cpu")
+    assert (cpu.attention_impl, cpu.projection_impl, cpu.scan_layers) == ("cpu", "cpu", True)
+    gpu, tpu = kernels.resolve(ModelConfig(), "gpu"), kernels.resolve(ModelConfig(), "tpu")
+    assert (gpu.attention_impl, gpu.projection_impl, gpu.scan_layers) == ("cudnn", "xla", False)
+    assert (tpu.attention_impl, tpu.projection_impl, tpu.scan_layers) == ("splash", "xla", True)
+    assert kernels.resolve(ModelConfig(scan_layers=True), "gpu").scan_layers is True
     for impl, platforms in kernels.ATTENTION_IMPLS.items():
         for platform in ("cpu", "gpu", "tpu"):
             if platform in platforms:
@@ -110,3 +114,85 @@ def test_auto_resolves_per_platform_and_a_kernel_the_platform_lacks_is_a_config_
             else:
                 with pytest.raises(ConfigError, match=f"model.attention_impl='{impl}' needs"):
                     kernels.resolve(ModelConfig(attention_impl=impl), platform)
+
+
+# ------------------------------------------------- accelerator kernels, in the Pallas interpreter
+
+
+def flash_kernels():
+    from jaxlm.model import flash
+
+    return {
+        "pallas_gpu": lambda q, k, v, m: flash.pallas_gpu_attention(q, k, v, m.causal, m.segment_ids_BT,
+                                                                    interpret=True),
+        "splash": lambda q, k, v, m: flash.splash_attention(q, k, v, m.causal, m.segment_ids_BT, interpret=True),
+    }
+
+
+@pytest.mark.parametrize("name", ["pallas_gpu", "splash"])
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_flash_kernel_in_the_pallas_interpreter_equals_the_reference(name, mask_name):
+    """GPU and TPU kernels run here in Pallas' interpreter: same outputs and gradients (GQA, K=2 G=2).
+    T=128: splash tiles in blocks of at least 128."""
+    fn = flash_kernels()[name]
+    B, T = 2, 128
+    q, k, v = qkv(B=B, T=T, K=2, G=2, d=16, seed=3)
+    seg = np.zeros((B, T), np.int32)
+    seg[0, :50], seg[0, 50:] = 1, 2
+    seg[1, :90], seg[1, 90:] = 1, 0
+    mask = MASKS[mask_name](B, T)
+    if mask.segment_ids_BT is not None:
+        mask = AttentionMask(mask.causal, jnp.asarray(seg))
+    cotangent = jax.random.normal(jax.random.key(9), q.shape)
+    np.testing.assert_allclose(fn(q, k, v, mask), reference_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    got = jax.grad(lambda *a: jnp.sum(fn(*a, mask) * cotangent), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: jnp.sum(reference_attention(*a, mask) * cotangent), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic_runs_pick_an_atomics_free_attention_on_gpu_and_refuse_cudnn():
+    assert kernels.resolve(ModelConfig(), "gpu").attention_impl == "cudnn"
+    assert kernels.resolve(ModelConfig(), "gpu", deterministic=True).attention_impl == "pallas_gpu"
+    assert kernels.resolve(ModelConfig(), "tpu", deterministic=True).attention_impl == "splash"
+    with pytest.raises(ConfigError, match="not deterministic"):
+        kernels.resolve(ModelConfig(attention_impl="cudnn"), "gpu", deterministic=True)
+
+
+def test_a_kernel_that_cannot_express_the_mask_falls_back_with_one_warning(capsys, monkeypatch):
+    from jaxlm.model import flash
+
+    calls = []
+    monkeypatch.setattr(flash, "pallas_gpu_attention", lambda q, k, v, causal, seg: calls.append(seg) or q)
+    q, k, v = qkv(T=8)
+    mask = AttentionMask(causal=True, segment_ids_BT=segments(2, 16)[:, :8])
+    for _ in range(2):
+        attention(q, k, v, mask, "cudnn")
+    assert len(calls) == 2 and calls[0] is mask.segment_ids_BT  # cuDNN has no segment ids: Pallas runs
+    err = capsys.readouterr().err
+    assert err.count("attention kernel cudnn cannot express segment ids") == 1
+    decode = AttentionMask(causal=True, kv_valid_BS=jnp.ones((2, 16), bool))
+    q1, k1, v1 = qkv(T=4, S=16)
+    np.testing.assert_allclose(attention(q1, k1, v1, decode, "splash"), reference_attention(q1, k1, v1, decode))
+    assert "attention kernel splash cannot express a decode step's cache mask; using xla" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "megablox"])
+def test_grouped_matmul_equals_per_group_matmuls_and_zero_past_the_groups(impl):
+    """megablox (TPU) runs in the Pallas interpreter; rows past the groups are exactly 0, and so is
+    their gradient (megablox leaves them unwritten)."""
+    M, K, N = 256, 128, 128
+    x = jax.random.normal(jax.random.key(0), (M, K))
+    w = jax.random.normal(jax.random.key(1), (4, K, N))
+    sizes = jnp.asarray([40, 0, 100, 60], jnp.int32)  # 200 rows used of 256
+    ends = np.cumsum(sizes)
+    want = np.concatenate([x[e - s:e] @ w[g] for g, (s, e) in enumerate(zip(sizes, ends))] + [np.zeros((56, N))])
+    gmm = lambda x, w: kernels.grouped_matmul(x, w, sizes, impl, interpret=True)
+    np.testing.assert_allclose(gmm(x, w), want, atol=1e-4, rtol=1e-5)
+    ref = lambda x, w: jax.lax.ragged_dot(x, w, sizes)
+    cot = jax.random.normal(jax.random.key(2), (M, N))
+    got = jax.grad(lambda x, w: jnp.sum(gmm(x, w) * cot), (0, 1))(x, w)
+    exp = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cot), (0, 1))(x, w)
+    for a, b in zip(got, exp):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5)
+    assert np.all(np.asarray(got[0])[200:] == 0)

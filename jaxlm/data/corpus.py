@@ -26,16 +26,20 @@ def default_corpus_files() -> list[Path]:
     return files
 
 
-def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[str]:
-    """Documents (one per stdlib module), up to max_bytes in a fixed order."""
-    docs, total = [], 0
+def default_corpus_paths(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
+    """The standard library files of the default corpus: the first ones (sorted) up to max_bytes."""
+    paths, total = [], 0
     for path in default_corpus_files():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        docs.append(text)
-        total += len(text)
+        paths.append(path)
+        total += path.stat().st_size
         if total >= max_bytes:
             break
-    return docs
+    return paths
+
+
+def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[str]:
+    """Documents (one per stdlib module), up to max_bytes in a fixed order."""
+    return [path.read_text(encoding="utf-8", errors="replace") for path in default_corpus_paths(max_bytes)]
 
 
 def expand_inputs(inputs: list[str], exclude: str | None = None) -> list[str]:

@@ -1,14 +1,11 @@
 """`jaxlm prepare`: text files, directories, globs and JSONL -> token shards + metadata.json.
 
-Layout of OUTDIR (one split = the train or val documents, each followed by <|endoftext|>):
-  train_00000.bin       raw uint16 (or uint32) token ids, a slice of the split's token stream
-  train_00000.idx.npy   int64 offsets, in the shard, of the documents that start in it
-  train_00000.json      sidecar written last: the shard is complete, and where to resume
-  metadata.json         written when every split is finished; readers need it
+The on-disk format (shards, sidecars, metadata.json) is owned by data/shards.py.
 
 A document is one text file or one JSONL record; document i (in input order, counting every
 JSONL line) goes to val when i >= 1 and ceil(i*f) > ceil((i-1)*f), so about a fraction f of
-the documents, spread evenly, at least one when there are two. Files are written under a
+the documents, spread evenly, at least one when there are two; a single document is split by
+tokens instead (its last fraction f goes to val). Files are written under a
 temporary name and renamed; a re-run skips shards that are finished; an error removes what
 this run wrote.
 """
@@ -22,17 +19,19 @@ import json
 import math
 import multiprocessing
 import os
+import shlex
+import signal
 import sys
 import time
 
 import numpy as np
 
 from jaxlm.data.corpus import expand_inputs
-from jaxlm.data.prepared import check_token_ids, check_tokenizer, open_prepared
+from jaxlm.data.shards import (COMMAND_FILE, SPLITS, ShardWriter, check_token_ids, check_tokenizer,
+                                corpus_metadata, open_prepared, write_json)
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.errors import UserError
 
-SPLITS = ("train", "val")
 _TASK_BYTES = 4 << 20
 _STREAM_ABOVE = 64 << 20  # larger text files are encoded with encode_chunks (bounded text memory)
 _STREAM_BLOCK = 1 << 20
@@ -40,7 +39,9 @@ _STREAM_BLOCK = 1 << 20
 
 def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, directories, globs, .jsonl files")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                   help="directory for the shards and metadata.json (created; an interrupted run there resumes); "
+                        "use it as data.path")
     p.add_argument("--tokenizer", help="'bytes', a tokenizer directory, or a tiktoken name (gpt2, cl100k_base, ...)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
@@ -65,9 +66,14 @@ def main(args) -> int:
     if not args.inputs or not args.tokenizer:
         raise UserError("give INPUT... and --tokenizer SPEC (or --check)")
     t0 = time.perf_counter()
-    meta = prepare(args.inputs, args.tokenizer, args.output, val_fraction=args.val_fraction,
-                   shard_tokens=args.shard_tokens, text_field=args.text_field, workers=args.workers,
-                   allow_special=args.allow_special)
+    try:
+        meta = prepare(args.inputs, args.tokenizer, args.output, val_fraction=args.val_fraction,
+                       shard_tokens=args.shard_tokens, text_field=args.text_field, workers=args.workers,
+                       allow_special=args.allow_special)
+    except KeyboardInterrupt:
+        print(f"jaxlm prepare: interrupted; the finished shards in {args.output} are kept: run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     dt = time.perf_counter() - t0
     mb = sum(i[1] for i in meta["settings"]["inputs"]) / 1e6
     print(f"{args.output}: {mb:.1f} MB in {dt:.1f} s ({mb / dt:.1f} MB/s); " + "; ".join(
@@ -127,6 +133,8 @@ _worker_state: dict = {}
 
 
 def _init_worker(tok: Tokenizer, dtype: str, text_field: str, allow_special: bool) -> None:
+    if multiprocessing.parent_process() is not None:  # Ctrl-C is the parent's to handle (no worker tracebacks)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_state.update(tok=tok, dtype=np.dtype(dtype), field=text_field, allow=allow_special)
 
 
@@ -234,96 +242,6 @@ def _results(tasks, init_args, workers: int):
             yield pending.popleft().get()
 
 
-# ---------------------------------------------------------------- shard writing
-
-
-class _SplitWriter:
-    """Appends documents (+ EOT) to one split's shards; resumes after the finished ones."""
-
-    def __init__(self, out: str, split: str, dtype, shard_tokens: int, eot: int, settings_hash: str, created: list):
-        self.out, self.split, self.dtype, self.cap = out, split, np.dtype(dtype), shard_tokens
-        self.eot = np.array([eot], self.dtype)
-        self.settings_hash, self.created = settings_hash, created
-        self.k, self.next_doc, self.next_offset = 0, 0, 0
-        while os.path.exists(side := self._path(self.k, ".json")):
-            with open(side) as f:
-                info = json.load(f)
-            if info.get("settings_hash") != settings_hash:
-                raise UserError(f"{out} holds shards from a run with other inputs, settings or tokenizer "
-                                f"({os.path.basename(side)}); remove it or choose another -o")
-            self.k, self.next_doc, self.next_offset = self.k + 1, info["next_doc"], info["next_offset"]
-        self.file = None
-
-    def _path(self, k: int, ext: str) -> str:
-        return os.path.join(self.out, f"{self.split}_{k:05d}{ext}")
-
-    def _open(self) -> None:
-        self.tmp = self._path(self.k, f".bin.{os.getpid()}.tmp")
-        self.file, self.n, self.offsets, self.buf, self.buffered = open(self.tmp, "wb"), 0, [], [], 0
-        self.mid_doc = self.next_offset > 0
-        self.created.append(self.tmp)
-
-    def add(self, doc: int, ids: np.ndarray) -> None:
-        """Document `doc` (in input order) + EOT; documents before the resume point are done."""
-        if doc < self.next_doc:
-            return
-        pos, total = (self.next_offset if doc == self.next_doc else 0), len(ids) + 1
-        while pos < total:
-            if self.file is None:
-                self._open()
-            if pos == 0:
-                self.offsets.append(self.n)
-            end = pos + min(self.cap - self.n, total - pos)
-            if pos < len(ids):
-                self.buf.append(ids[pos: min(end, len(ids))])
-            if end == total:
-                self.buf.append(self.eot)
-            self.n, self.buffered, pos = self.n + end - pos, self.buffered + end - pos, end
-            self.next_doc, self.next_offset = (doc + 1, 0) if pos == total else (doc, pos)
-            if self.n == self.cap:
-                self._finalize()
-            elif self.buffered >= 1 << 20:
-                self._flush()
-
-    def finish(self) -> None:
-        if self.file is not None and self.n:
-            self._finalize()
-
-    def _flush(self) -> None:
-        if self.buf:
-            np.concatenate(self.buf).tofile(self.file)
-        self.buf, self.buffered = [], 0
-
-    def _finalize(self) -> None:
-        self._flush()
-        self.file.close()
-        self.file = None
-        _replace(self.tmp, self._path(self.k, ".bin"), self.created)
-        idx = self._path(self.k, ".idx.npy")
-        with open(idx + ".tmp", "wb") as f:
-            np.save(f, np.asarray(self.offsets, np.int64))
-        _replace(idx + ".tmp", idx, self.created)
-        _write_json(self._path(self.k, ".json"), {
-            "settings_hash": self.settings_hash, "n_tokens": self.n, "n_documents": len(self.offsets),
-            "starts_mid_document": self.mid_doc, "next_doc": self.next_doc, "next_offset": self.next_offset,
-        }, self.created)
-        self.k += 1
-
-
-def _replace(tmp: str, final: str, created: list) -> None:
-    os.replace(tmp, final)
-    created.append(final)
-
-
-def _write_json(path: str, obj: dict, created: list) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    created.append(tmp)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    _replace(tmp, path, created)
-
-
 def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float = 0.05,
             shard_tokens: int = 100_000_000, text_field: str = "text", workers: int = 1,
             allow_special: bool = False) -> dict:
@@ -339,7 +257,7 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
     dtype = "uint16" if tok.n_vocab <= 1 << 16 else "uint32"
     settings = {"inputs": [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files],
                 "val_fraction": val_fraction, "shard_tokens": shard_tokens, "text_field": text_field,
-                "allow_special": allow_special, "tokenizer_hash": tok.hash}
+                "allow_special": allow_special, "tokenizer_hash": tok.hash, "split_single_document": True}
     settings_hash = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
     meta_path = os.path.join(out, "metadata.json")
     if os.path.exists(meta_path):
@@ -359,22 +277,32 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
     for stale in glob.glob(os.path.join(out, "*.tmp")):
         os.remove(stale)  # from a killed run
     created: list[str] = []
-    writers: dict[str, _SplitWriter] = {}
+    writers: dict[str, ShardWriter] = {}
     try:
-        writers = {s: _SplitWriter(out, s, dtype, shard_tokens, tok.eot_id, settings_hash, created) for s in SPLITS}
+        write_json(os.path.join(out, COMMAND_FILE), {"command": _command(
+            inputs, tokenizer, out, val_fraction, shard_tokens, text_field, allow_special)},
+            created)
+        writers = {s: ShardWriter(out, s, dtype, shard_tokens, tok.eot_id, settings_hash, created) for s in SPLITS}
         resume = min(w.next_doc for w in writers.values())
-        tasks = [t for t in _make_tasks(files) if _task_end(t) > resume]
+        all_tasks = _make_tasks(files)
+        # one document cannot be split by document: its last val_fraction of tokens is validation
+        split_one = val_fraction > 0 and _task_end(all_tasks[-1]) == 1
+        tasks = [t for t in all_tasks if _task_end(t) > resume]
         for result in _results(tasks, (tok, dtype, text_field, allow_special), workers):
             for doc, ids, lengths in result:
                 pos = 0
                 for i, n in enumerate(lengths.tolist()):
-                    if n >= 0:
+                    if n >= 0 and split_one:
+                        cut = n - int(n * val_fraction)
+                        writers["train"].add(doc + i, ids[pos: pos + cut])
+                        writers["val"].add(doc + i, ids[pos + cut: pos + n])
+                    elif n >= 0:
                         writers["val" if in_val(doc + i, val_fraction) else "train"].add(doc + i, ids[pos: pos + n])
-                        pos += n
+                    pos += max(n, 0)
         for w in writers.values():
             w.finish()
-        meta = _metadata(out, tok, tokenizer, dtype, settings, settings_hash)
-        _write_json(meta_path, meta, created)
+        meta = corpus_metadata(out, tok, tokenizer, dtype, settings, settings_hash)
+        write_json(meta_path, meta, created)
         return meta
     except BaseException as e:
         for w in writers.values():
@@ -391,23 +319,18 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
         raise
 
 
+def _command(inputs, tokenizer, out, val_fraction, shard_tokens, text_field, allow_special) -> str:
+    """The `jaxlm prepare` command line that makes `out`, with absolute paths (any directory can run it)."""
+    args = ["jaxlm", "prepare", *map(os.path.abspath, inputs), "--tokenizer",
+            os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else tokenizer, "-o", os.path.abspath(out)]
+    optional = (("--val-fraction", val_fraction, 0.05), ("--shard-tokens", shard_tokens, 100_000_000),
+                ("--text-field", text_field, "text"))
+    for flag, value, default in optional:
+        if value != default:
+            args += [flag, str(value)]
+    return shlex.join(args + (["--allow-special"] if allow_special else []))
+
+
 def _task_end(task: list[tuple]) -> int:
     *_, doc, _, n_docs = task[-1]
     return doc + n_docs
-
-
-def _metadata(out, tok, spec, dtype, settings, settings_hash) -> dict:
-    splits = {}
-    for s in SPLITS:
-        shards, k = [], 0
-        while os.path.exists(side := os.path.join(out, f"{s}_{k:05d}.json")):
-            with open(side) as f:
-                info = json.load(f)
-            shards.append({"file": f"{s}_{k:05d}.bin", "offsets_file": f"{s}_{k:05d}.idx.npy",
-                           "n_tokens": info["n_tokens"], "n_documents": info["n_documents"],
-                           "starts_mid_document": info["starts_mid_document"]})
-            k += 1
-        splits[s] = {"n_tokens": sum(x["n_tokens"] for x in shards),
-                     "n_documents": sum(x["n_documents"] for x in shards), "shards": shards}
-    return {"format": "jaxlm-prepared", "version": 1, "tokenizer": {**tok.identity(), "spec": spec},
-            "dtype": dtype, "settings_hash": settings_hash, "settings": settings, "splits": splits}

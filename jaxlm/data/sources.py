@@ -7,13 +7,17 @@ neither, the embedded default corpus. `data.mixture` lists several sources with 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 
+import jax
 import numpy as np
 
 from jaxlm.config import Config, DataConfig
-from jaxlm.data.corpus import default_corpus, read_documents
+from jaxlm.data.corpus import default_corpus, default_corpus_paths, expand_inputs, read_documents
 from jaxlm.data.pipeline import BatchIterator, TokenStream, mixture, row_dataset
+from jaxlm.data.shards import unfinished_prepare
 from jaxlm.data.tokenizer import EOT, load_tokenizer
 from jaxlm.errors import UserError
 
@@ -22,21 +26,39 @@ def is_prepared(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "metadata.json"))
 
 
+def in_val_split(doc: str, val_fraction: float) -> bool:
+    """A document's split is a function of its text alone: spread over the corpus, stable when
+    other documents come or go, and identical documents never straddle train and validation."""
+    digest = hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2**64
+
+
+def _stream(encoded: list[np.ndarray], dtype) -> TokenStream:
+    starts = np.cumsum([0] + [len(e) for e in encoded[:-1]]).astype(np.int64)
+    return TokenStream([np.concatenate(encoded).astype(dtype)], starts)
+
+
 def text_streams(docs: list[str], tokenizer, val_fraction: float) -> tuple[TokenStream, TokenStream]:
-    """Tokenizes documents with <|endoftext|> after each; the last val_fraction of tokens is validation."""
+    """Tokenizes documents with <|endoftext|> after each and splits them by a hash of each document
+    (`in_val_split`). With too few documents for that (fewer than 2 would go to validation, or
+    none to training) the last val_fraction of the tokens is validation instead."""
     eot = tokenizer.encode_single_token(EOT)
     encoded = [np.asarray(ids + [eot]) for ids in tokenizer.encode_ordinary_batch(docs, num_threads=2)]
-    tokens = np.concatenate(encoded).astype(np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32)
-    starts = np.cumsum([0] + [len(e) for e in encoded[:-1]]).astype(np.int64)
+    dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
+    val = [in_val_split(d, val_fraction) for d in docs]
+    if 2 <= sum(val) < len(docs):
+        return (_stream([e for e, v in zip(encoded, val) if not v], dtype),
+                _stream([e for e, v in zip(encoded, val) if v], dtype))
+    stream = _stream(encoded, dtype)
+    tokens, starts = stream.pieces[0], stream.doc_starts
     cut = len(tokens) - int(len(tokens) * val_fraction)
     train = TokenStream([tokens[:cut]], starts[starts < cut])
     val_starts = starts[starts >= cut] - cut
-    val = TokenStream([tokens[cut:]], np.unique(np.concatenate([[0], val_starts])).astype(np.int64))
-    return train, val
+    return train, TokenStream([tokens[cut:]], np.unique(np.concatenate([[0], val_starts])).astype(np.int64))
 
 
 def prepared_streams(path: str, tokenizer) -> tuple[TokenStream, TokenStream]:
-    from jaxlm.data.prepared import check_tokenizer, open_prepared
+    from jaxlm.data.shards import check_tokenizer, open_prepared
 
     corpus = open_prepared(path)
     check_tokenizer(corpus, tokenizer)
@@ -52,8 +74,8 @@ def prepared_streams(path: str, tokenizer) -> tuple[TokenStream, TokenStream]:
 
 
 def load_streams(path: str | None, data: DataConfig, tokenizer) -> tuple[TokenStream, TokenStream]:
-    if path is not None and is_prepared(path):
-        return prepared_streams(path, tokenizer)
+    if path is not None and (is_prepared(path) or unfinished_prepare(path)):
+        return prepared_streams(path, tokenizer)  # an unfinished one raises, saying how to finish it
     docs = default_corpus() if path is None else read_documents(path)
     return text_streams(docs, tokenizer, data.val_fraction)
 
@@ -66,16 +88,62 @@ def build_data(cfg: Config) -> tuple[BatchIterator, list[dict]]:
         raise UserError(f"data.tokenizer={data.tokenizer!r} has {tokenizer.n_vocab} tokens but "
                         f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.n_vocab}")
     sources = [(s.path, s.weight) for s in data.mixture] or [(data.path, 1.0)]
-    train_sets, val_sets = [], []
+    train_sets, val_sets, no_val = [], [], []
     for i, (path, weight) in enumerate(sources):
         train, val = load_streams(path, data, tokenizer)
         name = path or "the default corpus"
         train_sets.append(row_dataset(train, data.seq_len, data.packing, data.seed + i, f"{name} (train)"))
         if len(val) > data.seq_len:  # a source too small for a validation row is left out of evaluation
             val_sets.append((row_dataset(val, data.seq_len, data.packing, None, f"{name} (validation)"), weight))
+        else:
+            no_val.append(name)
     batches = BatchIterator(mixture(train_sets, [w for _, w in sources]), t.global_batch)
+    if t.eval_every and no_val:
+        what = "training goes on without evaluation" if not val_sets else "evaluation uses the other sources"
+        warn(f"no validation data in {', '.join(no_val)} (fewer than data.seq_len+1={data.seq_len + 1} held-out "
+             f"tokens; data.val_fraction={data.val_fraction}); {what}")
     eval_batches = []
     if t.eval_every and val_sets:
         val_iter = BatchIterator(mixture(*map(list, zip(*val_sets))), t.global_batch)
         eval_batches = [next(val_iter) for _ in range(t.eval_batches)]
     return batches, eval_batches
+
+
+def warn(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"jaxlm: warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- fingerprint
+
+_EDGE = 1 << 16  # bytes hashed at each end of a file
+
+
+def _source_files(path: str | None) -> list[str]:
+    if path is None:
+        return [str(p) for p in default_corpus_paths()]
+    if is_prepared(path):
+        from jaxlm.data.shards import open_prepared
+
+        meta = open_prepared(path).metadata
+        shards = [s["file"] for split in meta["splits"].values() for s in split["shards"]]
+        return [os.path.join(path, f) for f in ["metadata.json", *shards]]
+    return expand_inputs([path])
+
+
+def data_fingerprint(data: DataConfig) -> list[dict]:
+    """Per source: a hash of each file's size and its first and last 64 KiB. Cheap at any corpus
+    size; it catches a file that was replaced, grown, cut or edited near either end."""
+    out = []
+    for path in [s.path for s in data.mixture] or [data.path]:
+        h = hashlib.sha256()
+        for f in _source_files(path):
+            size = os.path.getsize(f)
+            h.update(size.to_bytes(8, "little"))
+            with open(f, "rb") as fh:
+                h.update(fh.read(_EDGE))
+                if size > _EDGE:
+                    fh.seek(max(size - _EDGE, _EDGE))
+                    h.update(fh.read())
+        out.append({"source": path or "the default corpus", "sha256": h.hexdigest()})
+    return out

@@ -10,7 +10,13 @@ import time
 from jaxlm.errors import UserError
 
 
+SPEC_HELP = ("the tokenizer: 'bytes' (256 bytes + <|endoftext|>), a directory written by `jaxlm tokenizer train` "
+             "or `convert`, or a tiktoken encoding name (gpt2, r50k_base, cl100k_base, o200k_base; tiktoken "
+             "downloads it on first use)")
+
+
 def add_arguments(p) -> None:
+    p.epilog = f"SPEC (info, encode, decode, convert) is {SPEC_HELP}."
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     t = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
     t.add_argument("corpus", nargs="+", metavar="CORPUS", help="UTF-8 text files")
@@ -22,24 +28,24 @@ def add_arguments(p) -> None:
     t.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
 
     i = sub.add_parser("info", help="name, size, special tokens and hash of a tokenizer")
-    i.add_argument("spec", metavar="SPEC")
+    i.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
 
     e = sub.add_parser("encode", help="print the token ids of a text (or of --file)")
-    e.add_argument("spec", metavar="SPEC")
-    e.add_argument("text", nargs="?")
-    e.add_argument("--file")
+    e.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    e.add_argument("text", nargs="?", help="the text to encode")
+    e.add_argument("--file", help="encode this UTF-8 file instead of TEXT")
     e.add_argument("--allow-special", action="store_true", help="encode special-token text as special tokens")
 
     d = sub.add_parser("decode", help="print the text of token ids")
-    d.add_argument("spec", metavar="SPEC")
-    d.add_argument("ids", nargs="+", type=int)
+    d.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    d.add_argument("ids", nargs="+", type=int, help="token ids")
 
     c = sub.add_parser("convert", help="save any tokenizer (or GPT-2 vocab.json + merges.txt) as a jaxlm directory")
-    c.add_argument("spec", nargs="?", metavar="SPEC")
-    c.add_argument("--gpt2-vocab", metavar="VOCAB_JSON")
-    c.add_argument("--gpt2-merges", metavar="MERGES_TXT")
-    c.add_argument("-o", "--output", required=True, metavar="DIR")
-    c.add_argument("--name")
+    c.add_argument("spec", nargs="?", metavar="SPEC", help=SPEC_HELP + "; or give --gpt2-vocab and --gpt2-merges")
+    c.add_argument("--gpt2-vocab", metavar="VOCAB_JSON", help="GPT-2 encoder.json / vocab.json")
+    c.add_argument("--gpt2-merges", metavar="MERGES_TXT", help="GPT-2 merges.txt")
+    c.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write the tokenizer to")
+    c.add_argument("--name", help="the tokenizer's name (default: the output directory's name)")
 
 
 def main(args) -> int:

@@ -48,6 +48,7 @@ class Attention(nnx.Module):
         return project(o_BTKGd.reshape(B, T, K * G, d), self.wo_HdD[...].astype(dtype_of(cfg.compute_dtype)),
                        n_in=2, impl=cfg.projection_impl)
 
-    def __call__(self, x_BTD, positions_BT, mask: AttentionMask) -> jax.Array:
+    def __call__(self, x_BTD, positions_BT, mask: AttentionMask, dropout_key=None) -> jax.Array:
         q_BTKGd, k_BTKd, v_BTKd = self.qkv(x_BTD, positions_BT)
-        return self.out(attention(q_BTKGd, k_BTKd, v_BTKd, mask, self.cfg.attention_impl))
+        dropout = (self.cfg.attention_dropout, dropout_key)
+        return self.out(attention(q_BTKGd, k_BTKd, v_BTKd, mask, self.cfg.attention_impl, dropout))

@@ -6,10 +6,14 @@ formula, autodiff's gradient) that every other implementation is tested against 
 
   model.attention_impl  auto | xla | cpu | cudnn | pallas_gpu | splash
   model.projection_impl auto | xla | cpu
+  model.gmm_impl        auto | ragged_dot | megablox   (MoE's dropless grouped matmul)
+  model.scan_layers     auto | true | false (not a kernel, but a per-backend choice of the same kind)
 
-`auto` picks per platform (`AUTO`); `resolve()` turns the config's choice into a concrete one for
-the devices a run compiles for (so `jaxlm compile --topology v5p:...` on a CPU machine picks the
-TPU kernel) and refuses a kernel the platform lacks.
+`auto` picks per platform (`AUTO`): the hand-tuned XLA:CPU kernels on CPU, cuDNN flash attention
+on GPU (the deterministic Pallas kernel when train.deterministic is on), splash attention on TPU.
+`resolve()` turns the config's choice into a concrete one for the devices a run compiles for (so
+`jaxlm compile --topology v5p:...` on a CPU machine picks the TPU kernel) and refuses a kernel the
+platform lacks. The accelerator kernels live in `flash.py`.
 """
 
 from __future__ import annotations
@@ -18,40 +22,68 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import sys
+
 import jax
 import jax.numpy as jnp
 
 # kernel -> the platforms it runs on
-ATTENTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu")}
+ATTENTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",),
+                   "pallas_gpu": ("gpu",), "splash": ("tpu",)}
 PROJECTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu")}
+GMM_IMPLS = {"ragged_dot": ("cpu", "gpu", "tpu"), "megablox": ("tpu",)}
 AUTO = {
-    "attention_impl": {"cpu": "cpu", "gpu": "xla", "tpu": "xla"},
+    "attention_impl": {"cpu": "cpu", "gpu": "cudnn", "tpu": "splash"},
     "projection_impl": {"cpu": "cpu", "gpu": "xla", "tpu": "xla"},
+    "gmm_impl": {"cpu": "ragged_dot", "gpu": "ragged_dot", "tpu": "megablox"},
+    "scan_layers": {"cpu": True, "gpu": False, "tpu": True},
 }
-IMPLS = {"attention_impl": ATTENTION_IMPLS, "projection_impl": PROJECTION_IMPLS}
+DETERMINISTIC_AUTO = {"attention_impl": {"gpu": "pallas_gpu"}}  # cuDNN's backward uses atomics
+NOT_DETERMINISTIC = {"attention_impl": {"cudnn"}}
+IMPLS = {"attention_impl": ATTENTION_IMPLS, "projection_impl": PROJECTION_IMPLS, "gmm_impl": GMM_IMPLS}
 
 
-def resolve(model_cfg, platform: str):
+def resolve(model_cfg, platform: str, deterministic: bool = False):
     """The model config with every `auto` kernel replaced by the platform's choice; a kernel that
-    does not run on `platform` is a one-line ConfigError."""
+    does not run on `platform`, or is not deterministic where that was asked for, is a one-line
+    ConfigError."""
     from jaxlm.config import ConfigError
 
     changes = {}
     for key, table in IMPLS.items():
         impl = getattr(model_cfg, key)
         if impl == "auto":
-            changes[key] = AUTO[key].get(platform, "xla")
+            auto = {**AUTO[key], **(DETERMINISTIC_AUTO.get(key, {}) if deterministic else {})}
+            changes[key] = auto.get(platform, auto["cpu"])
+        elif deterministic and impl in NOT_DETERMINISTIC.get(key, ()) and platform in table[impl]:
+            raise ConfigError(f"model.{key}={impl!r} is not deterministic (its backward uses atomics); use auto or "
+                              "pallas_gpu, or set train.deterministic=false")
         elif impl not in table:
             raise ConfigError(f"model.{key}={impl!r} is unknown; expected auto or one of {'|'.join(table)}")
         elif platform not in table[impl]:
             ok = [name for name, platforms in table.items() if platform in platforms]
             raise ConfigError(f"model.{key}={impl!r} needs a {' or '.join(table[impl]).upper()} backend, but this "
                               f"run's devices are {platform.upper()}; use auto or one of {'|'.join(ok)}")
+    if model_cfg.scan_layers == "auto":
+        changes["scan_layers"] = AUTO["scan_layers"].get(platform, AUTO["scan_layers"]["cpu"])
     return dataclasses.replace(model_cfg, **changes)
 
 
-def _concrete(impl: str, key: str) -> str:
-    return AUTO[key].get(jax.default_backend(), "xla") if impl == "auto" else impl
+def concrete(impl, key: str):
+    """A config choice made concrete for the default backend (a model used outside a Trainer)."""
+    return AUTO[key].get(jax.default_backend(), AUTO[key]["cpu"]) if impl == "auto" else impl
+
+
+_WARNED: set[str] = set()
+
+
+def _fallback(impl: str, instead: str, why: str, kind: str = "attention") -> str:
+    """Says once (per reason) that a kernel cannot express this case and which one runs instead."""
+    line = f"jaxlm: warning: {kind} kernel {impl} cannot express {why}; using {instead} for it"
+    if line not in _WARNED:
+        _WARNED.add(line)
+        print(line, file=sys.stderr)
+    return instead
 
 
 # ----------------------------------------------------------------------------- masks
@@ -90,25 +122,47 @@ def attention_mask(T: int, causal: bool, segment_ids_BT: jax.Array | None) -> ja
 # ----------------------------------------------------------------------------- attention
 
 
-def attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, impl: str = "auto") -> jax.Array:
+def attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, impl: str = "auto",
+              dropout: tuple[float, jax.Array | None] = (0.0, None)) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v over the keys `mask` allows; returns [B, T, K, G, d].
 
     Queries come grouped by the kv head they share (G = H / K), so K/V are never repeated.
+    `dropout` = (rate, key) drops attention probabilities (training only: key None = off).
     """
-    impl = _concrete(impl, "attention_impl")
+    from jaxlm.model import flash
+
+    impl = concrete(impl, "attention_impl")
+    T, S = q_BTKGd.shape[1], k_BSKd.shape[1]
+    if dropout[0] > 0 and dropout[1] is not None:
+        if impl != "xla":
+            impl = _fallback(impl, "xla", "dropout of attention probabilities (model.attention_dropout)")
+        return reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask, dropout)
+    if impl in ("cudnn", "pallas_gpu", "splash") and (mask.kv_valid_BS is not None or T != S
+                                                     or mask.kv_segment_ids_BS is not None):
+        impl = _fallback(impl, "xla", "a decode step's cache mask")
+    if impl == "cudnn" and mask.segment_ids_BT is not None:
+        impl = _fallback(impl, "pallas_gpu", "segment ids (packed documents)")
     if impl == "xla":
         return reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask)
     if impl == "cpu":
-        return _cpu_attention(q_BTKGd, k_BSKd, v_BSKd, mask.dense(q_BTKGd.shape[1], k_BSKd.shape[1]))
-    raise ValueError(f"attention impl {impl!r} is not available here")
+        return _cpu_attention(q_BTKGd, k_BSKd, v_BSKd, mask.dense(T, S))
+    if impl == "cudnn":
+        return flash.cudnn_attention(q_BTKGd, k_BSKd, v_BSKd, mask.causal)
+    if impl == "pallas_gpu":
+        return flash.pallas_gpu_attention(q_BTKGd, k_BSKd, v_BSKd, mask.causal, mask.segment_ids_BT)
+    if impl == "splash":
+        return flash.splash_attention(q_BTKGd, k_BSKd, v_BSKd, mask.causal, mask.segment_ids_BT)
+    raise ValueError(f"unknown attention impl {impl!r}")
 
 
-def reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask) -> jax.Array:
+def reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, dropout=(0.0, None)) -> jax.Array:
     """The textbook formula in f32 with autodiff's gradient: the reference for every kernel."""
+    from jaxlm.model.layers import dropout as drop
+
     d = q_BTKGd.shape[-1]
     s = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd, preferred_element_type=jnp.float32) / math.sqrt(d)
     allowed = mask.dense(q_BTKGd.shape[1], k_BSKd.shape[1])[:, None, None]
-    p = jax.nn.softmax(jnp.where(allowed, s, jnp.finfo(jnp.float32).min), axis=-1)
+    p = drop(jax.nn.softmax(jnp.where(allowed, s, jnp.finfo(jnp.float32).min), axis=-1), *dropout)
     return jnp.einsum("bkgts,bskd->btkgd", p.astype(v_BSKd.dtype), v_BSKd)
 
 
@@ -172,7 +226,7 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1, impl: str = "auto") -> ja
     2-D matmul."""
     lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
     out = w.shape[n_in:]
-    matmul = _cpu_matmul if _concrete(impl, "projection_impl") == "cpu" else jnp.matmul
+    matmul = _cpu_matmul if concrete(impl, "projection_impl") == "cpu" else jnp.matmul
     return matmul(x.reshape(-1, k), w.reshape(k, -1)).reshape(*lead, *out)
 
 
@@ -195,3 +249,25 @@ def _cpu_matmul_bwd(res, g_NM):
 
 
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+
+
+# ----------------------------------------------------------------------------- grouped matmul
+
+
+def grouped_matmul(x_MK, w_GKN, sizes_G, impl: str = "auto", interpret: bool = False) -> jax.Array:
+    """Rows sorted by group (sizes_G rows each) times their group's matrix: [M, N], with the rows
+    past sum(sizes_G) zero. MoE's dropless experts: one matmul for all experts, no capacity."""
+    impl = concrete(impl, "gmm_impl")
+    (M, K), N = x_MK.shape, w_GKN.shape[-1]
+    if impl == "megablox" and (K % 128 or N % 128):  # one tiling serves K and N (forward and backward)
+        impl = _fallback("megablox", "ragged_dot", "expert matrices whose sides are not multiples of 128",
+                         "grouped matmul")
+    if impl == "ragged_dot":
+        return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
+    from jax.experimental.pallas.ops.tpu.megablox import ops
+
+    # megablox leaves rows past the last group unwritten (and their gradient): select them away
+    used = (jnp.arange(M) < jnp.sum(sizes_G))[:, None]
+    tiling = (128 if M % 128 == 0 else M, 128, 128)  # Mosaic tiles: multiples of 128 or a whole dim
+    out = ops.gmm(jnp.where(used, x_MK, 0), w_GKN, sizes_G, x_MK.dtype, tiling, interpret=interpret)
+    return jnp.where(used, out, 0)

@@ -29,6 +29,15 @@ def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], fan_in: in
     return nnx.Param(value.astype(dtype), axes=tuple(axes))
 
 
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout: zero a `rate` share of x and scale the rest by 1/(1-rate). A None key
+    (evaluation, generation, export) or rate 0 leaves x untouched."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))

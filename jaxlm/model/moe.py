@@ -22,6 +22,7 @@ Expert weights are sharded by the rules' "expert" (E) and "expert_mlp" (F, parti
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxlm.config import ModelConfig, MoEConfig
+from jaxlm.model.kernels import grouped_matmul
 from jaxlm.model.layers import MLP, dtype_of, weight
 from jaxlm.sharding import active_mesh_rules, spec_for
 
@@ -43,6 +45,7 @@ class MoEBlock(nnx.Module):
         pdt = dtype_of(cfg.param_dtype)
         E, D, F = moe.n_experts, cfg.d_model, moe.d_ff or cfg.d_ff
         self.moe, self.kind, self.compute_dtype = moe, cfg.mlp, dtype_of(cfg.compute_dtype)
+        self.gmm_impl = cfg.gmm_impl
         self.router_DE = weight(rngs, (D, E), ("embed", None), D, pdt)  # tiny: replicated over experts
         if cfg.mlp == "swiglu":
             self.w_gate_EDF = weight(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), D, pdt)
@@ -59,7 +62,7 @@ class MoEBlock(nnx.Module):
         ws = {k: getattr(self, k)[...].astype(self.compute_dtype)
               for k in ("w_gate_EDF", "w_up_EDF", "w_down_EFD") if hasattr(self, k)}
         out_ND, keep_NK = run_experts(x_BTD.reshape(B * T, D), idx_BTK.reshape(B * T, -1),
-                                      gate_BTK.reshape(B * T, -1), ws, moe, self.kind)
+                                      gate_BTK.reshape(B * T, -1), ws, moe, ExpertMLP(self.kind, self.gmm_impl))
         aux["moe_dropped_frac"] = jax.lax.stop_gradient(1.0 - jnp.mean(keep_NK.astype(jnp.float32)))
         out_BTD = out_ND.reshape(B, T, D)
         if self.shared is not None:
@@ -101,7 +104,12 @@ def route(logits_BTE: jax.Array, moe: MoEConfig, rng) -> tuple[jax.Array, jax.Ar
 # ----------------------------------------------------------------------------- placement
 
 
-def run_experts(x_ND, idx_NK, gate_NK, ws: dict, moe: MoEConfig, kind: str) -> tuple[jax.Array, jax.Array]:
+class ExpertMLP(NamedTuple):
+    activation: str  # model.mlp: swiglu | silu | gelu
+    gmm_impl: str  # the dropless path's grouped-matmul kernel (model.gmm_impl)
+
+
+def run_experts(x_ND, idx_NK, gate_NK, ws: dict, moe: MoEConfig, kind: ExpertMLP) -> tuple[jax.Array, jax.Array]:
     """Routed expert output [N, D] and which slots were served [N, K]; per device under a mesh."""
     active = active_mesh_rules()
     if active is None or active[0].size == 1:
@@ -125,7 +133,8 @@ def run_experts(x_ND, idx_NK, gate_NK, ws: dict, moe: MoEConfig, kind: str) -> t
     def body(x, idx, gate, w):
         return _local(x, idx, gate, w, moe, kind, ep_axes, ep_size, tp_axes)
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_specs), out_specs=(tok, tok))(
+    # check_vma off: Pallas kernels inside (megablox) do not declare how outputs vary over the mesh
+    return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_specs), out_specs=(tok, tok), check_vma=False)(
         x_ND, idx_NK, gate_NK, ws)
 
 
@@ -178,6 +187,7 @@ def _act(kind, gate, up):
 
 def _batched_mlp(x_GMD, ws, kind):
     """Every local expert on its own [M, D] rows (capacity buffers). F may be a tensor shard."""
+    kind = kind.activation
     up = jnp.einsum("gmd,gdf->gmf", x_GMD, ws["w_up_EDF"])
     gate = jnp.einsum("gmd,gdf->gmf", x_GMD, ws["w_gate_EDF"]) if kind == "swiglu" else None
     return jnp.einsum("gmf,gfd->gmd", _act(kind, gate, up), ws["w_down_EFD"])
@@ -185,9 +195,11 @@ def _batched_mlp(x_GMD, ws, kind):
 
 def _ragged_mlp(x_MD, ws, sizes_G, kind):
     """Rows sorted by local expert, sizes_G rows each; rows past sum(sizes_G) come out 0."""
-    up = jax.lax.ragged_dot(x_MD, ws["w_up_EDF"], sizes_G)
-    gate = jax.lax.ragged_dot(x_MD, ws["w_gate_EDF"], sizes_G) if kind == "swiglu" else None
-    return jax.lax.ragged_dot(_act(kind, gate, up), ws["w_down_EFD"], sizes_G)
+    act = kind.activation
+    gmm = lambda x, w: grouped_matmul(x, ws[w], sizes_G, kind.gmm_impl)
+    up = gmm(x_MD, "w_up_EDF")
+    gate = gmm(x_MD, "w_gate_EDF") if act == "swiglu" else None
+    return gmm(_act(act, gate, up), "w_down_EFD")
 
 
 # ----------------------------------------------------------------------------- dispatch / combine

@@ -16,8 +16,8 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.model.attention import Attention
-from jaxlm.model.kernels import AttentionMask, project
-from jaxlm.model.layers import MLP, Embed, RMSNorm, dtype_of, weight
+from jaxlm.model.kernels import AttentionMask, concrete, project
+from jaxlm.model.layers import MLP, Embed, RMSNorm, dropout, dtype_of, weight
 from jaxlm.sharding import constrain
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -43,6 +43,7 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, kind: str, rngs: nnx.Rngs):
         pdt = dtype_of(cfg.param_dtype)
         self.norm_kind = cfg.norm
+        self.dropout = cfg.dropout
         self.attn = Attention(cfg, rngs)
         if kind == "moe":
             from jaxlm.model.moe import MoEBlock
@@ -55,20 +56,27 @@ class Block(nnx.Module):
             self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
 
     def __call__(self, x_BTD, positions_BT, mask: AttentionMask, rng) -> tuple[jax.Array, dict]:
-        """`rng` is a key for stochastic layers (MoE router noise), or None for deterministic.
-        The feed-forward (dense MLP or MoE) returns (output, aux metrics) either way."""
-        attn = lambda h: self.attn(h, positions_BT, mask)
+        """`rng` is a key for stochastic layers (dropout, MoE router noise), or None for
+        deterministic. The feed-forward (dense MLP or MoE) returns (output, aux metrics) either way."""
+        keys = [None] * 3 if rng is None else [jax.random.fold_in(rng, 1000 + i) for i in range(3)]
+        drop = lambda y, key: dropout(y, self.dropout, key)  # on each residual branch
+        attn = lambda h: drop(self.attn(h, positions_BT, mask, keys[2]), keys[0])
+
+        def ffn(h):
+            y_BTD, aux = self.ffn(h, rng=rng)
+            return drop(y_BTD, keys[1]), aux
+
         if self.norm_kind == "pre":
             x_BTD = x_BTD + attn(self.norm1(x_BTD))
-            y_BTD, aux = self.ffn(self.norm2(x_BTD), rng=rng)
+            y_BTD, aux = ffn(self.norm2(x_BTD))
             x_BTD = x_BTD + y_BTD
         elif self.norm_kind == "post":
             x_BTD = self.norm1(x_BTD + attn(x_BTD))
-            y_BTD, aux = self.ffn(x_BTD, rng=rng)
+            y_BTD, aux = ffn(x_BTD)
             x_BTD = self.norm2(x_BTD + y_BTD)
         else:
             x_BTD = x_BTD + attn(x_BTD)
-            y_BTD, aux = self.ffn(x_BTD, rng=rng)
+            y_BTD, aux = ffn(x_BTD)
             x_BTD = x_BTD + y_BTD
         return constrain(x_BTD, ("batch", "length", "embed")), aux
 
@@ -99,7 +107,7 @@ class Segment(nnx.Module):
 
         self.units = create(rngs)
         self.repeats = repeats
-        self.scan = cfg.scan_layers
+        self.scan = concrete(cfg.scan_layers, "scan_layers")
         self.remat = cfg.remat
 
     def __call__(self, x_BTD, positions_BT, mask, rng):
@@ -135,7 +143,9 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, rng=None):
         """Returns (logits [B, T, V], aux metrics {name: [n_units]} from MoE layers).
 
-        `rng`: a key for training-time noise (MoE router), None for deterministic evaluation.
+        `rng`: a key for training-time noise (dropout, MoE router), None for deterministic evaluation.
+        Keys are folded from it per segment, layer and site, so a step's masks depend only on
+        (seed, step): a resumed run draws the same ones.
         """
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -143,6 +153,7 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         mask = AttentionMask(cfg.causal, segment_ids_BT)
         x_BTD = self.embed(tokens_BT)
+        x_BTD = dropout(x_BTD, cfg.dropout, None if rng is None else jax.random.fold_in(rng, 1000))
         aux: dict = {}
         for i, segment in enumerate(self.segments):
             key = None if rng is None else jax.random.fold_in(rng, i)

@@ -40,11 +40,10 @@ class Distill(NextToken):
         self.teacher_graphdef = None  # set by frozen(), which the trainer calls before any step
 
     def frozen(self, mesh, rules):
-        platform = mesh.devices.flat[0].platform
         t = self.teacher_cfg
-        # the student's kernel choice: how the teacher is computed on this run's devices
-        how = {k: getattr(self.cfg.model, k) for k in ("attention_impl", "projection_impl")}
-        model_cfg = kernels.resolve(dataclasses.replace(t.model, **how), platform)
+        # how the teacher is computed: the student's kernels, already resolved for this mesh's devices
+        how = {k: getattr(self.cfg.model, k) for k in (*kernels.IMPLS, "scan_layers")}
+        model_cfg = dataclasses.replace(t.model, **how)
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, t.moe, nnx.Rngs(params=0))))
         shardings = param_shardings(abstract, mesh, rules)
         target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),

@@ -17,12 +17,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import checkpoint as ckpt
+from jaxlm import determinism
 from jaxlm.accounting import train_flops_per_step
 from jaxlm.config import Config, ConfigError, to_yaml
 from jaxlm.data.pipeline import to_global
-from jaxlm.data.sources import build_data
+from jaxlm.data.sources import build_data, data_fingerprint
 from jaxlm.distributed import data_parallel_size, make_mesh
 from jaxlm.sharding import resolve_rules
+from jaxlm.train.guard import FiniteCheck, RunDirLock
 from jaxlm.train.metrics import MetricsLogger, peak_flops
 from jaxlm.train.step import Trainer, make_trainer
 
@@ -85,6 +87,24 @@ class Preemption:
             signal.signal(s, handler)
 
 
+class EarlyStopping:
+    """Stops after `patience` evaluations in a row without a new best eval loss (0 = never)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.best_step, self.stale = patience, float("inf"), None, 0
+
+    def update(self, step: int, eval_loss: float) -> str | None:
+        """The reason to stop now, or None."""
+        if eval_loss < self.best:
+            self.best, self.best_step, self.stale = eval_loss, step, 0
+            return None
+        self.stale += 1
+        if self.patience and self.stale >= self.patience:
+            return (f"early stop after step {step}: eval loss has not improved for {self.stale} evaluations "
+                    f"(train.early_stop_patience={self.patience}); best {self.best:.4f} at step {self.best_step}")
+        return None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keeps the records up to `step` (the resumed one) so resumed records are not duplicates."""
     if not path.exists():
@@ -114,15 +134,20 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
     """
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     check_batch(cfg, mesh)
+    platform = mesh.devices.flat[0].platform
+    deterministic = {"deterministic": determinism.check(cfg.train.deterministic, platform), "platform": platform}
     t = cfg.train
     preemption = Preemption()  # early: a signal during start-up stops after the first step
     writer = None
+    run_dir = Path(t.run_dir)
+    lock = RunDirLock(run_dir)
     try:
         batches, eval_batches = build_data(cfg)
+        fingerprint = data_fingerprint(cfg.data)
         trainer = make_trainer(cfg, mesh)
-        run_dir = Path(t.run_dir)
         tokenizer = ckpt.tokenizer_identity(cfg.data.tokenizer)
-        restored = ckpt.restore_for_training(cfg, trainer, run_dir, resume, tokenizer)
+        lock.acquire()  # before anything in run_dir is read or moved
+        restored = ckpt.restore_for_training(cfg, trainer, run_dir, resume, tokenizer, fingerprint)
         tokens_per_step = t.global_batch * cfg.data.seq_len
         if restored is None:
             state, tokens_seen = trainer.init_state(), 0
@@ -130,11 +155,16 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
             state, meta = restored
             batches.set_state(meta["data"])
             tokens_seen = int(meta["tokens_seen"])
-            _say(f"resumed from step {meta['step']} ({tokens_seen} tokens seen)")
+            note = determinism.resume_note(meta.get("determinism"), deterministic)
+            if note:
+                _say(note)
         start = int(state["step"])
-        if start >= t.steps:
-            _say(f"the checkpoint is at step {start}, train.steps={t.steps}: nothing to do; raise train.steps "
-                 f"to train on")
+        if start >= t.steps:  # one line and touch nothing: no config rewrite, no new TensorBoard events file
+            _say(f"{run_dir} is finished (its checkpoint is at step {start}, train.steps={t.steps}); to train on, "
+                 f"raise train.steps (e.g. train.steps={start + t.steps}), or use a new train.run_dir")
+            return []
+        if restored is not None:
+            _say(f"resumed from step {start} ({tokens_seen} tokens seen)")
         if jax.process_index() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -143,25 +173,40 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
         every = cfg.checkpoint.every
         writer = ckpt.CheckpointWriter(run_dir / ckpt.CHECKPOINTS, cfg.checkpoint) if every > 0 else None
 
-        def save(step: int) -> None:
-            meta = ckpt.make_meta(cfg, step, tokens_seen, batches.get_state(), tokenizer)
+        def save(step: int, eval_loss: float | None) -> None:
+            checks.check_state(step, state)  # never a non-finite checkpoint
+            meta = {**ckpt.make_meta(cfg, step, tokens_seen, batches.get_state(), tokenizer, fingerprint),
+                    "determinism": deterministic, "eval_loss": eval_loss}
             writer.save(step, state, meta)
+
+        def last_good() -> str:
+            if writer is None:
+                return "no checkpoints are written (checkpoint.every=0)"
+            writer.wait()
+            return ckpt.newest_valid(writer.directory)
+
+        checks = FiniteCheck(last_good)
 
         flops = train_flops_per_step(cfg)
         peak = peak_flops(cfg)
         logger = MetricsLogger(run_dir, t.steps, start, t.progress)
         try:
             clock, clock_step = None, start
+            stopper, early = EarlyStopping(t.early_stop_patience), None
             for step in range(start, t.steps):
                 state, metrics = trainer.train_step(state, to_global(next(batches), trainer.batch_sharding))
                 done = step + 1
+                checks.push(done, metrics)  # checks the previous step: this one is queued, the host need not wait
+                if writer is not None:
+                    writer.poll()  # a failed background save stops the run now, not at the next save
                 tokens_seen += tokens_per_step
                 logger.advance()
                 is_last = done == t.steps
                 stop = preemption.should_stop()
-                if writer is not None and (done % every == 0 or is_last or stop):
-                    save(done)  # returns once the arrays are off the devices; writing goes on
-                if done % t.log_every == 0 or is_last or done == start + 1 or stop:
+                is_eval = bool(t.eval_every and eval_batches and (done % t.eval_every == 0 or is_last))
+                is_log = done % t.log_every == 0 or is_last or done == start + 1 or stop or is_eval
+                eval_loss = None
+                if is_log:
                     metrics = jax.device_get(metrics)
                     now = time.perf_counter()
                     if clock is not None:  # the first step (compilation) is not timed
@@ -169,22 +214,34 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
                         metrics.update(step_time=step_time, tokens_per_s=tokens_per_step / step_time,
                                        mfu=flops / step_time / peak)
                     clock, clock_step = now, done
-                    if t.eval_every and eval_batches and (done % t.eval_every == 0 or is_last):
+                    if is_eval:  # before the save, which keeps the best checkpoints by eval loss
                         metrics.update(evaluate(trainer, state["params"], eval_batches))
+                        eval_loss = metrics["eval_loss"]
+                        early = stopper.update(done, eval_loss)
                         clock = time.perf_counter()  # evaluation time is not step time
+                if writer is not None and (done % every == 0 or is_last or stop or early):
+                    save(done, eval_loss)  # returns once the arrays are off the devices; writing goes on
+                if is_log:
                     logger.log(done, metrics)
+                if early:
+                    if writer is not None:
+                        writer.wait()
+                    logger.write(f"jaxlm: {early}")
+                    break
                 if stop:
                     if writer is not None:
                         writer.wait()
                     where = f"checkpoint {run_dir / ckpt.CHECKPOINTS / str(done)}" if writer else \
                         "no checkpoint (checkpoint.every=0)"
                     sig = preemption.signal or "a stop signal (to another process)"
-                    _say(f"{sig} received: stopped after step {done}; {where}")
+                    logger.write(f"jaxlm: {sig} received: stopped after step {done}; {where}")
                     break
+            checks.check()
         finally:
             logger.close()
     finally:
         preemption.close()
         if writer is not None:
             writer.close()  # waits for a save in flight
+        lock.release()
     return logger.history

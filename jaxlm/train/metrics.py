@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict) -> None:
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}, "time": round(time.time(), 3)}
         self.history.append(record)
         if not self.enabled:
             return
@@ -46,6 +47,15 @@ class MetricsLogger:
         if self.bar is not None:
             shown = {k: f"{record[k]:.4g}" for k in ("loss", "eval_loss", "lr", "tokens_per_s", "mfu") if k in record}
             self.bar.set_postfix(shown, refresh=False)
+
+    def write(self, line: str) -> None:
+        """A message on its own line above the progress bar (never appended to the bar's line)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

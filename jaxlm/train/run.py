@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 
 from jaxlm.config import load_config, to_yaml
+from jaxlm.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file (e.g. configs/tiny.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=2 optim.lr=3e-4")
+    # optional for argparse (which would also call `overrides` required); main() says what is missing
+    parser.add_argument("config", nargs="?", help="YAML config file (e.g. configs/tiny.yaml)")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides, e.g. model.n_layers=2 optim.lr=3e-4; `jaxlm config` lists every key")
     parser.add_argument("--run-dir", help="where metrics, TensorBoard events and checkpoints go (train.run_dir)")
     parser.add_argument("--resume", metavar="PATH",
                         help="resume from this checkpoint (RUN_DIR/checkpoints/STEP), or the newest valid one "
@@ -18,14 +21,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.config is None or "=" in args.config:
+        raise UserError("give a YAML config file first, then any overrides: jaxlm train configs/tiny.yaml "
+                        "[section.key=value ...]; `jaxlm config` lists every key")
     overrides = list(args.overrides) + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = load_config(args.config, overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    from jaxlm import determinism
     from jaxlm.distributed import initialize
     from jaxlm.train.loop import train
 
+    determinism.configure(cfg.train.deterministic)  # XLA reads its flags when JAX starts
     initialize()
     history = train(cfg, resume=args.resume)
     if history:

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxlm import determinism
 from jaxlm.config import Config, MoEConfig, TrainConfig
 from jaxlm.data.batch import Batch
 from jaxlm.model import kernels
@@ -185,7 +186,8 @@ class Trainer:
 
 def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     platform = mesh.devices.flat[0].platform
-    cfg = dataclasses.replace(cfg, model=kernels.resolve(cfg.model, platform))
+    deterministic = determinism.resolve(cfg.train.deterministic, platform)
+    cfg = dataclasses.replace(cfg, model=kernels.resolve(cfg.model, platform, deterministic))
     rules = resolve_rules(cfg.mesh.rules)
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, cfg.train.seed)))
