@@ -321,6 +321,24 @@ def restore_state(step_dir: Path, trainer):
         return ckptr.restore((step_dir / "state").absolute(), trainer.abstract_state())
 
 
+def newest_valid_step(run_dir: str | Path) -> Path:
+    """The newest step directory under run_dir/checkpoints that matches its manifest."""
+    found = step_dirs(Path(run_dir) / CHECKPOINTS)
+    for _, path in found:
+        if verify(path) is None:
+            return path
+    raise UserError(f"{run_dir}: no valid checkpoint in {Path(run_dir) / CHECKPOINTS} ({len(found)} step dirs)")
+
+
+def restore_params(step_dir: Path, abstract_params):
+    """Only the parameters of a saved state, read into `abstract_params`' shardings (a teacher)."""
+    item = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore((step_dir / "state").absolute(), args=args)["params"]
+
+
 def _candidates(run_dir: Path, resume: str | None) -> tuple[list[tuple[int, Path]], bool]:
     """(steps to try newest first, explicit): --resume names a step dir, a checkpoints dir or a run dir."""
     if resume is None:

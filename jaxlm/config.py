@@ -145,7 +145,9 @@ class TrainConfig:
                  "unless set"] = "runs/default"
     peak_flops_per_device: Doc[float, "for MFU; 0 = measure a matmul on this machine"] = 0.0
     z_loss_coef: Doc[float, "weight of the output z-loss (log-partition squared)"] = 0.0
-    objective: Doc[Literal["next_token"], "what the step minimises (train/objectives.py)"] = "next_token"
+    objective: Doc[Literal["next_token", "mdlm", "distill"],
+                   "what the step minimises (train/objectives.py, diffusion.py, distill.py)"] = "next_token"
+    teacher: Doc[Optional[str], "distill: the teacher's run directory (its newest valid checkpoint)"] = None
     deterministic: Doc[Literal["auto", True, False],
                        "bit-exact runs and resumes; auto: where free (CPU, TPU), not on GPU"] = "auto"
     progress: Doc[bool, "show a progress bar"] = True
@@ -153,6 +155,26 @@ class TrainConfig:
     allow_data_change: Doc[bool, "resume even though the data files changed since the checkpoint"] = False
     init_from: Doc[Optional[str], "a Hugging Face model directory (Llama, Mixtral, Qwen2-MoE) whose weights "
                    "start the run when run_dir has no checkpoint"] = None
+
+
+@dataclass
+class DiffusionConfig:
+    """Masked diffusion (train.objective=mdlm): the noise schedule and the ELBO evaluation."""
+
+    schedule: Doc[Literal["linear", "loglinear", "cosine"], "alpha_t: 1 - t, MDLM's log-linear (1 - (1 - 1e-3) t), "
+                  "or cos(pi t / 2)"] = "linear"
+    t_min: Doc[float, "t ~ U(t_min, 1): keeps the 1/t weight of the ELBO finite"] = 1e-3
+    low_discrepancy: Doc[bool, "t stratified across the batch (else i.i.d.)"] = True
+    eval_t_samples: Doc[int, "t per validation sequence for the ELBO bound (seeded, evenly spread)"] = 4
+
+
+@dataclass
+class DistillConfig:
+    """Distillation (train.objective=distill): weight * tau^2 * KL(teacher || student) at
+    temperature tau + (1 - weight) * next-token cross-entropy."""
+
+    temperature: Doc[float, "tau: both distributions are softened by it in the KL term"] = 2.0
+    weight: Doc[float, "share of the KL term; 1 - weight goes to the next-token loss"] = 0.5
 
 
 @dataclass
@@ -173,6 +195,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -355,11 +379,35 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"moe.every={e.every} must be >= 1")
         if e.capacity_factor <= 0:
             raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be > 0")
+    _validate_objective(cfg)
     for name in ("data", "fsdp", "expert", "tensor"):
         for key in (name, f"dcn_{name}"):
             size = getattr(cfg.mesh, key)
             if size == 0 or size < -1:
                 raise ConfigError(f"mesh.{key}={size} must be a positive size or -1 (fill)")
+
+
+def _validate_objective(cfg: Config) -> None:
+    t, m, f, s = cfg.train, cfg.model, cfg.diffusion, cfg.distill
+    if t.objective == "mdlm":
+        if m.causal:
+            raise ConfigError("train.objective=mdlm needs bidirectional attention: set model.causal=false")
+        if m.vocab_size < 2:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} has no room for <|mask|> (id vocab_size-1)")
+        if not 0 < f.t_min < 1:
+            raise ConfigError(f"diffusion.t_min={f.t_min} must be in (0, 1)")
+        if f.eval_t_samples < 1:
+            raise ConfigError(f"diffusion.eval_t_samples={f.eval_t_samples} must be >= 1")
+    if t.objective == "distill":
+        if not t.teacher:
+            raise ConfigError("train.objective=distill needs train.teacher=RUN_DIR (the teacher's run directory)")
+        if not m.causal:
+            raise ConfigError("train.objective=distill trains a next-token student: set model.causal=true")
+        if s.temperature <= 0 or not 0 <= s.weight <= 1:
+            raise ConfigError(f"distill.temperature={s.temperature} must be > 0 and distill.weight={s.weight} "
+                              "in [0, 1]")
+    elif t.teacher:
+        raise ConfigError(f"train.teacher is set but train.objective={t.objective}; use train.objective=distill")
 
 
 def _path_exists(path: str) -> bool:

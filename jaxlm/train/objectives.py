@@ -71,6 +71,12 @@ OBJECTIVES: dict[str, type[Objective]] = {"next_token": NextToken}
 
 
 def make_objective(cfg: Config) -> Objective:
+    # the other objectives subclass Objective, so they are imported here rather than above
+    from jaxlm.train.diffusion import MDLM
+    from jaxlm.train.distill import Distill
+
+    OBJECTIVES.setdefault("mdlm", MDLM)
+    OBJECTIVES.setdefault("distill", Distill)
     return OBJECTIVES[cfg.train.objective](cfg)
 
 

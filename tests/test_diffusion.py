@@ -1,0 +1,216 @@
+"""Masked diffusion (train.objective=mdlm): the forward process, the ELBO and its weighting, packing,
+the seeded evaluation, training on TinyShakespeare, and the three samplers."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.config import ConfigError, DiffusionConfig, load_config
+from jaxlm.data.batch import Batch
+from jaxlm.distributed import make_mesh
+from jaxlm.inference.diffusion import sample_block, sample_mdlm, sample_remask
+from jaxlm.train import diffusion
+from jaxlm.train.loop import train
+from jaxlm.train.objectives import make_objective
+from jaxlm.train.step import build_model, make_trainer
+
+SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=64",
+         "data.seq_len=32", "train.global_batch=8"]
+V = 258
+MASK = V - 1
+
+
+def mdlm_config(*overrides):
+    return load_config("configs/mdlm-tiny.yaml", SMALL + list(overrides))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "loglinear", "cosine"])
+def test_masking_rate_matches_one_minus_alpha_t(schedule):
+    t_B = jnp.array([0.1, 0.5, 0.9])
+    x0 = jnp.zeros((3, 50_000), jnp.int32)
+    x_t, masked = diffusion.mask_tokens(jax.random.key(0), x0, jnp.broadcast_to(t_B[:, None], x0.shape), schedule, MASK)
+    rate = np.asarray(masked.mean(axis=1))
+    np.testing.assert_allclose(rate, 1 - np.asarray(diffusion.alpha(schedule, t_B)), atol=0.01)
+    if schedule == "linear":
+        np.testing.assert_allclose(rate, [0.1, 0.5, 0.9], atol=0.01)  # linear: the rate is t itself
+    assert np.array_equal(np.asarray(x_t == MASK), np.asarray(masked))
+
+
+def test_t_is_stratified_across_rows_and_drawn_per_document():
+    d = DiffusionConfig(t_min=0.0)
+    t = np.asarray(diffusion.sample_t(jax.random.key(1), 16, None, d)[:, 0])
+    assert sorted(np.floor(t * 16).astype(int)) == list(range(16))  # one t in each sixteenth
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]] * 4)
+    t = np.asarray(diffusion.sample_t(jax.random.key(1), 4, seg, d))
+    for row in t:
+        assert row[0] == row[1] == row[2] and row[3] == row[4] and len({row[0], row[3], row[5]}) == 3
+
+
+def test_elbo_weight_matches_hand_computed_values():
+    t = jnp.array([0.25, 0.5])
+    np.testing.assert_allclose(diffusion.elbo_weight("linear", t), [4.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(diffusion.elbo_weight("loglinear", t), [4.0, 2.0], rtol=1e-5)
+    # cosine: alpha = cos(pi t / 2), -alpha' / (1 - alpha) = (pi/2) sin(pi t/2) / (1 - cos(pi t/2))
+    hand = [(math.pi / 2) * math.sin(math.pi * s / 2) / (1 - math.cos(math.pi * s / 2)) for s in (0.25, 0.5)]
+    np.testing.assert_allclose(diffusion.elbo_weight("cosine", t), hand, rtol=1e-5)
+
+
+class FixedLogits:
+    """A stand-in model: the same logits at every position, the largest on <|mask|>."""
+
+    def __init__(self, logits_V):
+        self.logits_V = jnp.asarray(logits_V)
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, rng=None):
+        return jnp.broadcast_to(self.logits_V, (*tokens_BT.shape, self.logits_V.size)), {}
+
+
+def test_nelbo_equals_a_hand_computed_case_with_subs():
+    """At t = 1 every token is masked; cosine weight there is pi/2. SUBS drops the mask logit."""
+    cfg = mdlm_config("diffusion.schedule=cosine")
+    logits = np.linspace(-2.0, 2.0, V).astype(np.float32)
+    logits[MASK] = 50.0  # would dominate without SUBS
+    x0 = np.array([[3, 7, 250, 0], [1, 1, 2, 100]], np.int32)
+    batch = Batch(inputs=x0, targets=x0, loss_mask=np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.int32))
+    objective = diffusion.MDLM(cfg)
+    total, sums, _ = objective.nelbo_sum(FixedLogits(logits), batch, jax.random.key(0), jnp.ones((2, 4)))
+    kept = logits[:MASK].astype(np.float64)
+    lse = np.log(np.exp(kept).sum())
+    hand = (math.pi / 2) * sum(lse - kept[x0[b, i]] for b in range(2) for i in range(4) if batch.loss_mask[b, i])
+    np.testing.assert_allclose(float(total), hand, rtol=1e-5)
+    assert float(sums["mask_rate"]) == 7
+
+
+def test_mdlm_loss_at_init_is_about_log_V():
+    """E[weight * masked] = 1 per token, so at init the bound is the model's cross-entropy on a
+    masked token (t = 1: all masked, weight 1), which is about log V."""
+    cfg = mdlm_config("data.seq_len=128")
+    model, objective = build_model(cfg, 0), diffusion.MDLM(cfg)
+    x0 = np.random.default_rng(0).integers(0, 256, (16, 128)).astype(np.int32)
+    batch = Batch(inputs=x0, targets=x0, loss_mask=np.ones_like(x0))
+    loss = jax.jit(lambda key: objective.loss(model, batch, key, {})[0] / x0.size)
+    mean = np.mean([float(loss(jax.random.key(i))) for i in range(8)])
+    at_one = jax.jit(lambda: objective.nelbo_sum(model, batch, jax.random.key(0), jnp.ones(x0.shape))[0] / x0.size)
+    all_masked = float(at_one())
+    assert abs(mean - all_masked) < 0.05 * all_masked, (mean, all_masked)
+    assert abs(mean - math.log(V)) < 0.1 * math.log(V), (mean, math.log(V))
+
+
+def test_packed_documents_are_masked_and_attended_separately():
+    """Changing the second document changes nothing of the first one's loss terms."""
+    cfg = mdlm_config("data.packing=true")
+    objective = diffusion.MDLM(cfg)
+    model = build_model(cfg, 0)
+    rng = np.random.default_rng(0)
+    x0 = rng.integers(0, 256, (2, 32)).astype(np.int32)
+    seg = np.array([[1] * 20 + [2] * 12, [1] * 32], np.int32)
+    pos = np.array([list(range(20)) + list(range(12)), list(range(32))], np.int32)
+
+    def per_token(tokens):
+        batch = Batch(inputs=tokens, targets=tokens, loss_mask=np.ones_like(tokens), positions=pos, segment_ids=seg)
+        t = diffusion.sample_t(jax.random.key(0), 2, jnp.asarray(seg), cfg.diffusion)
+        return np.asarray(objective.nelbo_BT(model, batch, jax.random.key(1), t)[0])
+
+    other = x0.copy()
+    other[0, 20:] = rng.integers(0, 256, 12)
+    a, b = per_token(x0), per_token(other)
+    np.testing.assert_allclose(a[0, :20], b[0, :20], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a[0, 20:], b[0, 20:])
+
+
+def test_the_elbo_evaluation_is_seeded_so_repeated_evals_agree():
+    cfg = mdlm_config()
+    trainer = make_trainer(cfg, make_mesh(cfg.mesh))
+    params = trainer.init_state()["params"]
+    x0 = np.random.default_rng(0).integers(0, 256, (8, 32)).astype(np.int32)
+    batch = jax.device_put(Batch(inputs=x0, targets=x0, loss_mask=np.ones_like(x0)), trainer.batch_sharding)
+    first, again = trainer.eval_step(params, batch), trainer.eval_step(params, batch)
+    assert float(first["loss_sum"]) == float(again["loss_sum"])
+    assert float(first["count"]) == cfg.diffusion.eval_t_samples * x0.size
+    other = make_trainer(mdlm_config("train.seed=1"), make_mesh(cfg.mesh))
+    assert float(other.eval_step(params, batch)["loss_sum"]) != float(first["loss_sum"])
+
+
+def test_training_mdlm_on_shakespeare_lowers_the_bound(tmp_path, shakespeare_path):
+    cfg = mdlm_config(f"data.path={shakespeare_path}", "train.steps=60", "train.eval_every=30",
+                      "train.eval_batches=2", "optim.warmup_steps=10", "checkpoint.every=0", "train.progress=false",
+                      f"train.run_dir={tmp_path}")
+    evals = [r["eval_loss"] for r in train(cfg) if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0] < 0.85 * math.log(V), evals
+
+
+def test_config_refuses_mdlm_without_bidirectional_attention_or_mask_room():
+    with pytest.raises(ConfigError, match="model.causal=false"):
+        load_config("configs/mdlm-tiny.yaml", ["model.causal=true"])
+    with pytest.raises(ConfigError, match=r"reserves id model.vocab_size-1 .* set model.vocab_size >= 258"):
+        make_objective(mdlm_config("model.vocab_size=257"))
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+@pytest.fixture(scope="module")
+def mask_loving_model():
+    """A tiny model whose raw logits favour <|mask|> everywhere: SUBS must still never emit it."""
+    model = build_model(mdlm_config(), 0)
+    model.lm_head_DV[...] = model.lm_head_DV[...].at[:, MASK].add(100.0)
+    return model
+
+
+PROMPT = list(b"To be")
+
+
+@pytest.mark.parametrize("sampler", ["mdlm", "remask", "block"])
+def test_each_sampler_fills_every_mask_and_never_emits_the_mask_token(mask_loving_model, sampler):
+    run = {"mdlm": lambda: sample_mdlm(mask_loving_model, PROMPT, 24, 6, 0, history=True),
+           "remask": lambda: sample_remask(mask_loving_model, PROMPT, 24, 6, 0, history=True),
+           "block": lambda: sample_block(mask_loving_model, PROMPT, 24, 6, 8, 0, history=True)}[sampler]
+    sample = run()
+    assert sample.tokens.shape == (1, 5 + 24)
+    assert list(sample.tokens[0, :5]) == PROMPT
+    assert not (sample.tokens == MASK).any()
+    masks = [int((h == MASK).sum()) for h in sample.history]
+    assert masks == sorted(masks, reverse=True) and masks[-1] == 0  # revealed tokens stay revealed
+    assert sample.tokens_per_s > 0
+
+
+def test_remasking_reveals_the_scheduled_number_per_step(mask_loving_model):
+    sample = sample_remask(mask_loving_model, PROMPT, 24, 5, 0, history=True)
+    masks = [24] + [int((h == MASK).sum()) for h in sample.history]
+    assert [a - b for a, b in zip(masks, masks[1:])] == [5, 5, 5, 5, 4]  # 24 over 5 steps, LLaDA-style
+
+
+def test_block_diffusion_with_one_block_is_plain_remasking(mask_loving_model):
+    plain = sample_remask(mask_loving_model, PROMPT, 24, 6, seed=3)
+    one_block = sample_block(mask_loving_model, PROMPT, 24, 6, block_size=24, seed=3)
+    assert np.array_equal(plain.tokens, one_block.tokens)
+    assert not np.array_equal(sample_block(mask_loving_model, PROMPT, 24, 6, 8, seed=3).tokens, plain.tokens)
+
+
+def test_block_diffusion_finishes_each_block_before_the_next(mask_loving_model):
+    sample = sample_block(mask_loving_model, PROMPT, 24, 6, 8, 0, history=True)
+    for step, canvas in enumerate(sample.history):  # 2 steps per block
+        block = step // 2
+        gen = canvas[0, 5:]
+        assert not (gen[: 8 * block] == MASK).any() and (gen[8 * (block + 1):] == MASK).all()
+
+
+def test_the_generate_adapter_prints_the_continuation_and_its_speed(mask_loving_model):
+    import argparse
+
+    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.inference.diffusion import add_arguments, generate_mdlm
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=5)  # a generate CLI's own flag is kept
+    add_arguments(parser)
+    args = parser.parse_args(["--sampler", "mdlm", "--steps", "4", "--max-new-tokens", "12", "--block-size", "6"])
+    lines = []
+    sample = generate_mdlm(mask_loving_model, mdlm_config(), load_tokenizer("bytes"), "To be", args, out=lines.append)
+    assert sample.tokens.shape == (1, 17) and sample.steps == 4  # two blocks of 6, two steps each
+    assert lines[0] == load_tokenizer("bytes").decode(sample.tokens[0].tolist()) and lines[0].startswith("To be")
+    assert lines[1].startswith("[mdlm: 12 tokens in 4 steps") and lines[1].endswith("tokens/s]")
