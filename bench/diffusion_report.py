@@ -83,7 +83,7 @@ def main() -> None:
     print(f"| AR (next-token) | {ar['eval_loss']:.4f} | {math.exp(ar['eval_loss']):.2f} |")
     print(f"| MDLM (ELBO bound) | <= {mdlm['eval_loss']:.4f} | <= {math.exp(mdlm['eval_loss']):.2f} |")
 
-    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.tokenizer.tokenizer import load_tokenizer
     from jaxlm.inference.diffusion import sample_block, sample_mdlm, sample_remask
 
     tok = load_tokenizer("bytes")

@@ -202,7 +202,7 @@ def test_block_diffusion_finishes_each_block_before_the_next(mask_loving_model):
 def test_the_generate_adapter_prints_the_continuation_and_its_speed(mask_loving_model):
     import argparse
 
-    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.tokenizer.tokenizer import load_tokenizer
     from jaxlm.inference.diffusion import add_arguments, generate_mdlm
 
     parser = argparse.ArgumentParser()

@@ -140,7 +140,7 @@ def eval_key(seed: int, batch: Batch):
 
 def _check_mask_room(cfg: Config) -> None:
     """The tokenizer's ids must stay below the reserved mask id."""
-    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.tokenizer.tokenizer import load_tokenizer
     from jaxlm.errors import UserError
 
     try:
