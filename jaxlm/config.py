@@ -16,11 +16,8 @@ from typing import Annotated, Any, Literal, Optional
 
 import yaml
 
-from jaxlm.errors import UserError
-
-
-class ConfigError(UserError):
-    """A config problem; its message is one line meant for the user."""
+from jaxlm.config_check import validate
+from jaxlm.errors import ConfigError
 
 
 # Every key carries a one-line description (`Doc[type, "..."]`); `jaxlm config` lists them.
@@ -302,118 +299,6 @@ def _coerce(tp, value, key: str):
             raise ConfigError(f"{key}={value!r} has the wrong type; expected a string")
         return value
     return value
-
-
-def validate(cfg: Config) -> None:
-    """Checks that need several keys together. Device-dependent checks live in the mesh code."""
-    m, o, t, d, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.checkpoint
-    positive = {
-        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
-        "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff,
-        "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len, "train.steps": t.steps,
-        "train.global_batch": t.global_batch, "train.microbatches": t.microbatches,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
-    at_least = {  # key: (value, minimum, what the minimum means)
-        "train.log_every": (t.log_every, 1, ""), "train.eval_every": (t.eval_every, 0, " (0 = no evaluation)"),
-        "train.eval_batches": (t.eval_batches, 1, ""),
-        "checkpoint.every": (c.every, 0, " (0 = no checkpoints)"), "checkpoint.keep": (c.keep, 1, ""),
-        "checkpoint.keep_every": (c.keep_every, 0, " (0 = none kept forever)"),
-        "checkpoint.keep_best": (c.keep_best, 0, " (0 = none)"),
-        "train.early_stop_patience": (cfg.train.early_stop_patience, 0, " (0 = never)"),
-        "optim.warmup_steps": (o.warmup_steps, 0, ""),
-    }
-    for key, (value, minimum, meaning) in at_least.items():
-        if value < minimum:
-            raise ConfigError(f"{key}={value} must be >= {minimum}{meaning}")
-    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
-        if not 0 <= value < 1:
-            raise ConfigError(f"{key}={value} must be in [0, 1)")
-    for key, value in (("model.norm_eps", m.norm_eps), ("optim.eps", o.eps)):
-        if not value > 0:
-            raise ConfigError(f"{key}={value} must be > 0")
-    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.clip_norm", o.clip_norm)):
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
-    for key, rate in (("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout)):
-        if not 0 <= rate < 1:
-            raise ConfigError(f"{key}={rate} must be in [0, 1)")
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
-    if m.n_heads % m.n_kv_heads:
-        raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
-    if m.position == "rope" and m.head_dim % 2:
-        raise ConfigError(f"head_dim={m.head_dim} (model.d_model/model.n_heads) must be even for RoPE")
-    if d.seq_len > m.max_seq_len:
-        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if o.lr <= 0:
-        raise ConfigError(f"optim.lr={o.lr} must be > 0")
-    if not 0 <= o.min_lr <= o.lr:
-        raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
-    if not 0 < o.decay_fraction <= 1:
-        raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
-    if t.global_batch % t.microbatches:
-        raise ConfigError(
-            f"train.global_batch={t.global_batch} must be divisible by train.microbatches={t.microbatches}")
-    if t.init_from is not None and not Path(t.init_from, "config.json").is_file():
-        raise ConfigError(f"train.init_from={t.init_from!r} is not a Hugging Face model directory (no config.json)")
-    if not 0 <= d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    if d.path is not None and not _path_exists(d.path):
-        raise ConfigError(f"data.path={d.path!r} does not exist; expected a text file, directory, glob or prepared data")
-    if d.path is not None and d.mixture:
-        raise ConfigError("data.path and data.mixture are both set; use data.mixture alone for several sources")
-    for i, src in enumerate(d.mixture):
-        if not _path_exists(src.path):
-            raise ConfigError(f"data.mixture[{i}].path={src.path!r} does not exist; expected a text file, directory, "
-                              "glob or prepared data")
-        if src.weight <= 0:
-            raise ConfigError(f"data.mixture[{i}].weight={src.weight} must be > 0")
-    e = cfg.moe
-    if e.n_experts:
-        if not 1 <= e.top_k <= e.n_experts:
-            raise ConfigError(f"moe.top_k={e.top_k} must be between 1 and moe.n_experts={e.n_experts}")
-        if e.every < 1:
-            raise ConfigError(f"moe.every={e.every} must be >= 1")
-        if e.capacity_factor <= 0:
-            raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be > 0")
-    _validate_objective(cfg)
-    for name in ("data", "fsdp", "expert", "tensor"):
-        for key in (name, f"dcn_{name}"):
-            size = getattr(cfg.mesh, key)
-            if size == 0 or size < -1:
-                raise ConfigError(f"mesh.{key}={size} must be a positive size or -1 (fill)")
-
-
-def _validate_objective(cfg: Config) -> None:
-    t, m, f, s = cfg.train, cfg.model, cfg.diffusion, cfg.distill
-    if t.objective == "mdlm":
-        if m.causal:
-            raise ConfigError("train.objective=mdlm needs bidirectional attention: set model.causal=false")
-        if m.vocab_size < 2:
-            raise ConfigError(f"model.vocab_size={m.vocab_size} has no room for <|mask|> (id vocab_size-1)")
-        if not 0 < f.t_min < 1:
-            raise ConfigError(f"diffusion.t_min={f.t_min} must be in (0, 1)")
-        if f.eval_t_samples < 1:
-            raise ConfigError(f"diffusion.eval_t_samples={f.eval_t_samples} must be >= 1")
-    if t.objective == "distill":
-        if not t.teacher:
-            raise ConfigError("train.objective=distill needs train.teacher=RUN_DIR (the teacher's run directory)")
-        if not m.causal:
-            raise ConfigError("train.objective=distill trains a next-token student: set model.causal=true")
-        if s.temperature <= 0 or not 0 <= s.weight <= 1:
-            raise ConfigError(f"distill.temperature={s.temperature} must be > 0 and distill.weight={s.weight} "
-                              "in [0, 1]")
-    elif t.teacher:
-        raise ConfigError(f"train.teacher is set but train.objective={t.objective}; use train.objective=distill")
-
-
-def _path_exists(path: str) -> bool:
-    import glob
-
-    return Path(path).exists() or bool(glob.glob(path))
 
 
 def to_dict(cfg: Config) -> dict:

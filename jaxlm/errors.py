@@ -11,3 +11,7 @@ class RunFailed(UserError):
     """The run could not go on (a non-finite loss, a failed checkpoint save); one line, exit 1."""
 
     exit_code = 1
+
+
+class ConfigError(UserError):
+    """A config problem; its message is one line meant for the user."""

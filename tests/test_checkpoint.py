@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from jaxlm import checkpoint as ckpt
+from jaxlm import resume
 from jaxlm.config import CheckpointConfig, load_config
 from jaxlm.data.pipeline import to_global
 from jaxlm.data.sources import build_data
@@ -159,7 +160,7 @@ def test_damaged_newest_checkpoints_fall_back_to_previous_with_one_warning_each(
 
     cfg = config(*RUN, "train.steps=44", f"train.run_dir={run_dir}")
     trainer = make_trainer(cfg, make_mesh(cfg.mesh))
-    state, meta = ckpt.restore_for_training(cfg, trainer, run_dir, None, ckpt.tokenizer_identity("bytes"))
+    state, meta = resume.restore_for_training(cfg, trainer, run_dir, None, ckpt.tokenizer_identity("bytes"))
     assert int(state["step"]) == meta["step"] == 30
     warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 3
@@ -225,14 +226,14 @@ def test_compatible_changes_are_allowed_and_locked_ones_named():
     saved = json.loads(json.dumps(ckpt.make_meta(config(*RUN), 9, 0, {}, {})["config"]))
     ok = config("train.steps=99", "optim.lr=1e-3", "optim.warmup_steps=3", "train.eval_every=5",
                 "train.log_every=2", "mesh.data=2", "mesh.fsdp=4", "model.remat=full", "checkpoint.every=7")
-    assert ckpt.incompatible_keys(saved, ok, None, None) == []
+    assert resume.incompatible_keys(saved, ok, None, None) == []
     bad = config("data.seq_len=64", "train.global_batch=16", "moe.n_experts=4", "optim.clip_norm=0")
-    names = " ".join(ckpt.incompatible_keys(saved, bad, {"hash": "a" * 64}, {"hash": "b" * 64}))
+    names = " ".join(resume.incompatible_keys(saved, bad, {"hash": "a" * 64}, {"hash": "b" * 64}))
     for key in ("data.seq_len", "train.global_batch", "moe.n_experts", "optim.clip_norm", "tokenizer hash"):
         assert key in names
     moved = config("data.tokenizer=/elsewhere/same_tokenizer")  # another name, the same content
-    assert ckpt.incompatible_keys(saved, moved, {"hash": "a" * 64}, {"hash": "a" * 64}) == []
-    assert "data.tokenizer" in " ".join(ckpt.incompatible_keys(saved, moved, None, None))
+    assert resume.incompatible_keys(saved, moved, {"hash": "a" * 64}, {"hash": "a" * 64}) == []
+    assert "data.tokenizer" in " ".join(resume.incompatible_keys(saved, moved, None, None))
 
 
 def test_resume_with_longer_schedule_continues_without_duplicate_metric_steps(base_run, tmp_path):

@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxlm.checkpoint import all_processes_agree
+from jaxlm.resume import all_processes_agree
 from jaxlm.errors import RunFailed, UserError
 
 LOCK_FILE = "run.lock"

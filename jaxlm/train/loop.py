@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import checkpoint as ckpt
-from jaxlm import determinism
+from jaxlm import determinism, resume as resuming
 from jaxlm.accounting import train_flops_per_step
 from jaxlm.config import Config, ConfigError, to_yaml
 from jaxlm.data.pipeline import to_global
@@ -147,7 +147,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
         trainer = make_trainer(cfg, mesh)
         tokenizer = ckpt.tokenizer_identity(cfg.data.tokenizer)
         lock.acquire()  # before anything in run_dir is read or moved
-        restored = ckpt.restore_for_training(cfg, trainer, run_dir, resume, tokenizer, fingerprint)
+        restored = resuming.restore_for_training(cfg, trainer, run_dir, resume, tokenizer, fingerprint)
         tokens_per_step = t.global_batch * cfg.data.seq_len
         if restored is None:
             state, tokens_seen = trainer.init_state(), 0

@@ -1,0 +1,162 @@
+"""Resuming a run: which checkpoint, whether the config still fits it, and what to say when not.
+
+A run resumes from the newest valid checkpoint in its run directory (or the one `--resume`
+names); an invalid one is set aside with one warning and the previous one is tried. Every process
+must agree on the step it restores.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxlm.checkpoint import CHECKPOINTS, MANIFEST, SET_ASIDE, read_meta, restore_state, step_dirs, verify, warn
+from jaxlm.config import Config, to_dict
+from jaxlm.errors import UserError
+
+# Config keys that may not change on resume: they define the parameters (shapes, tree), the
+# function they compute, or the data order that the saved iterator index points into.
+# Everything else (train.steps, optim schedule/values, eval and log cadence, mesh, checkpoint,
+# microbatches, remat, compute dtype, run_dir) may change.
+LOCKED_SECTIONS = {"model", "moe", "data"}
+UNLOCKED = {
+    "model.max_seq_len", "model.compute_dtype", "model.remat",  # RoPE has no learned positions
+    "model.attention_impl", "model.projection_impl", "model.gmm_impl", "model.scan_layers",  # how, not what
+    "model.dropout", "model.attention_dropout",
+    "moe.noise_std", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.impl", "moe.capacity_factor",
+}
+LOCKED_TRAIN = {"train.seed", "train.global_batch"}  # rng stream; iterator state is a batch index
+
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "rules":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def incompatible_keys(saved: dict, cfg: Config, saved_tok: dict | None, tok: dict | None) -> list[str]:
+    """'key (old -> new)' for every change that makes the checkpoint unusable for `cfg`."""
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    out = []
+    for key, value in new.items():
+        locked = (key.split(".")[0] in LOCKED_SECTIONS and key not in UNLOCKED) or key in LOCKED_TRAIN
+        if locked and key in old and old[key] != value:
+            out.append(f"{key} ({old[key]!r} -> {value!r})")
+    # clipping on/off adds or removes a node of the optimizer state
+    clip_old, clip_new = old.get("optim.clip_norm", 0) > 0, cfg.optim.clip_norm > 0
+    if clip_old != clip_new:
+        out.append(f"optim.clip_norm ({old['optim.clip_norm']!r} -> {cfg.optim.clip_norm!r}, clipping on/off)")
+    hashes = (saved_tok or {}).get("hash"), (tok or {}).get("hash")
+    if all(hashes):  # the content decides: the same tokenizer may be named by another path
+        out = [k for k in out if not k.startswith("data.tokenizer ")]
+        if hashes[0] != hashes[1]:
+            out.append(f"tokenizer hash ({hashes[0][:12]} -> {hashes[1][:12]})")
+    return out
+
+
+def _candidates(run_dir: Path, resume: str | None) -> tuple[list[tuple[int, Path]], bool]:
+    """(steps to try newest first, explicit): --resume names a step dir, a checkpoints dir or a run dir."""
+    if resume is None:
+        return step_dirs(run_dir / CHECKPOINTS), False
+    path = Path(resume)
+    if not path.exists():
+        raise UserError(f"--resume {resume}: no such file or directory")
+    if (path / MANIFEST).exists() or (path / "state").is_dir() or path.name.isdigit():
+        if not path.name.isdigit():
+            raise UserError(f"--resume {resume}: a step directory is named by its step number")
+        return [(int(path.name), path)], True
+    found = step_dirs(path / CHECKPOINTS) or step_dirs(path)
+    if not found:
+        raise UserError(f"--resume {resume}: no checkpoint step directories in {path} or {path / CHECKPOINTS}")
+    return found, False
+
+
+def all_processes_agree(ok: bool) -> bool:
+    """True if `ok` on every process: all processes must take the same step (or none)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def changed_sources(saved: list | None, now: list | None) -> list[str]:
+    """The data sources whose fingerprint differs from the checkpoint's (none known: none)."""
+    if not saved or not now:
+        return []
+    return [n["source"] for s, n in zip(saved, now) if s.get("sha256") != n.get("sha256")]
+
+
+def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None, tok: dict,
+                         data_fingerprint: list | None = None):
+    """(state, meta) from the newest valid checkpoint, or None to start fresh.
+
+    Invalid steps are skipped with one warning each; an incompatible config is an error (falling
+    back to an older step would not help); no valid step at all is an error naming what was tried.
+    """
+    candidates, explicit = _candidates(run_dir, resume)
+    if not candidates:
+        return None
+    tried = []
+    for step, path in candidates:
+        # process 0 reads every byte once; the others take its word
+        reason = verify(path) if jax.process_index() == 0 else None
+        if not all_processes_agree(reason is None):
+            reason = reason or "invalid (see process 0)"
+        if reason is None:
+            bad, changed = [], []
+            try:
+                meta = read_meta(path)
+                bad = incompatible_keys(meta.get("config", {}), cfg, meta.get("tokenizer"), tok)
+                if not cfg.train.allow_data_change:
+                    changed = changed_sources(meta.get("data_fingerprint"), data_fingerprint)
+                if not bad and not changed:
+                    state = restore_state(path, trainer)
+            except Exception as e:  # noqa: BLE001 - any read failure means: try the previous step
+                reason = f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if not all_processes_agree(reason is None):
+                reason = reason or "restore failed on another process"
+            if reason is None and bad:
+                raise UserError(f"cannot resume from {path}: the config changed in keys that must stay the same: "
+                                f"{', '.join(bad)}; use a new train.run_dir or restore those values")
+            if reason is None and changed:
+                raise UserError(f"cannot resume from {path}: the data changed since it was saved "
+                                f"({', '.join(changed)}: files differ in size or content), so the saved data "
+                                "position would point into other data; restore the data, use a new train.run_dir, "
+                                "or set train.allow_data_change=true to resume anyway")
+        if reason is None:
+            _set_aside(run_dir, step)
+            return state, meta
+        tried.append((step, path, reason))
+        if explicit:
+            raise UserError(f"--resume {resume} is not a valid checkpoint: {reason}")
+        warn(f"checkpoint step {step} ({path}) is invalid: {reason}; trying the previous one")
+    listing = "; ".join(f"{p} ({r})" for _, p, r in tried)
+    raise UserError(f"no valid checkpoint to resume from; tried {listing}. Move them away to start afresh")
+
+
+def _set_aside(run_dir: Path, restored: int) -> None:
+    """Moves this run's steps newer than the restored one out of orbax's directory (process 0)."""
+    paths = [p for s, p in step_dirs(run_dir / CHECKPOINTS) if s > restored]
+    if paths and jax.process_index() == 0:
+        dest = run_dir / SET_ASIDE
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            if verify(p, checksums=False) is None:
+                warn(f"checkpoint step {p.name} is newer than the resumed step {restored}; moved to {dest}")
+            target, n = dest / p.name, 1
+            while target.exists():
+                target, n = dest / f"{p.name}.{n}", n + 1
+            shutil.move(str(p), str(target))
+    if paths and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxlm_checkpoint_set_aside")
