@@ -15,7 +15,7 @@ import pytest
 
 from jaxlm.config import load_config
 from jaxlm.data import prepare as P
-from jaxlm.data import prepared as R
+from jaxlm.data import shards as R
 from jaxlm.data.corpus import default_corpus
 from jaxlm.data.sources import build_data, in_val_split, text_streams
 from jaxlm.tokenizer.tokenizer import byte_tokenizer

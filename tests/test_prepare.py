@@ -11,7 +11,7 @@ import pytest
 from conftest import SHARED_DATA, run_cli
 
 from jaxlm.data import prepare as P
-from jaxlm.data import prepared as R
+from jaxlm.data import shards as R
 from jaxlm.tokenizer.tokenizer import EOT, Tokenizer, byte_tokenizer, load_gpt2_files, load_tokenizer, save_tokenizer
 from jaxlm.errors import UserError
 
