@@ -127,7 +127,7 @@ def test_rerun_skips_finished_work_and_resumes_an_interrupted_run(corpus, tmp_pa
 
     # Interrupt a run after its third shard: finished shards stay, nothing half-written looks complete.
     out = tmp_path / "out"
-    finalize, calls = P._SplitWriter._finalize, []
+    finalize, calls = R.ShardWriter._finalize, []
 
     def interrupted(self):
         calls.append(self.split)
@@ -135,10 +135,10 @@ def test_rerun_skips_finished_work_and_resumes_an_interrupted_run(corpus, tmp_pa
             raise KeyboardInterrupt
         finalize(self)
 
-    monkeypatch.setattr(P._SplitWriter, "_finalize", interrupted)
+    monkeypatch.setattr(R.ShardWriter, "_finalize", interrupted)
     with pytest.raises(KeyboardInterrupt):
         P.prepare(*args, str(out), **kw)
-    monkeypatch.setattr(P._SplitWriter, "_finalize", finalize)
+    monkeypatch.setattr(R.ShardWriter, "_finalize", finalize)
     names = os.listdir(out)
     assert "metadata.json" not in names and not [n for n in names if n.endswith(".tmp")]
     bins = [n for n in names if n.endswith(".bin")]
