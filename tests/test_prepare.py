@@ -209,8 +209,8 @@ def test_an_error_after_shards_were_written_removes_this_runs_output(tmp_path, m
         (tmp_path / f"{i}.txt").write_text(f"document {i} " * 300)
     (tmp_path / "9.txt").write_bytes(b"\xff")
     written = []
-    replace = P._replace
-    monkeypatch.setattr(P, "_replace", lambda tmp, final, created: (written.append(final), replace(tmp, final, created)))
+    replace = R._replace
+    monkeypatch.setattr(R, "_replace", lambda tmp, final, created: (written.append(final), replace(tmp, final, created)))
     with pytest.raises(UserError, match="9.txt: invalid UTF-8 at byte offset 0"):
         P.prepare([str(tmp_path / "*.txt")], "bytes", str(tmp_path / "out"), shard_tokens=1000, workers=2)
     assert any(w.endswith(".bin") for w in written) and not (tmp_path / "out").exists()
