@@ -1,88 +1,147 @@
 """Training throughput of the bench config: jaxlm vs Hugging Face LlamaForCausalLM (torch CPU).
 
-Prints step time, tokens/s and MFU (matmul FLOPs from jaxlm.accounting over this machine's
-measured f32 matmul peak) for jaxlm, then the torch peer, eager and torch.compile, measured in
-the same run on random token batches, and the ratios. Usage:
+Prints step time, CPU time per step, tokens/s and MFU (matmul FLOPs from jaxlm.accounting over
+jaxlm.train.metrics.peak_flops: the device table's bf16 peak, else a measured matmul) for jaxlm,
+any jaxlm variants, and the torch peer (eager, torch.compile), all timed interleaved in one run
+on random token batches (bench/harness.py), and the ratios.
 
-    python bench/throughput.py [--steps 20] [--no-torch] [config overrides...]
+    python bench/throughput.py [--rounds 20] [--no-torch] [config overrides...]
+    python bench/throughput.py --variants attention_impl=xla projection_impl=xla,scan_layers=false
+    python bench/throughput.py --ab-xla-flags=--xla_cpu_experimental_ynn_fusion_type= --repeats 6
+
+--ab-xla-flags times jaxlm in child processes alternating without (A) and with (B) the extra
+XLA_FLAGS (XLA reads them once per process), and times torch.compile in this process between them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import jax
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (jaxlm_runner, load_average, machine_line, run_child, summary, table,  # noqa: E402
+                     time_interleaved, variant_overrides)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def time_jaxlm(cfg, steps: int, warmup: int) -> dict:
-    from jaxlm.data.batch import Batch
-    from jaxlm.distributed import make_mesh
-    from jaxlm.train.step import make_trainer
+def measure(cfg_path: str, overrides: list[str], variants: list[str], rounds: int, torch_modes: list[bool]) -> list[dict]:
+    """One interleaved run: jaxlm, each variant, then the torch peer in each mode. Rows of figures."""
+    from jaxlm.accounting import train_flops_per_step
+    from jaxlm.config import load_config
 
-    trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:1]))
-    state = trainer.init_state()
-    B, T, V = cfg.train.global_batch, cfg.data.seq_len, cfg.model.vocab_size
-    tokens = np.random.default_rng(0).integers(0, V, (B, T + 1)).astype(np.int32)
-    batch = jax.device_put(Batch.from_tokens(tokens), trainer.batch_sharding)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        state, metrics = trainer.train_step(state, batch)
-    jax.block_until_ready(metrics)
-    setup = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, metrics = trainer.train_step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t)
-    step_time = statistics.median(times)
-    return {"step_time_s": step_time, "tokens_per_s": B * T / step_time, "setup_s": setup}
+    cfg = load_config(cfg_path, ["mesh.data=1"] + overrides)
+    configs = {"jaxlm": cfg} | {f"jaxlm {v}": load_config(cfg_path, ["mesh.data=1"] + overrides + variant_overrides(v))
+                                for v in variants}
+    runners, tokens = {}, {}
+    for name, c in configs.items():
+        runners[name], tokens[name] = jaxlm_runner(c)
+    for compile in torch_modes:
+        from torch_peer import torch_runner
+
+        name = "torch.compile" if compile else "torch eager"
+        runners[name], tokens[name], _ = torch_runner(cfg, compile=compile)
+    results = time_interleaved(runners, rounds, warmup=3)
+    from jaxlm.train.metrics import peak_flops
+
+    peak = peak_flops(cfg)
+    rows = []
+    for name, times in results.items():
+        r = summary(times, tokens[name])
+        flops = train_flops_per_step(configs.get(name, cfg))
+        rows.append(dict(name=name, **r, mfu=flops / r["step_time_s"] / peak, peak=peak, flops=flops))
+    return rows
+
+
+def show(rows: list[dict]) -> None:
+    for r in rows:
+        r.update(ms=r["step_time_s"] * 1e3, cpu_ms=r["cpu_step_time_s"] * 1e3)
+    print(table(rows, [("", "name", "<40"), ("step ms", "ms", "9.1f"), ("cpu ms", "cpu_ms", "9.1f"),
+                       ("tokens/s", "tokens_per_s", "10.0f"), ("MFU", "mfu", "7.1%"), ("warmup s", "warmup_s", "9.1f")]))
+    base = rows[0]["tokens_per_s"]
+    for r in rows[1:]:
+        print(f"jaxlm / {r['name']}: {base / r['tokens_per_s']:.2f}x")
+
+
+def ab_xla_flags(args, flags: str) -> None:
+    """Alternating A/B child processes for jaxlm; torch.compile timed here between the pairs."""
+    from jaxlm.config import load_config
+    from torch_peer import torch_runner
+
+    base_env = dict(os.environ)
+    env_b = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+    child = [__file__, "--json", "--no-torch", "--rounds", str(args.rounds), "--config", args.config, *args.overrides]
+    cfg = load_config(args.config, args.overrides)
+    torch_step, tokens, _ = torch_runner(cfg, compile=True)
+    torch_times = time_interleaved({"torch.compile": torch_step}, 0, warmup=3)["torch.compile"]
+    runs = {"A": [], "B": []}
+    print(f"A: XLA_FLAGS={base_env.get('XLA_FLAGS', '')!r}   B: XLA_FLAGS={env_b['XLA_FLAGS']!r}")
+    print(f"{'repeat':>6} {'order':>5} {'A ms':>8} {'B ms':>8} {'A cpu':>8} {'B cpu':>8} {'B/A tok/s':>9} "
+          f"{'torch.compile ms':>17} {'load':>5}", flush=True)
+    for rep in range(args.repeats):
+        order = "AB" if rep % 2 == 0 else "BA"
+        got = {}
+        for which in order:
+            got[which] = run_child(child, base_env if which == "A" else env_b)[0]
+            runs[which].append(got[which])
+        t = time_interleaved({"torch.compile": torch_step}, args.rounds, warmup=1)["torch.compile"]
+        torch_times["wall"] += t["wall"]
+        torch_times["cpu"] += t["cpu"]
+        a, b = got["A"], got["B"]
+        print(f"{rep:>6} {order:>5} {a['step_time_s'] * 1e3:8.1f} {b['step_time_s'] * 1e3:8.1f} "
+              f"{a['cpu_step_time_s'] * 1e3:8.1f} {b['cpu_step_time_s'] * 1e3:8.1f} "
+              f"{b['tokens_per_s'] / a['tokens_per_s']:9.3f} {statistics.median(t['wall']) * 1e3:17.1f} "
+              f"{load_average():5.1f}", flush=True)
+    med = lambda which, key: statistics.median(r[key] for r in runs[which])
+    tc = summary(torch_times, tokens)
+    ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(runs["A"], runs["B"])]
+    print(f"\nmedians over {args.repeats} repeats (each a median of {args.rounds} steps):")
+    for which in "AB":
+        print(f"  jaxlm {which}: {med(which, 'step_time_s') * 1e3:.1f} ms/step (cpu {med(which, 'cpu_step_time_s') * 1e3:.1f} ms), "
+              f"{med(which, 'tokens_per_s'):.0f} tok/s, {med(which, 'tokens_per_s') / tc['tokens_per_s']:.2f}x torch.compile")
+    print(f"  torch.compile: {tc['step_time_s'] * 1e3:.1f} ms/step (cpu {tc['cpu_step_time_s'] * 1e3:.1f} ms), "
+          f"{tc['tokens_per_s']:.0f} tok/s")
+    print(f"  B/A tokens/s per repeat: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, "
+          f"max {max(ratios):.3f}; load avg now {load_average():.1f}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "bench.yaml"))
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=20, help="timed steps per runner (interleaved)")
+    ap.add_argument("--variants", nargs="*", default=[], metavar="K=V,K=V",
+                    help="jaxlm variants timed beside the default (model.* keys may drop 'model.')")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch peer")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--ab-xla-flags", metavar="FLAGS", help="A/B jaxlm without/with these XLA_FLAGS")
+    ap.add_argument("--repeats", type=int, default=6, help="A/B pairs (with --ab-xla-flags)")
+    ap.add_argument("--json", action="store_true", help="print the rows as one JSON line")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    from jaxlm.accounting import train_flops_per_step
+    if args.ab_xla_flags is not None:
+        print(machine_line())
+        return ab_xla_flags(args, args.ab_xla_flags)
+    torch_modes = [] if args.no_torch else [False] + ([] if args.no_compile else [True])
+    rows = measure(args.config, args.overrides, args.variants, args.rounds, torch_modes)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    import jax
+
     from jaxlm.config import load_config
-    from jaxlm.train.metrics import measure_peak_flops
 
-    cfg = load_config(args.config, ["mesh.data=1"] + args.overrides)
-    m = cfg.model
-    peak = measure_peak_flops()
-    flops = train_flops_per_step(cfg)
-    print(f"bench config: vocab {m.vocab_size}, d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads "
-          f"(kv {m.n_kv_heads}), d_ff {m.d_ff}, seq {cfg.data.seq_len}, batch {cfg.train.global_batch}, "
-          f"{m.compute_dtype}; remat {m.remat}")
-    print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s; train FLOPs/step (matmul): {flops / 1e9:.2f} G")
-    rows = [("jaxlm", time_jaxlm(cfg, args.steps, args.warmup))]
-    if not args.no_torch:
-        from torch_peer import measure_torch_llama
-
-        shape = dict(vocab=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-                     n_kv_heads=m.n_kv_heads, d_ff=m.d_ff, seq_len=cfg.data.seq_len, batch=cfg.train.global_batch)
-        rows.append(("torch eager", measure_torch_llama(**shape, steps=args.steps, warmup=args.warmup)))
-        rows.append(("torch.compile", measure_torch_llama(**shape, steps=args.steps, warmup=args.warmup, compile=True)))
-    print(f"{'':<15}{'step ms':>10}{'tokens/s':>12}{'MFU':>8}{'setup s':>10}")
-    for name, r in rows:
-        mfu = flops / r["step_time_s"] / peak
-        print(f"{name:<15}{r['step_time_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12.0f}{mfu:>8.1%}{r['setup_s']:>10.1f}")
-    base = rows[0][1]["tokens_per_s"]
-    for name, r in rows[1:]:
-        print(f"jaxlm / {name}: {base / r['tokens_per_s']:.2f}x")
+    m = load_config(args.config, args.overrides)
+    print(f"jax {jax.__version__} on {jax.default_backend()}; {machine_line()}")
+    print(f"config {args.config}: vocab {m.model.vocab_size}, d_model {m.model.d_model}, {m.model.n_layers} layers, "
+          f"{m.model.n_heads} heads (kv {m.model.n_kv_heads}), d_ff {m.model.d_ff}, seq {m.data.seq_len}, batch "
+          f"{m.train.global_batch}, {m.model.compute_dtype}; peak {rows[0]['peak'] / 1e9:.1f} GFLOP/s, "
+          f"train FLOPs/step {rows[0]['flops'] / 1e9:.2f} G; medians of {args.rounds} interleaved steps")
+    show(rows)
 
 
 if __name__ == "__main__":
