@@ -20,6 +20,8 @@ VERBS = {
     "checkpoint": ("jaxlm.checkpoint_cli", "list and inspect checkpoints of a run"),
     "compile": ("jaxlm.compile", "AOT-compile the train step for a TPU topology and size it"),
     "plot": ("jaxlm.plot", "plot training curves of one or more runs into an image"),
+    "generate": ("jaxlm.inference.cli_generate", "generate text from a checkpoint (KV cache, sampling, speculative)"),
+    "eval": ("jaxlm.inference.cli_eval", "loss, perplexity and bits per byte of a checkpoint on a text or corpus"),
 }
 
 
