@@ -24,6 +24,8 @@ VERBS = {
     "config": ("jaxlm.config_cli", "list every config key with its type, default and description"),
     "export": ("jaxlm.export.cli", "export a checkpoint to Hugging Face (safetensors) or llama.cpp (GGUF)"),
     "import": ("jaxlm.export.importer", "import Hugging Face weights into a run directory to fine-tune"),
+    "generate": ("jaxlm.inference.cli_generate", "generate text from a checkpoint (KV cache, sampling, speculative)"),
+    "eval": ("jaxlm.inference.cli_eval", "loss, perplexity and bits per byte of a checkpoint on a text or corpus"),
 }
 
 

@@ -8,13 +8,32 @@ the same document. How the attention itself is computed is the kernel seam's bus
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.model.kernels import AttentionMask, attention, project
 from jaxlm.model.layers import dtype_of, rope, weight
 from jaxlm.sharding import constrain
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class KVCache:
+    """Decode mode: one layer's keys and values for S positions per row, preallocated; slot s
+    holds position s, so rows at different lengths share one cache (jaxlm/inference/cache.py)."""
+
+    k_BSKd: jax.Array
+    v_BSKd: jax.Array
+
+    def write(self, k_BTKd, v_BTKd, positions_BT) -> "KVCache":
+        rows_B1 = jnp.arange(k_BTKd.shape[0])[:, None]
+        axes = ("batch", "length", "kv_heads", "head_dim")
+        put = lambda cache, new: constrain(cache.at[rows_B1, positions_BT].set(new.astype(cache.dtype)), axes)
+        return KVCache(put(self.k_BSKd, k_BTKd), put(self.v_BSKd, v_BTKd))
 
 
 class Attention(nnx.Module):
@@ -52,3 +71,10 @@ class Attention(nnx.Module):
         q_BTKGd, k_BTKd, v_BTKd = self.qkv(x_BTD, positions_BT)
         dropout = (self.cfg.attention_dropout, dropout_key)
         return self.out(attention(q_BTKGd, k_BTKd, v_BTKd, mask, self.cfg.attention_impl, dropout))
+
+    def cached(self, x_BTD, positions_BT, mask: AttentionMask, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Decode mode: writes this step's keys and values at their positions, attends over the cache."""
+        q_BTKGd, k_BTKd, v_BTKd = self.qkv(x_BTD, positions_BT)
+        cache = cache.write(k_BTKd, v_BTKd, positions_BT)
+        impl = self.cfg.attention_impl if self.cfg.attention_impl in ("xla", "cpu") else "xla"
+        return self.out(attention(q_BTKGd, cache.k_BSKd, cache.v_BSKd, mask, impl)), cache

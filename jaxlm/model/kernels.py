@@ -94,17 +94,22 @@ class AttentionMask:
     """Which keys each query may see, in the form flash kernels take (causal flag, segment ids)
     rather than a dense [T, S] matrix. Query row t is at key index t + (S - T) (a decode step's
     queries are the last T of the S cached positions); `kv_valid_BS` masks unwritten cache slots.
+    With `q_positions_BT` (decoding over a KV cache whose slot s holds position s), query t of
+    row b is instead at key index q_positions_BT[b, t], so rows may be at different lengths.
     """
 
     causal: bool
     segment_ids_BT: jax.Array | None = None  # query segments; keys share them when S == T
     kv_segment_ids_BS: jax.Array | None = None
     kv_valid_BS: jax.Array | None = None
+    q_positions_BT: jax.Array | None = None
 
     def dense(self, T: int, S: int) -> jax.Array:
         """Boolean [B or 1, T, S]: True where query t may attend to key s."""
         mask = jnp.ones((1, T, S), bool)
-        if self.causal:
+        if self.causal and self.q_positions_BT is not None:
+            mask = jnp.arange(S)[None, None, :] <= self.q_positions_BT[:, :, None]
+        elif self.causal:
             mask = jnp.tril(mask, k=S - T)
         if self.segment_ids_BT is not None:
             kv = self.segment_ids_BT if self.kv_segment_ids_BS is None else self.kv_segment_ids_BS
@@ -224,6 +229,8 @@ _cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
 def project(x: jax.Array, w: jax.Array, n_in: int = 1, impl: str = "auto") -> jax.Array:
     """x [..., *in] @ w [*in, *out], contracting x's last n_in dims with w's first n_in, as one
     2-D matmul."""
+    if hasattr(w, "project"):  # a weight-only quantized matrix (jaxlm/inference/quantize.py)
+        return w.project(x, n_in)
     lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
     out = w.shape[n_in:]
     matmul = _cpu_matmul if concrete(impl, "projection_impl") == "cpu" else jnp.matmul

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig, MoEConfig
-from jaxlm.model.attention import Attention
+from jaxlm.model.attention import Attention, KVCache
 from jaxlm.model.kernels import AttentionMask, concrete, project
 from jaxlm.model.layers import MLP, Embed, RMSNorm, dropout, dtype_of, weight
 from jaxlm.sharding import constrain
@@ -55,12 +55,19 @@ class Block(nnx.Module):
             self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
             self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
 
-    def __call__(self, x_BTD, positions_BT, mask: AttentionMask, rng) -> tuple[jax.Array, dict]:
-        """`rng` is a key for stochastic layers (dropout, MoE router noise), or None for
-        deterministic. The feed-forward (dense MLP or MoE) returns (output, aux metrics) either way."""
+    def __call__(self, x_BTD, positions_BT, mask: AttentionMask, rng, cache: KVCache | None = None):
+        """(x, aux metrics, cache). `rng` is a key for stochastic layers (dropout, MoE router noise),
+        or None for deterministic. The feed-forward (dense MLP or MoE) returns (output, aux) either
+        way. Decode mode: `cache` is this layer's KVCache, returned updated; None in training."""
         keys = [None] * 3 if rng is None else [jax.random.fold_in(rng, 1000 + i) for i in range(3)]
         drop = lambda y, key: dropout(y, self.dropout, key)  # on each residual branch
-        attn = lambda h: drop(self.attn(h, positions_BT, mask, keys[2]), keys[0])
+
+        def attn(h):
+            nonlocal cache
+            if cache is None:
+                return drop(self.attn(h, positions_BT, mask, keys[2]), keys[0])
+            out, cache = self.attn.cached(h, positions_BT, mask, cache)
+            return out
 
         def ffn(h):
             y_BTD, aux = self.ffn(h, rng=rng)
@@ -78,7 +85,7 @@ class Block(nnx.Module):
             x_BTD = x_BTD + attn(x_BTD)
             y_BTD, aux = ffn(x_BTD)
             x_BTD = x_BTD + y_BTD
-        return constrain(x_BTD, ("batch", "length", "embed")), aux
+        return constrain(x_BTD, ("batch", "length", "embed")), aux, cache
 
 
 class Unit(nnx.Module):
@@ -87,13 +94,17 @@ class Unit(nnx.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, kinds: tuple[str, ...], rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, moe, kind, rngs) for kind in kinds])
 
-    def __call__(self, x_BTD, positions_BT, mask, rng):
+    def __call__(self, x_BTD, positions_BT, mask, rng, caches: list | None = None):
+        """(x, summed aux, caches); `caches` (decode mode) holds one KVCache per block."""
         total: dict = {}
+        new_caches = []
         for i, block in enumerate(self.blocks):
-            x_BTD, aux = block(x_BTD, positions_BT, mask, None if rng is None else jax.random.fold_in(rng, i))
+            x_BTD, aux, cache = block(x_BTD, positions_BT, mask, None if rng is None else jax.random.fold_in(rng, i),
+                                      None if caches is None else caches[i])
+            new_caches.append(cache)
             for k, v in aux.items():
                 total[k] = total.get(k, 0.0) + v
-        return x_BTD, total
+        return x_BTD, total, None if caches is None else new_caches
 
 
 class Segment(nnx.Module):
@@ -110,23 +121,29 @@ class Segment(nnx.Module):
         self.scan = concrete(cfg.scan_layers, "scan_layers")
         self.remat = cfg.remat
 
-    def __call__(self, x_BTD, positions_BT, mask, rng):
+    def __call__(self, x_BTD, positions_BT, mask, rng, caches: list | None = None):
+        """(x, aux {name: [repeats]}, caches). Decode mode: `caches` holds one KVCache per block
+        of the unit, stacked [repeats, ...] like the parameters, and is scanned with them."""
         graphdef, stacked = nnx.split(self.units)
         keys = None if rng is None else jax.random.split(rng, self.repeats)
 
         def body(x, xs):
-            unit_state, key = xs
-            return nnx.merge(graphdef, unit_state)(x, positions_BT, mask, key)
+            unit_state, key, unit_caches = xs
+            x, aux, unit_caches = nnx.merge(graphdef, unit_state)(x, positions_BT, mask, key, unit_caches)
+            return x, (aux, unit_caches)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
         if self.scan:
-            return jax.lax.scan(body, x_BTD, (stacked, keys))
+            x_BTD, (aux, caches) = jax.lax.scan(body, x_BTD, (stacked, keys, caches))
+            return x_BTD, aux, caches
         per_layer = []
         for i in range(self.repeats):
-            x_BTD, aux = body(x_BTD, jax.tree.map(lambda a: a[i], (stacked, keys)))
-            per_layer.append(aux)
-        return x_BTD, jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer[0] else {}
+            x_BTD, out = body(x_BTD, jax.tree.map(lambda a: a[i], (stacked, keys, caches)))
+            per_layer.append(out)
+        stack = lambda *xs: jnp.stack(xs)
+        aux = jax.tree.map(stack, *[a for a, _ in per_layer]) if per_layer[0][0] else {}
+        return x_BTD, aux, None if caches is None else jax.tree.map(stack, *[c for _, c in per_layer])
 
 
 class Transformer(nnx.Module):
@@ -147,19 +164,36 @@ class Transformer(nnx.Module):
         Keys are folded from it per segment, layer and site, so a step's masks depend only on
         (seed, step): a resumed run draws the same ones.
         """
-        cfg = self.cfg
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        mask = AttentionMask(cfg.causal, segment_ids_BT)
+        mask = AttentionMask(self.cfg.causal, segment_ids_BT)
         x_BTD = self.embed(tokens_BT)
-        x_BTD = dropout(x_BTD, cfg.dropout, None if rng is None else jax.random.fold_in(rng, 1000))
+        x_BTD = dropout(x_BTD, self.cfg.dropout, None if rng is None else jax.random.fold_in(rng, 1000))
+        x_BTD, aux, _ = self._layers(x_BTD, positions_BT, mask, rng, None)
+        return self._logits(x_BTD), aux
+
+    def decode(self, tokens_BT, positions_BT, caches: list) -> tuple[jax.Array, list]:
+        """Decode mode: logits [B, T, V] of T new tokens per row at `positions_BT` (rows may be at
+        different lengths), attending over and writing into `caches`, one list of stacked KVCaches
+        per segment (jaxlm/inference/cache.py). Deterministic; returns (logits, updated caches)."""
+        mask = AttentionMask(True, q_positions_BT=positions_BT)
+        x_BTD, _, caches = self._layers(self.embed(tokens_BT), positions_BT, mask, None, caches)
+        return self._logits(x_BTD), caches
+
+    def _layers(self, x_BTD, positions_BT, mask, rng, caches):
         aux: dict = {}
+        new_caches = []
         for i, segment in enumerate(self.segments):
             key = None if rng is None else jax.random.fold_in(rng, i)
-            x_BTD, seg_aux = segment(x_BTD, positions_BT, mask, key)
+            x_BTD, seg_aux, seg_caches = segment(x_BTD, positions_BT, mask, key, None if caches is None else caches[i])
+            new_caches.append(seg_caches)
             for k, v in seg_aux.items():
                 aux[k] = jnp.concatenate([aux[k], v]) if k in aux else v
+        return x_BTD, aux, None if caches is None else new_caches
+
+    def _logits(self, x_BTD):
+        cfg = self.cfg
         if cfg.norm == "pre":
             x_BTD = self.final_norm(x_BTD)
         if cfg.tie_embeddings:
@@ -167,4 +201,4 @@ class Transformer(nnx.Module):
         else:
             logits_BTV = project(x_BTD, self.lm_head_DV[...].astype(dtype_of(cfg.compute_dtype)),
                                  impl=cfg.projection_impl)
-        return constrain(logits_BTV, ("batch", "length", "vocab")), aux
+        return constrain(logits_BTV, ("batch", "length", "vocab"))

@@ -1,0 +1,228 @@
+"""Decoding benchmarks on CPU, each figure with its peer measured in the same run.
+
+  1. KV-cache decode vs no cache (the full forward over the whole context per token) at a
+     context of 1K tokens; goal >= 10x.
+  2. jaxlm greedy decode vs Hugging Face transformers `generate` (torch CPU) on the same
+     weights (a LlamaForCausalLM built from the jaxlm parameters here); goal >= 1.0x.
+  3. Speculative decoding with a small draft vs the target alone at identical greedy output,
+     with the acceptance rate; goal >= 1.5x. Needs two trained runs (--target, --draft).
+  4. int8 weight-only decode: weight memory and tokens/s vs f32.
+
+Parts 1, 2 and 4 use --target's weights if given, else a random model of the same shape.
+Timings are medians over --repeats runs after a warm-up (compilation excluded). Usage:
+
+    python bench/generate.py [--target RUN_DIR --draft RUN_DIR] [--tokens 128] [--lookahead 4 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.config import Config, MeshConfig, ModelConfig
+from jaxlm.distributed import make_mesh
+from jaxlm.inference.decode import Decoder, generate
+from jaxlm.inference.sampling import Sampling
+from jaxlm.train.step import build_model
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+RANDOM_MODEL = ModelConfig(vocab_size=257, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=704,
+                           max_seq_len=1024)
+GREEDY = Sampling(temperature=0.0)
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """(median seconds of fn() after one warm-up call, its last result)."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def text_tokens(n: int, offset: int = 0) -> list[int]:
+    data = SHAKESPEARE.read_bytes() if SHAKESPEARE.is_file() else bytes(range(32, 127)) * 64
+    return list(data[offset: offset + n])
+
+
+def model_and_params(run_dir: str | None, mesh):
+    if run_dir:
+        from jaxlm.inference.load import load_run
+
+        run = load_run(run_dir, mesh=mesh)
+        return run.cfg, run.params
+    cfg = Config(model=RANDOM_MODEL, mesh=MeshConfig(data=1))
+    return cfg, jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg, 0))))()
+
+
+# ----------------------------------------------------------------------------- 1. cache vs none
+
+
+def cache_vs_recompute(cfg, params, mesh, context: int, n: int, repeats: int) -> None:
+    """Greedy tokens n after a prompt of context - n tokens: cached steps vs the full forward
+    over a [1, context] buffer per token (causal, so the padding after the last token is unseen)."""
+    dec = Decoder(cfg, params, mesh)
+    prompt = text_tokens(context - n)
+    full = jax.jit(lambda p, tokens: nnx.merge(dec.graphdef, p)(tokens)[0][0])
+
+    def no_cache():
+        buf = np.zeros((1, context), np.int32)
+        buf[0, : len(prompt)] = prompt
+        out = []
+        for i in range(n):
+            tok = int(jnp.argmax(full(dec.params, buf)[len(prompt) + i - 1]))
+            buf[0, len(prompt) + i] = tok
+            out.append(tok)
+        return out
+
+    t_prefill, _ = timed(lambda: generate(dec, [prompt], 1, GREEDY)[0], repeats)  # prefill + first token
+    t_all, got = timed(lambda: generate(dec, [prompt], n, GREEDY)[0], repeats)
+    t_cache = (t_all - t_prefill) / (n - 1)
+    t_full, want = timed(no_cache, max(1, repeats // 2))
+    t_full /= n
+    print(f"1. context {context}, greedy tokens {len(prompt) + 1}..{context}: KV cache {1 / t_cache:8.1f} tok/s "
+          f"(after a {t_prefill:.2f} s prefill), no cache {1 / t_full:6.1f} tok/s -> {t_full / t_cache:5.1f}x "
+          f"(goal >= 10x); same tokens: {got == want}")
+
+
+# ----------------------------------------------------------------------------- 2. vs HF transformers
+
+
+def hf_llama(cfg: Config, params: dict):
+    """A LlamaForCausalLM holding the jaxlm weights (same RoPE convention: rotate-half)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    assert m.norm == "pre" and m.mlp == "swiglu" and not m.tie_embeddings and cfg.moe.n_experts == 0
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim, hidden_act="silu",
+        max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)).to(torch.float32).eval()
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))
+    sd = {"model.embed_tokens.weight": t(params["embed"]["table_VD"]), "model.norm.weight": t(params["final_norm"]["scale"]),
+          "lm_head.weight": t(np.asarray(params["lm_head_DV"]).T)}
+    block = params["segments"][0]["units"]["blocks"][0]
+    for i in range(m.n_layers):
+        a, f, pre = block["attn"], block["ffn"], f"model.layers.{i}."
+        flat_out = lambda w: np.asarray(w[i]).reshape(m.d_model, -1).T  # [D, *out] -> [out, D]
+        sd |= {pre + "self_attn.q_proj.weight": t(flat_out(a["wq_DHd"])),
+               pre + "self_attn.k_proj.weight": t(flat_out(a["wk_DKd"])),
+               pre + "self_attn.v_proj.weight": t(flat_out(a["wv_DKd"])),
+               pre + "self_attn.o_proj.weight": t(np.asarray(a["wo_HdD"][i]).reshape(-1, m.d_model).T),
+               pre + "mlp.gate_proj.weight": t(np.asarray(f["w_gate_DF"][i]).T),
+               pre + "mlp.up_proj.weight": t(np.asarray(f["w_up_DF"][i]).T),
+               pre + "mlp.down_proj.weight": t(np.asarray(f["w_down_FD"][i]).T),
+               pre + "input_layernorm.weight": t(block["norm1"]["scale"][i]),
+               pre + "post_attention_layernorm.weight": t(block["norm2"]["scale"][i])}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return hf
+
+
+def versus_hf(cfg, params, mesh, prompt_len: int, n: int, repeats: int) -> None:
+    import torch
+
+    dec = Decoder(cfg, params, mesh)
+    hf = hf_llama(cfg, params)
+    prompt = text_tokens(prompt_len, offset=5000)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # the same function: logits of the prompt
+        want = hf(ids).logits[0].numpy()
+    got = np.asarray(jax.jit(lambda p, x: nnx.merge(dec.graphdef, p)(x)[0])(dec.params, np.asarray([prompt]))[0])
+    max_diff = float(np.abs(got - want).max())
+
+    def hf_generate():
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    t_jax, ours = timed(lambda: generate(dec, [prompt], n, GREEDY)[0], repeats)
+    t_hf, theirs = timed(hf_generate, repeats)
+    same = sum(a == b for a, b in zip(ours, theirs))
+    print(f"2. {n} greedy tokens after {prompt_len} (prefill included): jaxlm {n / t_jax:8.1f} tok/s, HF transformers "
+          f"generate (torch {torch.__version__}, {torch.get_num_threads()} threads) {n / t_hf:6.1f} tok/s -> "
+          f"{t_hf / t_jax:5.2f}x (goal >= 1.0x); prompt logits max diff {max_diff:.1e}, same tokens {same}/{n}")
+
+
+# ----------------------------------------------------------------------------- 3. speculative
+
+
+def speculative(target_dir: str, draft_dir: str, mesh, n: int, lookaheads: list[int], repeats: int) -> None:
+    from jaxlm.inference.load import load_run
+    from jaxlm.inference.speculative import check_pair, speculative_generate
+
+    t_run, d_run = load_run(target_dir, mesh=mesh), load_run(draft_dir, mesh=mesh)
+    target, draft = Decoder(t_run.cfg, t_run.params, mesh), Decoder(d_run.cfg, d_run.params, mesh)
+    check_pair(target, draft, t_run.tokenizer, d_run.tokenizer)
+    prompt = text_tokens(64, offset=20000)
+    t_plain, want = timed(lambda: generate(target, [prompt], n, GREEDY)[0], repeats)
+    t_draft, _ = timed(lambda: generate(draft, [prompt], n, GREEDY)[0], repeats)
+    print(f"3. {n} greedy tokens: target alone {n / t_plain:7.1f} tok/s, draft alone {n / t_draft:7.1f} tok/s "
+          f"(target {t_run.cfg.model.d_model}x{t_run.cfg.model.n_layers}, draft "
+          f"{d_run.cfg.model.d_model}x{d_run.cfg.model.n_layers})")
+    for k in lookaheads:
+        t_spec, (got, stats) = timed(lambda: speculative_generate(target, draft, [prompt], n, k, GREEDY), repeats)
+        print(f"   speculative, lookahead {k}: {n / t_spec:7.1f} tok/s -> {t_plain / t_spec:4.2f}x (goal >= 1.5x), "
+              f"acceptance {stats.acceptance_rate:.1%}, identical output: {got[0] == want}")
+    print(f"   sample: {bytes(want[:80]).decode('utf-8', 'replace')!r}")
+
+
+# ----------------------------------------------------------------------------- 4. int8
+
+
+def int8_vs_f32(cfg, params, mesh, n: int, repeats: int) -> None:
+    from jaxlm.inference.quantize import quantize_params, weight_bytes
+
+    q = quantize_params(params, cfg)
+    f32, i8 = Decoder(cfg, params, mesh), Decoder(cfg, q, mesh)
+    prompt = text_tokens(64, offset=40000)
+    t_f32, want = timed(lambda: generate(f32, [prompt], n, GREEDY)[0], repeats)
+    t_i8, got = timed(lambda: generate(i8, [prompt], n, GREEDY)[0], repeats)
+    agree = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n)
+    print(f"4. weights: f32 {weight_bytes(params) / 2**20:.2f} MiB, int8 {weight_bytes(q) / 2**20:.2f} MiB "
+          f"({weight_bytes(params) / weight_bytes(q):.2f}x smaller); {n} greedy tokens: f32 {n / t_f32:.1f} tok/s, "
+          f"int8 {n / t_i8:.1f} tok/s ({t_f32 / t_i8:.2f}x); greedy outputs agree for the first {agree} tokens")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", help="a trained run (parts 1-4); default: random weights for 1, 2 and 4")
+    ap.add_argument("--draft", help="a smaller trained run with the same tokenizer (part 3)")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--lookahead", type=int, nargs="+", default=[3, 5])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--parts", default="1234")
+    args = ap.parse_args()
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    cfg, params = model_and_params(args.target, mesh)
+    cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1))
+    m = cfg.model
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; model d_model={m.d_model} n_layers={m.n_layers} "
+          f"heads={m.n_heads}/{m.n_kv_heads} d_ff={m.d_ff} vocab={m.vocab_size} ({'trained' if args.target else 'random'})")
+    if "1" in args.parts:
+        cache_vs_recompute(cfg, params, mesh, args.context, min(args.tokens, 64), args.repeats)
+    if "2" in args.parts:
+        versus_hf(cfg, params, mesh, 64, args.tokens, args.repeats)
+    if "3" in args.parts and args.target and args.draft:
+        speculative(args.target, args.draft, mesh, args.tokens * 2, args.lookahead, args.repeats)
+    elif "3" in args.parts:
+        print("3. speculative: skipped (give --target and --draft runs)")
+    if "4" in args.parts:
+        int8_vs_f32(cfg, params, mesh, args.tokens, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The preallocated KV cache: one KVCache per layer, stacked [n_units, B, S, K, d] per segment
+like the scanned parameters, batch sharded over the data axes and kv heads over tensor."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from jaxlm.config import ModelConfig, MoEConfig
+from jaxlm.model.attention import KVCache
+from jaxlm.model.layers import dtype_of
+from jaxlm.model.transformer import layer_plan
+from jaxlm.sharding import spec_for
+
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+
+
+def cache_shapes(cfg: ModelConfig, moe: MoEConfig, batch: int, length: int) -> list[list[tuple[int, ...]]]:
+    """Per segment, one [n_units, B, S, K, d] shape per block of its unit."""
+    return [[(n, batch, length, cfg.n_kv_heads, cfg.head_dim)] * len(kinds) for kinds, n in layer_plan(cfg, moe)]
+
+
+def init_caches(cfg: ModelConfig, moe: MoEConfig, batch: int, length: int, mesh: Mesh, rules: dict) -> list:
+    """Zeroed caches for `batch` rows of `length` positions, in the compute dtype, placed by the rules."""
+    dtype = dtype_of(cfg.compute_dtype)
+
+    def zeros(shape):
+        sharding = NamedSharding(mesh, spec_for(shape, CACHE_AXES, mesh, rules))
+        return jnp.zeros(shape, dtype, device=sharding)
+
+    return [[KVCache(zeros(s), zeros(s)) for s in unit] for unit in cache_shapes(cfg, moe, batch, length)]
+
+
+def cache_bytes(caches) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(caches))
+
+
+def bucket(length: int, multiple: int = 64) -> int:
+    """Cache lengths are rounded up so that nearby lengths share one compiled program."""
+    return -(-length // multiple) * multiple

@@ -1,0 +1,100 @@
+"""`jaxlm eval RUN_DIR --data PATH`: loss, perplexity and bits per byte of a checkpoint, as JSON.
+
+PATH is a text file, a directory or glob of text files, or a corpus made by `jaxlm prepare`
+(its validation split unless --split says otherwise). The text is tokenized with the run's
+tokenizer and cut into the rows the run trained on (non-overlapping windows of data.seq_len, or
+packed documents with data.packing), covering every token after the first exactly once; the
+loss is the run's objective's eval sums (the trainer's jitted eval step). Bits per byte divide
+the summed loss in bits by the UTF-8 bytes of the scored tokens (special tokens count 0 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+
+from jaxlm.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory (with checkpoints/) written by `jaxlm train`")
+    parser.add_argument("--data", required=True, help="a text file, directory or glob, or a prepared corpus")
+    parser.add_argument("--split", choices=["train", "val"], default="val",
+                        help="which split of a prepared corpus (default val); text is scored whole")
+    parser.add_argument("--step", type=int, help="the checkpoint step to load (default: the newest valid one)")
+    parser.add_argument("--max-tokens", type=int, default=0, help="score about this many tokens at most (0 = all)")
+
+
+def token_stream(path: str, split: str, cfg, tokenizer):
+    from jaxlm.data.sources import is_prepared, load_streams
+
+    train, val = load_streams(path, dataclasses.replace(cfg.data, val_fraction=0.0), tokenizer)
+    return (val if split == "val" else train) if is_prepared(path) else train
+
+
+def rows(stream, seq_len: int, packing: bool) -> list[dict]:
+    """Rows covering every target once: packed documents, or windows plus a last partial one."""
+    from jaxlm.data.pipeline import PackedRows, Windows
+
+    source = PackedRows(stream, seq_len) if packing else Windows(stream, seq_len)
+    out = [source[i] for i in range(len(source))]
+    done = len(source) * seq_len if not packing else len(stream) - 1
+    if done < len(stream) - 1:
+        tail = stream.read(done, len(stream) - done)
+        row = {k: np.zeros(seq_len, np.int32) for k in ("inputs", "targets", "loss_mask")}
+        n = len(tail) - 1
+        row["inputs"][:n], row["targets"][:n], row["loss_mask"][:n] = tail[:-1], tail[1:], 1
+        out.append(row)
+    return out
+
+
+def evaluate(run_dir: str, data: str, split: str = "val", step: int | None = None, max_tokens: int = 0) -> dict:
+    from jaxlm.data.batch import Batch
+    from jaxlm.data.pipeline import to_global
+    from jaxlm.distributed import data_parallel_size
+    from jaxlm.inference.load import find_checkpoint, inference_mesh, load_run
+    from jaxlm.train.step import make_trainer
+
+    if not os.path.exists(data) and not __import__("glob").glob(data):
+        raise UserError(f"--data {data}: no such file, directory or glob; expected text or a prepared corpus")
+    path = find_checkpoint(run_dir, step)
+    from jaxlm import checkpoint as ckpt
+    from jaxlm.config import Config, from_dict
+
+    cfg = from_dict(Config, ckpt.read_meta(path)["config"], prefix="")
+    mesh = inference_mesh(cfg.mesh)
+    run = load_run(run_dir, step, mesh)
+    trainer = make_trainer(cfg, mesh)
+    stream = token_stream(data, split, cfg, run.tokenizer)
+    if len(stream) < 2:
+        raise UserError(f"--data {data} has {len(stream)} tokens; at least 2 are needed to score one")
+    all_rows = rows(stream, cfg.data.seq_len, cfg.data.packing)
+    if max_tokens:
+        all_rows = all_rows[: max(1, -(-max_tokens // cfg.data.seq_len))]
+    dp = data_parallel_size(mesh, trainer.rules)
+    per_batch = -(-cfg.train.global_batch // dp) * dp
+    token_bytes = np.array([0 if i in run.tokenizer.special_tokens.values() else
+                            len(run.tokenizer.decode_single_token_bytes(i)) for i in range(run.tokenizer.n_vocab)])
+    loss_sum = count = n_bytes = 0.0
+    for start in range(0, len(all_rows), per_batch):
+        chunk = all_rows[start: start + per_batch]
+        chunk += [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (per_batch - len(chunk))  # mask 0
+        batch = Batch.stack(chunk)
+        sums = trainer.eval_step(run.params, to_global(batch, trainer.batch_sharding))
+        loss_sum += float(sums["loss_sum"])
+        count += float(sums["count"])
+        n_bytes += float(np.sum(token_bytes[batch.targets] * batch.loss_mask))
+    loss = loss_sum / max(count, 1.0)
+    return {"run": run_dir, "step": run.step, "data": data, "tokens": int(count), "bytes": int(n_bytes),
+            "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": loss_sum / math.log(2) / n_bytes if n_bytes else None}
+
+
+def main(args: argparse.Namespace) -> int:
+    print(json.dumps(evaluate(args.run_dir, args.data, args.split, args.step, args.max_tokens)))
+    return 0

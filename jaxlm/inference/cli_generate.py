@@ -1,0 +1,130 @@
+"""`jaxlm generate RUN_DIR --prompt TEXT`: text from a checkpoint.
+
+How a checkpoint generates depends on what it was trained for: GENERATORS maps the run's
+train.objective to its generator (next_token: the autoregressive KV-cache decoder below; other
+objectives, e.g. masked diffusion, add their own row).
+
+One prompt: its continuation streams to stdout. --prompt-file: one prompt per line, decoded as
+one batch, one JSON line {"prompt", "completion"} each. The decode speed goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+import time
+from typing import Callable
+
+from jaxlm.errors import UserError
+from jaxlm.inference.load import Run, load_run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory (with checkpoints/) written by `jaxlm train`")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the text to continue")
+    src.add_argument("--prompt-file", help="a text file with one prompt per line, decoded as one batch")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt (default 200)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", type=int, help="the checkpoint step to load (default: the newest valid one)")
+    parser.add_argument("--draft", metavar="DRAFT_RUN_DIR", help="speculative decoding with this draft model")
+    parser.add_argument("--lookahead", type=int, default=4, help="draft tokens proposed per round (default 4)")
+    parser.add_argument("--quantize", choices=["int8"], help="int8 weight-only decoding")
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
+    if not prompts:
+        raise UserError(f"--prompt-file {args.prompt_file} holds no prompt; expected one prompt per line")
+    return prompts
+
+
+def say(msg: str) -> None:
+    print(f"jaxlm: {msg}", file=sys.stderr, flush=True)
+
+
+def autoregressive(args, run: Run) -> int:
+    """The KV-cache decoder, with --draft (speculative) and --quantize int8."""
+    from jaxlm.inference.decode import Decoder, generate
+    from jaxlm.inference.sampling import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    tok = run.tokenizer
+    texts = read_prompts(args)
+    prompts = [tok.encode(t, allowed_special="all") or [tok.eot_id] for t in texts]
+    params = run.params
+    if args.quantize == "int8":
+        from jaxlm.inference.quantize import quantize_params, weight_bytes
+
+        before = weight_bytes(params)
+        params = quantize_params(params, run.cfg)
+        after = weight_bytes(params)
+        say(f"int8 weights: {after / 2**20:.1f} MiB instead of {before / 2**20:.1f} MiB "
+            f"({(before - after) / 2**20:.1f} MiB saved, {before / after:.2f}x smaller)")
+    target = Decoder(run.cfg, params, run.mesh)
+    draft = None
+    if args.draft:
+        from jaxlm.inference.speculative import check_pair
+
+        draft_run = load_run(args.draft, mesh=run.mesh)
+        draft = Decoder(draft_run.cfg, draft_run.params, run.mesh)
+        check_pair(target, draft, tok, draft_run.tokenizer)
+
+    stream = len(prompts) == 1
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    clock = {"first": None, "n": 0}
+
+    def on_tokens(row: int, new: list[int]) -> None:
+        clock["first"] = clock["first"] or time.perf_counter()
+        clock["n"] += len(new)
+        if stream:
+            sys.stdout.write(utf8.decode(b"".join(tok.decode_single_token_bytes(t) for t in new)))
+            sys.stdout.flush()
+
+    start = time.perf_counter()
+    if draft is None:
+        outputs = generate(target, prompts, args.max_new_tokens, sampling, args.seed, tok.eot_id, on_tokens)
+        extra = ""
+    else:
+        from jaxlm.inference.speculative import speculative_generate
+
+        outputs, stats = speculative_generate(target, draft, prompts, args.max_new_tokens, args.lookahead,
+                                              sampling, args.seed, tok.eot_id, on_tokens)
+        extra = f", draft acceptance {stats.acceptance_rate:.1%} over {stats.rounds} rounds"
+    end = time.perf_counter()
+    if stream:
+        sys.stdout.write(utf8.decode(b"", final=True) + "\n")
+    else:
+        for text, out in zip(texts, outputs):
+            print(json.dumps({"prompt": text, "completion": tok.decode(out)}, ensure_ascii=False))
+    n = sum(map(len, outputs))
+    rate = (clock["n"] - len(prompts)) / (end - clock["first"]) if clock["first"] and end > clock["first"] else 0.0
+    say(f"{n} tokens for {len(prompts)} prompt(s) in {end - start:.2f} s; {rate:.1f} tokens/s after the first "
+        f"(which took {(clock['first'] or end) - start:.2f} s, compilation included){extra}")
+    return 0
+
+
+# train.objective -> generator(args, run) -> exit code
+GENERATORS: dict[str, Callable[[argparse.Namespace, Run], int]] = {"next_token": autoregressive}
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    run = load_run(args.run_dir, args.step)
+    objective = run.cfg.train.objective
+    if objective not in GENERATORS:
+        raise UserError(f"{args.run_dir} was trained for train.objective={objective!r}, which has no generator; "
+                        f"known: {', '.join(GENERATORS)}")
+    return GENERATORS[objective](args, run)

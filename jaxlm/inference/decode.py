@@ -1,0 +1,166 @@
+"""The Decoder (a model's jitted prefill and decode step over a KV cache) and `generate`.
+
+Prompts are right-padded (see the package docstring). The cache holds every position before a
+row's *pending* token (the last one known, not yet run through the model): prefill writes
+prompt[:-1]; each step runs the pending tokens, writes their keys and values, and samples the
+next ones. MoE layers route dropless at decode (no token is ever dropped), without router noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxlm.config import Config
+from jaxlm.inference.cache import bucket, init_caches
+from jaxlm.inference.sampling import Sampling, sample
+from jaxlm.model import kernels
+from jaxlm.model.transformer import Transformer
+from jaxlm.sharding import resolve_rules, spec_for, use_mesh_rules
+
+DECODE_ATTENTION = ("xla", "cpu")  # kernels that take a cache's mask (T queries over S slots)
+
+
+def decode_config(cfg: Config, platform: str) -> Config:
+    """The run's config as decoding runs it: kernels resolved, dropless MoE without noise."""
+    model = kernels.resolve(cfg.model, platform)
+    if model.attention_impl not in DECODE_ATTENTION:
+        model = dataclasses.replace(model, attention_impl="xla")
+    moe = dataclasses.replace(cfg.moe, impl="dropless", noise_std=0.0)
+    return dataclasses.replace(cfg, model=model, moe=moe)
+
+
+def place_params(params: dict, abstract: nnx.State, mesh: Mesh, rules: dict) -> dict:
+    """Parameters onto the mesh by their logical axes; a quantized weight's values and scales
+    each get the spec of their own shape (a scale's reduced dimensions stay whole)."""
+    out = jax.tree.map(lambda x: x, params)
+    for path, var in nnx.to_flat_state(abstract):
+        axes = var.get_metadata().get("axes", ())
+        node = out
+        for key in path[:-1]:
+            node = node[key]
+        put = lambda a: jax.device_put(a, NamedSharding(mesh, spec_for(a.shape, axes, mesh, rules)))
+        node[path[-1]] = jax.tree.map(put, node[path[-1]])
+    return out
+
+
+class Decoder:
+    """One model ready to decode on one mesh: its graph, its parameters placed by the rules table
+    (batch over data, heads over tensor), and jitted programs over the cache."""
+
+    def __init__(self, cfg: Config, params: dict, mesh: Mesh):
+        self.cfg = decode_config(cfg, mesh.devices.flat[0].platform)
+        self.mesh, self.rules = mesh, resolve_rules(cfg.mesh.rules)
+        model = nnx.eval_shape(lambda: Transformer(self.cfg.model, self.cfg.moe, nnx.Rngs(0)))
+        self.graphdef, abstract = nnx.split(model)
+        self.params = place_params(params, abstract, mesh, self.rules)
+        self.prefill_fn = jax.jit(lambda p, t, pos, c: self.forward(p, t, pos, c)[1], donate_argnums=3)
+        self.step_fn = jax.jit(self.step, static_argnames="sampling", donate_argnums=1)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.model.max_seq_len
+
+    def new_caches(self, batch: int, length: int) -> list:
+        return init_caches(self.cfg.model, self.cfg.moe, batch, length, self.mesh, self.rules)
+
+    def forward(self, params, tokens_BT, positions_BT, caches) -> tuple[jax.Array, list]:
+        """f32 logits [B, T, V] of T new tokens per row at their positions, and the updated caches."""
+        with use_mesh_rules(self.mesh, self.rules):
+            logits_BTV, caches = nnx.merge(self.graphdef, params).decode(tokens_BT, positions_BT, caches)
+        return logits_BTV.astype(jnp.float32), caches
+
+    def step(self, params, caches, tokens_B, start_B, i, key, sampling: Sampling):
+        """Step i: runs each row's pending token at position start_B + i, samples the next."""
+        logits_B1V, caches = self.forward(params, tokens_B[:, None], (start_B + i)[:, None], caches)
+        return sample(logits_B1V[:, 0], jax.random.fold_in(key, i), sampling), caches
+
+    def prefill(self, caches, prompts: list[list[int]]):
+        """Writes every prompt but its last token (right-padded; padding lands in slots that are
+        overwritten before any query can see them). Returns (caches, pending tokens, positions)."""
+        lengths = np.array([len(p) for p in prompts])
+        n = int(lengths.max()) - 1
+        if n > 0:
+            T = min(bucket(n, 16), caches[0][0].k_BSKd.shape[2])
+            tokens = np.zeros((len(prompts), T), np.int32)
+            for row, p in enumerate(prompts):
+                tokens[row, : len(p) - 1] = p[:-1]
+            positions = np.broadcast_to(np.arange(T, dtype=np.int32), tokens.shape)
+            caches = self.prefill_fn(self.params, tokens, positions, caches)
+        pending = np.array([p[-1] for p in prompts], np.int32)
+        return caches, jnp.asarray(pending), jnp.asarray(lengths - 1, jnp.int32)
+
+
+class Outputs:
+    """Generated tokens per row; a row ends at the stop token (not kept) or at `limit` tokens."""
+
+    def __init__(self, rows: int, limit: int, stop_id: int | None):
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.done = np.zeros(rows, bool)
+        self.limit, self.stop_id = limit, stop_id
+
+    def add(self, row: int, new: list[int]) -> list[int]:
+        """Appends to an unfinished row; returns what was kept."""
+        kept = []
+        for t in new:
+            if self.done[row]:
+                break
+            if t == self.stop_id:
+                self.done[row] = True
+                break
+            kept.append(int(t))
+            self.done[row] = len(self.tokens[row]) + len(kept) >= self.limit
+        self.tokens[row] += kept
+        return kept
+
+
+def check_room(dec: Decoder, prompts: list[list[int]], max_new: int) -> int:
+    """max_new, or fewer so that no row passes max_seq_len."""
+    from jaxlm.errors import UserError
+
+    longest = max(len(p) for p in prompts)
+    if longest > dec.max_seq_len:
+        raise UserError(f"a prompt has {longest} tokens, more than the model's max_seq_len={dec.max_seq_len}; "
+                        "shorten it")
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("a prompt is empty; give at least one token")
+    return max(0, min(max_new, dec.max_seq_len - longest))
+
+
+def generate(dec: Decoder, prompts: list[list[int]], max_new: int, sampling: Sampling, seed: int = 0,
+             stop_id: int | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
+             ) -> list[list[int]]:
+    """Continues each prompt by up to `max_new` tokens (fewer at `stop_id` or max_seq_len).
+
+    `on_tokens(row, tokens)` sees each row's new tokens as they come (streaming). The step after
+    the one being read is already queued on the device, so reading a token costs no idle time.
+    """
+    max_new = check_room(dec, prompts, max_new)
+    out = Outputs(len(prompts), max_new, stop_id)
+    if max_new == 0:
+        return out.tokens
+    caches = dec.new_caches(len(prompts), bucket(max(len(p) for p in prompts) + max_new))
+    caches, tokens, start = dec.prefill(caches, prompts)
+    key = jax.random.key(seed)
+
+    def read(tokens_B) -> bool:
+        for row, t in enumerate(np.asarray(tokens_B).tolist()):
+            kept = out.add(row, [t]) if not out.done[row] else []
+            if kept and on_tokens is not None:
+                on_tokens(row, kept)
+        return bool(out.done.all())
+
+    queued = None
+    for i in range(max_new):
+        tokens, caches = dec.step_fn(dec.params, caches, tokens, start, i, key, sampling=sampling)
+        if queued is not None and read(queued):
+            return out.tokens
+        queued = tokens
+    read(queued)
+    return out.tokens

@@ -1,0 +1,122 @@
+"""`jaxlm generate` and `jaxlm eval` on checkpoints written here (random tiny models)."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import run_cli
+from jaxlm import checkpoint as ckpt
+from jaxlm.cli import main
+from jaxlm.config import Config, DataConfig, ModelConfig
+from jaxlm.data.tokenizer import EOT, Tokenizer, save_tokenizer
+from jaxlm.distributed import make_mesh
+from jaxlm.inference.decode import Decoder, generate
+from jaxlm.inference.load import load_run
+from jaxlm.inference.sampling import Sampling
+from jaxlm.train.step import make_trainer
+
+MODEL = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32)
+
+
+def save_run(run_dir, cfg: Config) -> str:
+    """A checkpoint of the freshly initialised model, as `jaxlm train` writes one (on one device;
+    it restores onto all eight)."""
+    trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    writer = ckpt.CheckpointWriter(run_dir / ckpt.CHECKPOINTS, cfg.checkpoint)
+    meta = ckpt.make_meta(cfg, 1, 0, {"next_index": 0}, ckpt.tokenizer_identity(cfg.data.tokenizer))
+    writer.save(1, trainer.init_state(), meta)
+    writer.close()
+    return str(run_dir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    target = save_run(root / "target", Config(model=MODEL, data=DataConfig(seq_len=32)))
+    other = Tokenizer("bytes-plus", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
+                      special_tokens={EOT: 256, "<|pad|>": 257})
+    save_tokenizer(other, str(root / "tok"))
+    cfg = Config(model=ModelConfig(**{**MODEL.__dict__, "vocab_size": 258}),
+                 data=DataConfig(seq_len=32, tokenizer=str(root / "tok")))
+    (root / "empty").mkdir()
+    return {"target": target, "other_tokenizer": save_run(root / "other", cfg), "empty": str(root / "empty")}
+
+
+def greedy_reference(run_dir: str, prompts: list[str], n: int) -> list[str]:
+    run = load_run(run_dir)
+    tok = run.tokenizer
+    outs = generate(Decoder(run.cfg, run.params, run.mesh), [tok.encode(p) for p in prompts], n,
+                    Sampling(temperature=0.0), stop_id=tok.eot_id)
+    return [tok.decode(o) for o in outs]
+
+
+GREEDY = ["--temperature", "0", "--max-new-tokens", "12"]
+
+
+def test_generate_streams_the_greedy_continuation_and_speculative_or_batched_decoding_gives_the_same(
+        runs, capsys, tmp_path):
+    """One prompt streams the same text as the in-process decoder; the target as its own draft
+    gives it again with every proposal accepted; in a --prompt-file batch with prompts of other
+    lengths, the prompt's completion is still the same."""
+    want = greedy_reference(runs["target"], ["To be, or"], 12)[0]
+    assert main(["generate", runs["target"], "--prompt", "To be, or", *GREEDY]) == 0
+    out = capsys.readouterr()
+    assert out.out == want + "\n" and "tokens/s" in out.err
+    assert main(["generate", runs["target"], "--prompt", "To be, or", *GREEDY, "--draft", runs["target"],
+                 "--lookahead", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == want + "\n" and "draft acceptance 100.0%" in out.err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A\nTo be, or\nWherefore art thou\n")
+    assert main(["generate", runs["target"], "--prompt-file", str(prompts), *GREEDY]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in lines] == ["A", "To be, or", "Wherefore art thou"]
+    assert lines[1]["completion"] == want
+
+
+def test_generate_int8_reports_the_weight_memory_saved(runs, capsys):
+    assert main(["generate", runs["target"], "--prompt", "To be", *GREEDY, "--quantize", "int8"]) == 0
+    err = capsys.readouterr().err
+    ratio = float(err.split("MiB saved, ")[1].split("x smaller")[0])
+    assert ratio > 2.0
+
+
+def test_eval_reports_the_loss_perplexity_and_bits_per_byte_of_every_token_once(runs, capsys, tmp_path):
+    """70 bytes + <|endoftext|> in rows of 32: windows [0:33], [32:65] and a last row [64:71]."""
+    text = "Now is the winter of our discontent made glorious summer by this sun."
+    (tmp_path / "t.txt").write_text(text)
+    assert main(["eval", runs["target"], "--data", str(tmp_path / "t.txt")]) == 0
+    got = json.loads(capsys.readouterr().out)
+    run = load_run(runs["target"])
+    tokens = np.array(run.tokenizer.encode(text) + [run.tokenizer.eot_id])
+    model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: __import__("jaxlm.train.step", fromlist=["x"]).build_model(
+        run.cfg, 0))), run.params)
+    ce = 0.0
+    for start in range(0, len(tokens) - 1, 32):
+        seg = tokens[start: start + 33]
+        logp = jax.nn.log_softmax(np.asarray(model(seg[None, :-1])[0][0], np.float64), axis=-1)
+        ce -= float(np.sum(np.take_along_axis(np.asarray(logp), seg[1:, None], axis=-1)))
+    n = len(tokens) - 1
+    assert got["tokens"] == n and got["bytes"] == len(text) - 1  # the first byte is context, the EOT 0 bytes
+    assert got["loss"] == pytest.approx(ce / n, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(ce / n), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(ce / math.log(2) / (len(text) - 1), rel=1e-5)
+
+
+def test_bad_input_exits_2_with_one_line(runs, capsys, tmp_path):
+    cases = [
+        (["generate", runs["empty"], "--prompt", "x"], "no checkpoint found"),
+        (["generate", runs["target"], "--prompt", "x" * 40], "more than the model's max_seq_len=32"),
+        (["generate", runs["target"], "--prompt", "x", "--draft", runs["other_tokenizer"]], "tokenizer"),
+        (["eval", runs["target"], "--data", str(tmp_path / "missing.txt")], "no such file"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (argv, err)
+    result = run_cli("generate", runs["empty"], "--prompt", "x")  # the same as a real process
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("jaxlm generate: error:")
