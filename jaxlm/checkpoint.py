@@ -16,6 +16,7 @@ Assumes a filesystem all processes share (as orbax does for multi-host saves).
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import logging
@@ -137,6 +138,46 @@ def newest_valid(directory: Path) -> str:
         if verify(path, checksums=False) is None:
             return f"last good checkpoint: {path} (step {step})"
     return f"no checkpoint in {directory}"
+
+
+def find_step(run_dir: str | Path, step: int | str | None = None) -> Path:
+    """The step directory a verb reads: `step`, "best" (the lowest eval loss), or the newest valid
+    one. RUN_DIR may also be its checkpoints/ directory or a step directory itself."""
+    run_dir = Path(run_dir)
+    if (run_dir / "state").is_dir() and run_dir.name.isdigit():
+        found = [(int(run_dir.name), run_dir)]
+    else:
+        found = step_dirs(run_dir / CHECKPOINTS) or step_dirs(run_dir)
+    if not found:
+        raise UserError(f"{run_dir}: no checkpoints (expected a run directory with checkpoints/<step>/)")
+    if step == "best":
+        step = best_step(found[0][1].parent, checksums=True)
+        if step is None:
+            raise UserError(f"{run_dir}: no checkpoint has an eval loss (saved at an evaluation step); "
+                            "give --step N or train with train.eval_every")
+    if step is not None:
+        found = [(s, p) for s, p in found if s == step]
+        if not found:
+            raise UserError(f"{run_dir}: no checkpoint for step {step}; `jaxlm checkpoint ls {run_dir}` lists them")
+    for s, path in found:
+        reason = verify(path)
+        if reason is None:
+            return path
+        if step is not None:
+            raise UserError(f"checkpoint {path} is invalid: {reason}")
+        warn(f"checkpoint step {s} ({path}) is invalid: {reason}; trying the previous one")
+    raise UserError(f"{run_dir}: no valid checkpoint")
+
+
+
+def step_arg(text: str) -> int | str:
+    """argparse type of --step: a step number or `best`."""
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step number or 'best'") from None
 
 
 # ----------------------------------------------------------------------------- saving

@@ -74,7 +74,7 @@ def make_run(tmp_path_factory):
 @functools.cache
 def forward(run_dir: Path):
     """(config, params, jitted logits of a [B, T] batch) for the run's step-0 checkpoint."""
-    cfg, params = runs.load_params(runs.find_step(run_dir, None))
+    cfg, params = runs.load_params(ckpt.find_step(run_dir))
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, 0)))
     fn = jax.jit(lambda p, tokens: nnx.merge(graphdef, p)(tokens)[0])
     return cfg, params, lambda tokens: np.asarray(fn(params, jnp.asarray(tokens)))
@@ -207,8 +207,8 @@ def test_import_of_export_is_bit_exact_on_a_sharded_mesh(make_run, tmp_path, nam
     # experts split over 2 devices, embed over 2: each shard reads only its own slices
     import_run(tmp_path / "hf", tmp_path / "imported", overrides=["mesh.fsdp=2", "mesh.expert=2"],
                devices=jax.devices()[:4])
-    _, original = runs.load_params(runs.find_step(run_dir, None))
-    _, imported = runs.load_params(runs.find_step(tmp_path / "imported", None))
+    _, original = runs.load_params(ckpt.find_step(run_dir))
+    _, imported = runs.load_params(ckpt.find_step(tmp_path / "imported"))
     assert jax.tree.structure(original) == jax.tree.structure(imported)
     for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(imported)):
         assert a.dtype == b.dtype and np.array_equal(a, b)

@@ -12,7 +12,7 @@ from conftest import run_cli
 from jaxlm import checkpoint as ckpt
 from jaxlm.cli import main
 from jaxlm.config import Config, DataConfig, ModelConfig
-from jaxlm.data.tokenizer import EOT, Tokenizer, save_tokenizer
+from jaxlm.tokenizer.tokenizer import EOT, Tokenizer, save_tokenizer
 from jaxlm.distributed import make_mesh
 from jaxlm.inference.decode import Decoder, generate
 from jaxlm.inference.load import load_run

@@ -22,7 +22,8 @@ DTYPES = {"hf": ("f32", "bf16", "f16"), "gguf": ("f32", "f16", "bf16", "q8_0")}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory (or its checkpoints/, or one step directory)")
-    parser.add_argument("--step", type=int, help="the checkpoint step to export (default: the newest valid one)")
+    parser.add_argument("--step", type=ckpt.step_arg,
+                        help="the checkpoint step to export, or 'best' (lowest eval loss); default: the newest valid one")
     parser.add_argument("--format", required=True, choices=sorted(DTYPES), help="hf (transformers) or gguf (llama.cpp)")
     parser.add_argument("-o", "--output", required=True, help="output directory (hf) or .gguf file (gguf)")
     parser.add_argument("--dtype", help="weights: f32, bf16, f16 (and q8_0 for gguf); default: the checkpoint's "
@@ -55,7 +56,7 @@ def export(run_dir: Path, fmt: str, output: Path, step: int | None = None, dtype
     from jaxlm.export.atomic import atomic_output
     from jaxlm.export.compat import check_exportable
 
-    step_dir = runs.find_step(run_dir, step)
+    step_dir = ckpt.find_step(run_dir, step)
     cfg = runs.config_of(step_dir)
     arch = check_exportable(cfg.model, cfg.moe, fmt)
     dtype = dtype or ("f32" if cfg.model.param_dtype == "float32" else "bf16")

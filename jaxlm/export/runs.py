@@ -15,29 +15,6 @@ from jaxlm.config import Config, ConfigError, from_dict, to_yaml
 from jaxlm.errors import UserError
 
 
-def find_step(run_dir: Path, step: int | None) -> Path:
-    """The step directory to export: `step`, or the newest valid one. RUN_DIR may also be its
-    checkpoints/ directory or a step directory itself."""
-    if (run_dir / "state").is_dir() and run_dir.name.isdigit():
-        found = [(int(run_dir.name), run_dir)]
-    else:
-        found = ckpt.step_dirs(run_dir / ckpt.CHECKPOINTS) or ckpt.step_dirs(run_dir)
-    if not found:
-        raise UserError(f"{run_dir}: no checkpoints (expected a run directory with checkpoints/<step>/)")
-    if step is not None:
-        found = [(s, p) for s, p in found if s == step]
-        if not found:
-            raise UserError(f"{run_dir}: no checkpoint for step {step}; `jaxlm checkpoint ls {run_dir}` lists them")
-    for s, path in found:
-        reason = ckpt.verify(path)
-        if reason is None:
-            return path
-        if step is not None:
-            raise UserError(f"checkpoint {path} is invalid: {reason}")
-        ckpt.warn(f"checkpoint step {s} ({path}) is invalid: {reason}; trying the previous one")
-    raise UserError(f"{run_dir}: no valid checkpoint")
-
-
 def config_of(step_dir: Path) -> Config:
     raw = ckpt.read_meta(step_dir).get("config")
     if not isinstance(raw, dict):

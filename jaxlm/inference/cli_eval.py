@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from jaxlm import checkpoint as ckpt
 from jaxlm.errors import UserError
 
 
@@ -26,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a text file, directory or glob, or a prepared corpus")
     parser.add_argument("--split", choices=["train", "val"], default="val",
                         help="which split of a prepared corpus (default val); text is scored whole")
-    parser.add_argument("--step", type=int, help="the checkpoint step to load (default: the newest valid one)")
+    parser.add_argument("--step", type=ckpt.step_arg,
+                        help="the checkpoint step to load, or 'best' (lowest eval loss); default: the newest valid one")
     parser.add_argument("--max-tokens", type=int, default=0, help="score about this many tokens at most (0 = all)")
 
 
@@ -57,13 +59,12 @@ def evaluate(run_dir: str, data: str, split: str = "val", step: int | None = Non
     from jaxlm.data.batch import Batch
     from jaxlm.data.pipeline import to_global
     from jaxlm.distributed import data_parallel_size
-    from jaxlm.inference.load import find_checkpoint, inference_mesh, load_run
+    from jaxlm.inference.load import inference_mesh, load_run
     from jaxlm.train.step import make_trainer
 
     if not os.path.exists(data) and not __import__("glob").glob(data):
         raise UserError(f"--data {data}: no such file, directory or glob; expected text or a prepared corpus")
-    path = find_checkpoint(run_dir, step)
-    from jaxlm import checkpoint as ckpt
+    path = ckpt.find_step(run_dir, step)
     from jaxlm.config import Config, from_dict
 
     cfg = from_dict(Config, ckpt.read_meta(path)["config"], prefix="")

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Callable
 
+from jaxlm import checkpoint as ckpt
 from jaxlm.errors import UserError
 from jaxlm.inference.load import Run, load_run
 
@@ -31,10 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--step", type=int, help="the checkpoint step to load (default: the newest valid one)")
+    parser.add_argument("--step", type=ckpt.step_arg,
+                        help="the checkpoint step to load, or 'best' (lowest eval loss); default: the newest valid one")
     parser.add_argument("--draft", metavar="DRAFT_RUN_DIR", help="speculative decoding with this draft model")
     parser.add_argument("--lookahead", type=int, default=4, help="draft tokens proposed per round (default 4)")
     parser.add_argument("--quantize", choices=["int8"], help="int8 weight-only decoding")
+    from jaxlm.inference.diffusion import add_arguments as add_diffusion_arguments
+
+    add_diffusion_arguments(parser)  # --sampler, --steps, --block-size for masked-diffusion checkpoints
 
 
 def read_prompts(args) -> list[str]:
@@ -115,8 +120,24 @@ def autoregressive(args, run: Run) -> int:
     return 0
 
 
-# train.objective -> generator(args, run) -> exit code
-GENERATORS: dict[str, Callable[[argparse.Namespace, Run], int]] = {"next_token": autoregressive}
+def masked_diffusion(args, run: Run) -> int:
+    """mdlm checkpoints: --sampler mdlm | llada | block, --steps, --block-size (inference/diffusion.py)."""
+    from flax import nnx
+
+    from jaxlm.inference.diffusion import generate_mdlm
+    from jaxlm.train.step import build_model
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(run.cfg, 0)))
+    nnx.replace_by_pure_dict(state, run.params)
+    model = nnx.merge(graphdef, state)
+    for prompt in read_prompts(args):
+        generate_mdlm(model, run.cfg, run.tokenizer, prompt, args)
+    return 0
+
+
+# train.objective -> generator(args, run) -> exit code; a distilled student is a next-token model
+GENERATORS: dict[str, Callable[[argparse.Namespace, Run], int]] = {
+    "next_token": autoregressive, "distill": autoregressive, "mdlm": masked_diffusion}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from jaxlm import checkpoint as ckpt
 from jaxlm.config import Config, ConfigError, MeshConfig, from_dict
-from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.tokenizer.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.distributed import make_mesh
 from jaxlm.errors import UserError
 from jaxlm.sharding import param_shardings, resolve_rules
@@ -29,29 +29,6 @@ class Run:
     step: int
     path: Path  # the step directory
     mesh: Mesh
-
-
-def find_checkpoint(run_dir: str, step: int | None = None) -> Path:
-    """The newest valid step directory of a run (or step `step`); one-line UserError otherwise."""
-    run = Path(run_dir)
-    directory = run / ckpt.CHECKPOINTS if (run / ckpt.CHECKPOINTS).is_dir() else run
-    steps = ckpt.step_dirs(directory)
-    if not steps:
-        raise UserError(f"{run_dir}: no checkpoint found; expected a run directory with checkpoints/ "
-                        "(written by `jaxlm train`)")
-    if step is not None:
-        chosen = [p for s, p in steps if s == step]
-        if not chosen:
-            raise UserError(f"{run_dir}: no checkpoint at step {step}; it has steps "
-                            f"{', '.join(str(s) for s, _ in steps)}")
-        steps = [(step, chosen[0])]
-    reasons = []
-    for s, path in steps:
-        reason = ckpt.verify(path)
-        if reason is None:
-            return path
-        reasons.append(f"step {s} ({reason})")
-    raise UserError(f"{run_dir}: no valid checkpoint: {'; '.join(reasons)}")
 
 
 def checkpoint_tokenizer(meta: dict, where: Path) -> Tokenizer:
@@ -76,7 +53,7 @@ def inference_mesh(mesh_cfg: MeshConfig) -> Mesh:
 
 
 def load_run(run_dir: str, step: int | None = None, mesh: Mesh | None = None) -> Run:
-    path = find_checkpoint(run_dir, step)
+    path = ckpt.find_step(run_dir, step)
     meta = ckpt.read_meta(path)
     cfg = from_dict(Config, meta["config"], prefix="")
     tokenizer = checkpoint_tokenizer(meta, path)
