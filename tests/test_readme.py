@@ -42,7 +42,7 @@ TRAIN_COMMAND = re.compile(r"\bjaxlm(?:\.cli)? train\b|\blaunch/(?:local|multiho
 TRAIN_STEPS = re.compile(r"\btrain\.steps=(\d+)")
 BASE_STEPS = 2
 FAST = "train.eval_batches=1 train.progress=false"
-TIME_LIMIT_S = 600  # the whole README; a guard against hangs (the README of issue 16, marked, took 205 s of CPU)
+TIME_LIMIT_S = 900  # the whole README; a guard against hangs (the README of issue 16, marked, took 205 s of CPU)
 
 
 def bash_blocks(markdown: str) -> list[str]:
