@@ -109,7 +109,7 @@ def test_eval_reports_the_loss_perplexity_and_bits_per_byte_of_every_token_once(
 
 def test_bad_input_exits_2_with_one_line(runs, capsys, tmp_path):
     cases = [
-        (["generate", runs["empty"], "--prompt", "x"], "no checkpoint found"),
+        (["generate", runs["empty"], "--prompt", "x"], "no checkpoints"),
         (["generate", runs["target"], "--prompt", "x" * 40], "more than the model's max_seq_len=32"),
         (["generate", runs["target"], "--prompt", "x", "--draft", runs["other_tokenizer"]], "tokenizer"),
         (["eval", runs["target"], "--data", str(tmp_path / "missing.txt")], "no such file"),
