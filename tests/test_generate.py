@@ -170,3 +170,10 @@ def test_seeded_sampling_is_reproducible_and_the_seed_matters():
     first = generate(dec, PROMPTS, 12, s, seed=7)
     assert generate(dec, PROMPTS, 12, s, seed=7) == first
     assert generate(dec, PROMPTS, 12, s, seed=8) != first
+
+
+def test_decode_mask_puts_each_rows_queries_at_its_own_positions():
+    from jaxlm.model.kernels import AttentionMask
+
+    mask = AttentionMask(causal=True, q_positions_BT=jnp.asarray([[1, 2], [3, 4]])).dense(2, 5)
+    np.testing.assert_array_equal(mask, [[[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]])
