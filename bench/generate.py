@@ -39,15 +39,17 @@ RANDOM_MODEL = ModelConfig(vocab_size=257, d_model=256, n_layers=6, n_heads=8, n
 GREEDY = Sampling(temperature=0.0)
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """(median seconds of fn() after one warm-up call, its last result)."""
-    out = fn()
-    times = []
+def timed(fns: dict, repeats: int) -> dict:
+    """{name: (median seconds after a warm-up call, last result)}, the functions taking turns in
+    each repeat so that a change in the machine's load hits all of them alike."""
+    results = {name: fn() for name, fn in fns.items()}
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: (statistics.median(times[name]), results[name]) for name in fns}
 
 
 def text_tokens(n: int, offset: int = 0) -> list[int]:
@@ -85,11 +87,10 @@ def cache_vs_recompute(cfg, params, mesh, context: int, n: int, repeats: int) ->
             out.append(tok)
         return out
 
-    t_prefill, _ = timed(lambda: generate(dec, [prompt], 1, GREEDY)[0], repeats)  # prefill + first token
-    t_all, got = timed(lambda: generate(dec, [prompt], n, GREEDY)[0], repeats)
-    t_cache = (t_all - t_prefill) / (n - 1)
-    t_full, want = timed(no_cache, max(1, repeats // 2))
-    t_full /= n
+    r = timed({"prefill": lambda: generate(dec, [prompt], 1, GREEDY)[0],  # prefill + first token
+               "cache": lambda: generate(dec, [prompt], n, GREEDY)[0], "none": no_cache}, repeats)
+    (t_prefill, _), (t_all, got), (t_full, want) = r["prefill"], r["cache"], r["none"]
+    t_cache, t_full = (t_all - t_prefill) / (n - 1), t_full / n
     print(f"1. context {context}, greedy tokens {len(prompt) + 1}..{context}: KV cache {1 / t_cache:8.1f} tok/s "
           f"(after a {t_prefill:.2f} s prefill), no cache {1 / t_full:6.1f} tok/s -> {t_full / t_cache:5.1f}x "
           f"(goal >= 10x); same tokens: {got == want}")
@@ -148,8 +149,8 @@ def versus_hf(cfg, params, mesh, prompt_len: int, n: int, repeats: int) -> None:
             out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         return out[0, len(prompt):].tolist()
 
-    t_jax, ours = timed(lambda: generate(dec, [prompt], n, GREEDY)[0], repeats)
-    t_hf, theirs = timed(hf_generate, repeats)
+    r = timed({"jaxlm": lambda: generate(dec, [prompt], n, GREEDY)[0], "hf": hf_generate}, repeats)
+    (t_jax, ours), (t_hf, theirs) = r["jaxlm"], r["hf"]
     same = sum(a == b for a, b in zip(ours, theirs))
     print(f"2. {n} greedy tokens after {prompt_len} (prefill included): jaxlm {n / t_jax:8.1f} tok/s, HF transformers "
           f"generate (torch {torch.__version__}, {torch.get_num_threads()} threads) {n / t_hf:6.1f} tok/s -> "
@@ -167,13 +168,17 @@ def speculative(target_dir: str, draft_dir: str, mesh, n: int, lookaheads: list[
     target, draft = Decoder(t_run.cfg, t_run.params, mesh), Decoder(d_run.cfg, d_run.params, mesh)
     check_pair(target, draft, t_run.tokenizer, d_run.tokenizer)
     prompt = text_tokens(64, offset=20000)
-    t_plain, want = timed(lambda: generate(target, [prompt], n, GREEDY)[0], repeats)
-    t_draft, _ = timed(lambda: generate(draft, [prompt], n, GREEDY)[0], repeats)
+    fns = {"target": lambda: generate(target, [prompt], n, GREEDY)[0],
+           "draft": lambda: generate(draft, [prompt], n, GREEDY)[0]}
+    for k in lookaheads:
+        fns[k] = lambda k=k: speculative_generate(target, draft, [prompt], n, k, GREEDY)
+    r = timed(fns, repeats)
+    (t_plain, want), (t_draft, _) = r["target"], r["draft"]
     print(f"3. {n} greedy tokens: target alone {n / t_plain:7.1f} tok/s, draft alone {n / t_draft:7.1f} tok/s "
           f"(target {t_run.cfg.model.d_model}x{t_run.cfg.model.n_layers}, draft "
           f"{d_run.cfg.model.d_model}x{d_run.cfg.model.n_layers})")
     for k in lookaheads:
-        t_spec, (got, stats) = timed(lambda: speculative_generate(target, draft, [prompt], n, k, GREEDY), repeats)
+        t_spec, (got, stats) = r[k]
         print(f"   speculative, lookahead {k}: {n / t_spec:7.1f} tok/s -> {t_plain / t_spec:4.2f}x (goal >= 1.5x), "
               f"acceptance {stats.acceptance_rate:.1%}, identical output: {got[0] == want}")
     print(f"   sample: {bytes(want[:80]).decode('utf-8', 'replace')!r}")
@@ -188,8 +193,9 @@ def int8_vs_f32(cfg, params, mesh, n: int, repeats: int) -> None:
     q = quantize_params(params, cfg)
     f32, i8 = Decoder(cfg, params, mesh), Decoder(cfg, q, mesh)
     prompt = text_tokens(64, offset=40000)
-    t_f32, want = timed(lambda: generate(f32, [prompt], n, GREEDY)[0], repeats)
-    t_i8, got = timed(lambda: generate(i8, [prompt], n, GREEDY)[0], repeats)
+    r = timed({"f32": lambda: generate(f32, [prompt], n, GREEDY)[0],
+               "int8": lambda: generate(i8, [prompt], n, GREEDY)[0]}, repeats)
+    (t_f32, want), (t_i8, got) = r["f32"], r["int8"]
     agree = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n)
     print(f"4. weights: f32 {weight_bytes(params) / 2**20:.2f} MiB, int8 {weight_bytes(q) / 2**20:.2f} MiB "
           f"({weight_bytes(params) / weight_bytes(q):.2f}x smaller); {n} greedy tokens: f32 {n / t_f32:.1f} tok/s, "
@@ -202,8 +208,8 @@ def main() -> None:
     ap.add_argument("--draft", help="a smaller trained run with the same tokenizer (part 3)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--lookahead", type=int, nargs="+", default=[3, 5])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lookahead", type=int, nargs="+", default=[2, 3, 5])
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--parts", default="1234")
     args = ap.parse_args()
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])

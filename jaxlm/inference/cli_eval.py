@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -62,11 +63,11 @@ def evaluate(run_dir: str, data: str, split: str = "val", step: int | None = Non
     from jaxlm.inference.load import inference_mesh, load_run
     from jaxlm.train.step import make_trainer
 
-    if not os.path.exists(data) and not __import__("glob").glob(data):
+    if not os.path.exists(data) and not glob.glob(data):
         raise UserError(f"--data {data}: no such file, directory or glob; expected text or a prepared corpus")
-    path = ckpt.find_step(run_dir, step)
     from jaxlm.config import Config, from_dict
 
+    path = ckpt.find_step(run_dir, step)
     cfg = from_dict(Config, ckpt.read_meta(path)["config"], prefix="")
     mesh = inference_mesh(cfg.mesh)
     run = load_run(run_dir, step, mesh)

@@ -18,6 +18,7 @@ program: K draft steps, one target step, the acceptance rule.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -77,8 +78,9 @@ def accept(p_BJV, q_BKV, x_BK, key, sampling: Sampling):
     return n_B.astype(jnp.int32), z_B.astype(jnp.int32)
 
 
+@functools.lru_cache(maxsize=16)
 def make_round(target: Decoder, draft: Decoder, K: int, sampling: Sampling) -> Callable:
-    """The jitted round: (target params, draft params, target caches, draft caches, prev, pending,
+    """The jitted round (one per pair, lookahead and sampling, so later calls reuse its compilation): (target params, draft params, target caches, draft caches, prev, pending,
     positions, round, key) -> (emitted [B, K+1] (-1 past the row's count), n accepted, pending,
     prev, positions, target caches, draft caches)."""
 
