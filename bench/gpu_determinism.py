@@ -61,13 +61,15 @@ def train(cmd: list[str]) -> str:
     return proc.stderr
 
 
-def train_and_kill(cmd: list[str], run_dir: Path, after: int) -> int:
-    """Starts a run and SIGKILLs it as soon as its metrics show step `after`; returns the last
-    logged step. Logging every step syncs the host, so the run is at most a step or two ahead."""
+def train_and_kill(cmd: list[str], run_dir: Path, after: int, every: int) -> int:
+    """Starts a run and SIGKILLs it as soon as its metrics show step `after` and the checkpoint
+    before it is committed (orbax renames a finished save to its step number; an asynchronous save
+    can lag on a busy CPU); returns the last logged step. Logging every step syncs the host, so
+    the run is at most a step or two ahead of its metrics."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
+    metrics, saved = run_dir / "metrics.jsonl", run_dir / "checkpoints" / str(after // every * every)
     while proc.poll() is None:
-        if metrics.exists() and max(losses(run_dir), default=0) >= after:
+        if metrics.exists() and max(losses(run_dir), default=0) >= after and saved.is_dir():
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return max(losses(run_dir))
@@ -92,7 +94,7 @@ def runs(mode: str, data: Path, work: Path, steps: int, every: int, kill_after: 
     t0 = time.perf_counter()
     train(cmd("clean1"))
     train(cmd("clean2"))
-    killed_at = train_and_kill(cmd("killed"), work / f"{mode}-killed", kill_after)
+    killed_at = train_and_kill(cmd("killed"), work / f"{mode}-killed", kill_after, every)
     log = train(cmd("killed"))  # resumes from the newest valid checkpoint in its run dir
     found = re.search(r"resumed from step (\d+)", log)
     resumed_from = int(found.group(1)) if found else 0
@@ -108,8 +110,10 @@ def show(result: dict) -> None:
         diff = "-" if c["max_diff"] is None else f"{c['max_diff']:.3g}"
         return f"{'identical' if c['identical'] else 'differ'} (steps {c['steps']}, max diff {diff})"
 
-    print(f"train.deterministic={result['mode']}: killed after step {result['killed_at']}, resumed from step "
-          f"{result['resumed_from']} ({result['seconds']:.0f}s)\n"
+    resumed = f"resumed from step {result['resumed_from']}" if result["resumed_from"] else \
+        "no valid checkpoint: the rerun started over"
+    print(f"train.deterministic={result['mode']}: killed after step {result['killed_at']}, {resumed} "
+          f"({result['seconds']:.0f}s)\n"
           f"  two clean runs:                 {cell(result['clean_vs_clean'])}\n"
           f"  resumed vs clean, after kill:   {cell(result['resumed_vs_clean'])}\n"
           f"  resumed vs clean, rerun steps:  {cell(result['resumed_steps_vs_clean'])}", flush=True)

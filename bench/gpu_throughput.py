@@ -122,13 +122,13 @@ def run(jobs: list[dict], out: Path | None = None) -> list[dict]:
     from jaxlm.config import load_config
 
     rows, measured = [], None
-    print(f"{'model':13} {'runner':42} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'warmup s':>9}  kernels", flush=True)
+    print(f"{'model':13} {'runner':58} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'warmup s':>9}  kernels", flush=True)
     for job in jobs:
         try:
             row = run_child([__file__, "--child", json.dumps(job)])
         except RuntimeError as e:
             row = {**job, "error": str(e)}
-            print(f"{job['model']:13} {job['label']:42} failed: {str(e).splitlines()[-1][:200]}", flush=True)
+            print(f"{job['model']:13} {job['label']:58} failed: {str(e).splitlines()[-1][:200]}", flush=True)
             rows.append(row)
             continue
         measured = row.get("measured_peak", measured)
@@ -137,7 +137,7 @@ def run(jobs: list[dict], out: Path | None = None) -> list[dict]:
         row.update(flops=flops, peak=peak, mfu=flops / row["step_time_s"] / peak if peak else None)
         kernels = f"attn {row['attention']}, proj {row['projection']}" if "attention" in row else row.get("optimizer", "")
         mfu = f"{row['mfu']:6.1%}" if row["mfu"] else f"{'-':>6}"
-        print(f"{job['model']:13} {job['label']:42} {row['step_time_s'] * 1e3:9.1f} {row['tokens_per_s']:10.0f} "
+        print(f"{job['model']:13} {job['label']:58} {row['step_time_s'] * 1e3:9.1f} {row['tokens_per_s']:10.0f} "
               f"{mfu} {row['warmup_s']:9.1f}  {kernels}", flush=True)
         rows.append(row)
         if out:
