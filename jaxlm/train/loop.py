@@ -20,6 +20,7 @@ from jaxlm import checkpoint as ckpt
 from jaxlm import determinism, resume as resuming
 from jaxlm.accounting import train_flops_per_step
 from jaxlm.config import Config, ConfigError, to_yaml
+from jaxlm.config_check import check_data_paths
 from jaxlm.data.pipeline import to_global
 from jaxlm.data.sources import build_data, data_fingerprint
 from jaxlm.distributed import data_parallel_size, make_mesh
@@ -132,6 +133,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
     If run_dir/checkpoints holds checkpoints (or `resume` names one), training continues from
     the newest valid one, bit-exactly where the mesh is the same.
     """
+    check_data_paths(cfg)
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     check_batch(cfg, mesh)
     platform = mesh.devices.flat[0].platform
