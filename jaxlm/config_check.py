@@ -69,14 +69,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.init_from={t.init_from!r} is not a Hugging Face model directory (no config.json)")
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    if d.path is not None and not _path_exists(d.path):
-        raise ConfigError(f"data.path={d.path!r} does not exist; expected a text file, directory, glob or prepared data")
     if d.path is not None and d.mixture:
         raise ConfigError("data.path and data.mixture are both set; use data.mixture alone for several sources")
     for i, src in enumerate(d.mixture):
-        if not _path_exists(src.path):
-            raise ConfigError(f"data.mixture[{i}].path={src.path!r} does not exist; expected a text file, directory, "
-                              "glob or prepared data")
         if src.weight <= 0:
             raise ConfigError(f"data.mixture[{i}].weight={src.weight} must be > 0")
     e = cfg.moe
@@ -116,6 +111,17 @@ def _validate_objective(cfg: Config) -> None:
                               "in [0, 1]")
     elif t.teacher:
         raise ConfigError(f"train.teacher is set but train.objective={t.objective}; use train.objective=distill")
+
+
+def check_data_paths(cfg: Config) -> None:
+    """That the data exists: checked by the code that reads it (training), not by `load_config`,
+    so that verbs which only look at the config (accounting, compile) work without it."""
+    d = cfg.data
+    named = [("data.path", d.path)] if d.path is not None else []
+    named += [(f"data.mixture[{i}].path", src.path) for i, src in enumerate(d.mixture)]
+    for key, path in named:
+        if not _path_exists(path):
+            raise ConfigError(f"{key}={path!r} does not exist; expected a text file, directory, glob or prepared data")
 
 
 def _path_exists(path: str) -> bool:

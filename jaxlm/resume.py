@@ -2,7 +2,8 @@
 
 A run resumes from the newest valid checkpoint in its run directory (or the one `--resume`
 names); an invalid one is set aside with one warning and the previous one is tried. Every process
-must agree on the step it restores.
+must agree on the step it restores. Step directories (or unfinished saves) with none restorable
+are an error that changes nothing: starting over from step 0 would overwrite the run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxlm.checkpoint import CHECKPOINTS, MANIFEST, SET_ASIDE, read_meta, restore_state, step_dirs, verify, warn
+from jaxlm.checkpoint import (CHECKPOINTS, MANIFEST, SET_ASIDE, TMP_SUFFIX, read_meta, restore_state, step_dirs, verify,
+                              warn)
 from jaxlm.config import Config, to_dict
 from jaxlm.errors import UserError
 
@@ -79,6 +81,15 @@ def _candidates(run_dir: Path, resume: str | None) -> tuple[list[tuple[int, Path
     return found, False
 
 
+def unfinished_saves(directory: Path) -> list[Path]:
+    """orbax's temporary step directories (`<step>.orbax-checkpoint-tmp[-<time>]`): saves killed
+    before their rename."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir()
+                  if p.is_dir() and TMP_SUFFIX in p.name and p.name.split(".")[0].isdigit())
+
+
 def all_processes_agree(ok: bool) -> bool:
     """True if `ok` on every process: all processes must take the same step (or none)."""
     if jax.process_count() == 1:
@@ -103,9 +114,12 @@ def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None
     back to an older step would not help); no valid step at all is an error naming what was tried.
     """
     candidates, explicit = _candidates(run_dir, resume)
-    if not candidates:
+    where = candidates[0][1].parent if candidates else run_dir / CHECKPOINTS
+    # a save killed before orbax's rename leaves only its temporary directory: nothing to restore,
+    # but a sign that this run_dir holds a run, which a start from step 0 would overwrite
+    tried = [(int(p.name.split(".")[0]), f"an unfinished save, {p.name}") for p in unfinished_saves(where)]
+    if not candidates and not tried:
         return None
-    tried = []
     for step, path in candidates:
         # process 0 reads every byte once; the others take its word
         reason = verify(path) if jax.process_index() == 0 else None
@@ -135,12 +149,13 @@ def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None
         if reason is None:
             _set_aside(run_dir, step)
             return state, meta
-        tried.append((step, path, reason))
+        tried.append((step, reason))
         if explicit:
             raise UserError(f"--resume {resume} is not a valid checkpoint: {reason}")
         warn(f"checkpoint step {step} ({path}) is invalid: {reason}; trying the previous one")
-    listing = "; ".join(f"{p} ({r})" for _, p, r in tried)
-    raise UserError(f"no valid checkpoint to resume from; tried {listing}. Move them away to start afresh")
+    listing = "; ".join(f"step {s}: {r}" for s, r in sorted(tried, reverse=True))
+    raise UserError(f"{run_dir}: no checkpoint in {where} can be resumed from ({listing}); nothing was changed. "
+                    f"To start again from step 0, move {where} away (or delete it), or use a new train.run_dir")
 
 
 def _set_aside(run_dir: Path, restored: int) -> None:

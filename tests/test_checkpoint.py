@@ -176,15 +176,43 @@ def test_damaged_newest_checkpoints_fall_back_to_previous_with_one_warning_each(
     assert [(s, ckpt.verify(p)) for s, p in ckpt.step_dirs(ck)] == [(44, None), (42, None), (36, None)]
 
 
-def test_no_valid_checkpoint_is_an_error_naming_every_directory_tried(base_run, tmp_path):
+def listing(run_dir: Path) -> dict:
+    """Every file (its size and modification time) and directory under run_dir, but the run's lock."""
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "dir"
+            for p in run_dir.rglob("*") if p.name != "run.lock"}
+
+
+def test_no_valid_checkpoint_is_an_error_naming_every_step_tried_and_changes_nothing(base_run, tmp_path):
     run_dir = copy_run(base_run, tmp_path)
     for step in (30, 36, 40):
         (run_dir / "checkpoints" / str(step) / ckpt.MANIFEST).write_text("{not json")
+    (run_dir / "checkpoints" / "46.orbax-checkpoint-tmp").mkdir()  # and a save killed before its rename
+    before = listing(run_dir)
     with pytest.raises(UserError) as e:
-        train(config(*RUN, f"train.run_dir={run_dir}"))
+        train(config(*RUN, "train.steps=50", f"train.run_dir={run_dir}"))
     msg = str(e.value)
-    assert "no valid checkpoint" in msg and "\n" not in msg
-    assert all(str(run_dir / "checkpoints" / str(s)) in msg for s in (30, 36, 40))
+    assert "\n" not in msg and msg.startswith(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'} can be resumed "
+                                              "from (step 46: an unfinished save, 46.orbax-checkpoint-tmp; step 40: "
+                                              "manifest.json unreadable (JSONDecodeError); step 36: ")
+    assert "step 30: manifest.json unreadable" in msg and "To start again from step 0, move " in msg
+    assert listing(run_dir) == before  # nothing deleted, moved or appended to (no step 0 restart)
+
+
+def test_only_an_unfinished_first_save_is_an_error_not_a_silent_restart(tmp_path, capfd):
+    """A run killed in its first save leaves orbax's temporary directory and the metrics of its
+    steps; `jaxlm train` again must not start over from step 0 on top of them."""
+    from jaxlm import cli
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "1000.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0}) + "\n" for s in range(1, 999)))
+    before = listing(run_dir)
+    capfd.readouterr()
+    assert cli.main(["train", TINY, *BASE, *RUN, f"train.run_dir={run_dir}"]) == 2
+    (line,) = capfd.readouterr().err.strip().splitlines()
+    assert line.startswith(f"jaxlm train: error: {run_dir}: no checkpoint in {run_dir / 'checkpoints'} can be resumed "
+                           "from (step 1000: an unfinished save, 1000.orbax-checkpoint-tmp)")
+    assert listing(run_dir) == before
 
 
 @pytest.mark.parametrize("mesh_args,n_devices", [(("mesh.data=2", "mesh.fsdp=2"), 4), (("mesh.fsdp=1",), 1)])
@@ -244,6 +272,7 @@ def test_resume_with_longer_schedule_continues_without_duplicate_metric_steps(ba
     history = train(cfg)
     assert [r["step"] for r in history] == [41, 42, 43, 44, 45]
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 46))
+    assert metrics(run_dir)[:40] == metrics(base_run)  # the records kept are untouched
     assert history[0]["lr"] == pytest.approx(float(make_schedule(cfg.optim, 45)(40)), rel=1e-6)
     assert ckpt.read_meta(run_dir / "checkpoints" / "45")["tokens_seen"] == 45 * 8 * 32
 

@@ -3,6 +3,7 @@
 import pytest
 from conftest import run_cli
 
+from jaxlm import cli
 from jaxlm.config import ConfigError, load_config
 
 
@@ -23,7 +24,6 @@ def test_yaml_and_dotted_overrides_resolve_with_types():
     (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),
     (["optim.lr=0"], "optim.lr=0.0 must be > 0"),
     (["optim.lr=-1e-3"], "optim.lr=-0.001 must be > 0"),
-    (["data.path=/no/such/file.txt"], "data.path='/no/such/file.txt' does not exist"),
     (["train.global_batch=10", "train.microbatches=4"], "train.global_batch=10 must be divisible by train.microbatches=4"),
 ])
 def test_config_errors_name_key_value_and_what_is_allowed(overrides, message):
@@ -54,3 +54,18 @@ def test_cli_missing_config_file_and_print_config():
     assert missing.returncode == 2 and "config file 'configs/nope.yaml' does not exist" in missing.stderr
     shown = run_cli("train", "configs/tiny.yaml", "model.n_layers=3", "--print-config")
     assert shown.returncode == 0 and "n_layers: 3" in shown.stdout and "run_dir: runs/tiny" in shown.stdout
+
+
+def test_missing_data_path_fails_train_but_not_verbs_that_never_read_data(tmp_path, capfd):
+    """accounting (and compile) only look at the config; train reads the data and says it is missing."""
+    config = tmp_path / "nodata.yaml"
+    config.write_text("model: {n_layers: 2}\ndata: {path: /no/such/corpus.txt}\n")
+    run_dir = tmp_path / "run"
+    assert cli.main(["accounting", str(config)]) == 0
+    out = capfd.readouterr()
+    assert "parameters" in out.out.lower() and out.err == ""
+    assert cli.main(["train", str(config), f"train.run_dir={run_dir}"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["jaxlm train: error: data.path='/no/such/corpus.txt' does not exist; expected a text file, "
+                   "directory, glob or prepared data"]
+    assert not run_dir.exists()

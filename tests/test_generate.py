@@ -177,3 +177,18 @@ def test_decode_mask_puts_each_rows_queries_at_its_own_positions():
 
     mask = AttentionMask(causal=True, q_positions_BT=jnp.asarray([[1, 2], [3, 4]])).dense(2, 5)
     np.testing.assert_array_equal(mask, [[[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]])
+
+
+def test_max_new_capped_by_max_seq_len_says_so_once_on_stderr(capsys):
+    """A 60-token prompt in a model of max_seq_len=64 leaves room for 4 of the 10 tokens asked."""
+    _, _, dec = make("dense")
+    prompts = [list(range(1, 61)), [3, 4, 5]]
+    greedy = Sampling(temperature=0.0)
+    capsys.readouterr()
+    out = generate(dec, prompts, 10, greedy)
+    assert [len(row) for row in out] == [4, 4]
+    assert capsys.readouterr().err.splitlines() == [
+        "jaxlm: asked for 10 new tokens but only 4 fit after the longest prompt (60 tokens) because of "
+        "max_seq_len=64; generating 4"]
+    assert generate(dec, prompts, 4, greedy) == out  # what fits: nothing said
+    assert capsys.readouterr().err == ""

@@ -116,3 +116,42 @@ def test_dropout_lowers_the_eval_loss_of_a_run_that_overfits(shakespeare_path, t
     print(best)
     assert best[0.3][1] < best[0.0][1]  # at the end: dropout generalises better
     assert best[0.0][1] > best[0.0][0] + 0.05  # the run without dropout overfits (eval loss rises)
+
+
+def test_resumed_run_stops_early_at_the_same_step_as_an_uninterrupted_one(tmp_path, monkeypatch, capfd):
+    """Scripted eval losses (the n-th evaluation of a run gets losses[n], counted across its
+    resume): best at step 20, then 3 evaluations without a new best stop at step 50. A run cut at
+    step 30 resumes with the count (1) and the best (2.0) from its checkpoint and stops there too;
+    run again, it says it stopped early instead of training on."""
+    import jaxlm.train.loop as loop
+
+    losses = [3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9, 3.0, 3.1, 3.2]
+
+    def scripted():
+        calls = iter(losses)
+        return lambda trainer, params, batches: {"eval_loss": next(calls)}
+
+    common = SMALL + ["train.eval_every=10", "train.eval_batches=1", "train.log_every=1",
+                      "train.early_stop_patience=3", "checkpoint.every=10", "train.progress=false",
+                      "train.peak_flops_per_device=1e12", "optim.schedule=constant"]
+    mesh = make_mesh(load_config(TINY, SMALL).mesh, devices=jax.devices()[:1])
+
+    def run(run_dir, steps):
+        return train(load_config(TINY, common + [f"train.steps={steps}", f"train.run_dir={run_dir}"]), mesh=mesh)
+
+    monkeypatch.setattr(loop, "evaluate", scripted())
+    whole = run(tmp_path / "whole", 100)
+    assert whole[-1]["step"] == 50
+
+    monkeypatch.setattr(loop, "evaluate", scripted())
+    assert run(tmp_path / "cut", 30)[-1]["step"] == 30
+    resumed = run(tmp_path / "cut", 100)
+    assert resumed[-1]["step"] == 50
+    assert ckpt.read_meta(tmp_path / "cut" / "checkpoints" / "30")["early_stop"] == \
+        {"best": 2.0, "best_step": 20, "stale": 1}
+    steps = lambda h: [(r["step"], r.get("eval_loss")) for r in h]  # noqa: E731
+    assert steps(metrics(tmp_path / "cut")) == steps(whole)
+    capfd.readouterr()
+    assert run(tmp_path / "cut", 100) == []
+    assert "stopped early at step 50 (best eval loss 2.0000 at step 20, then 3 evaluations without a new best" \
+        in capfd.readouterr().err

@@ -121,7 +121,9 @@ class Outputs:
 
 
 def check_room(dec: Decoder, prompts: list[list[int]], max_new: int) -> int:
-    """max_new, or fewer so that no row passes max_seq_len."""
+    """max_new, or fewer so that no row passes max_seq_len (said once on stderr)."""
+    import sys
+
     from jaxlm.errors import UserError
 
     longest = max(len(p) for p in prompts)
@@ -130,7 +132,12 @@ def check_room(dec: Decoder, prompts: list[list[int]], max_new: int) -> int:
                         "shorten it")
     if any(len(p) == 0 for p in prompts):
         raise UserError("a prompt is empty; give at least one token")
-    return max(0, min(max_new, dec.max_seq_len - longest))
+    room = dec.max_seq_len - longest
+    if max_new > room and jax.process_index() == 0:
+        print(f"jaxlm: asked for {max_new} new tokens but only {room} fit after the longest prompt "
+              f"({longest} tokens) because of max_seq_len={dec.max_seq_len}; generating {room}",
+              file=sys.stderr, flush=True)
+    return max(0, min(max_new, room))
 
 
 def generate(dec: Decoder, prompts: list[list[int]], max_new: int, sampling: Sampling, seed: int = 0,

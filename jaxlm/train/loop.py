@@ -20,6 +20,7 @@ from jaxlm import checkpoint as ckpt
 from jaxlm import determinism, resume as resuming
 from jaxlm.accounting import train_flops_per_step
 from jaxlm.config import Config, ConfigError, to_yaml
+from jaxlm.config_check import check_data_paths
 from jaxlm.data.pipeline import to_global
 from jaxlm.data.sources import build_data, data_fingerprint
 from jaxlm.distributed import data_parallel_size, make_mesh
@@ -90,8 +91,20 @@ class Preemption:
 class EarlyStopping:
     """Stops after `patience` evaluations in a row without a new best eval loss (0 = never)."""
 
-    def __init__(self, patience: int):
+    def __init__(self, patience: int, saved: dict | None = None):
+        """`saved`: `state()` from the checkpoint a run resumes from, so it stops where an
+        uninterrupted run would."""
         self.patience, self.best, self.best_step, self.stale = patience, float("inf"), None, 0
+        if saved and saved.get("best") is not None:
+            self.best, self.best_step, self.stale = float(saved["best"]), saved["best_step"], int(saved["stale"])
+
+    def state(self) -> dict:
+        """JSON for the checkpoint meta (no best yet: null, as JSON has no infinity)."""
+        best = None if self.best_step is None else self.best
+        return {"best": best, "best_step": self.best_step, "stale": self.stale}
+
+    def stopped(self) -> bool:
+        return bool(self.patience) and self.stale >= self.patience
 
     def update(self, step: int, eval_loss: float) -> str | None:
         """The reason to stop now, or None."""
@@ -99,7 +112,7 @@ class EarlyStopping:
             self.best, self.best_step, self.stale = eval_loss, step, 0
             return None
         self.stale += 1
-        if self.patience and self.stale >= self.patience:
+        if self.stopped():
             return (f"early stop after step {step}: eval loss has not improved for {self.stale} evaluations "
                     f"(train.early_stop_patience={self.patience}); best {self.best:.4f} at step {self.best_step}")
         return None
@@ -132,6 +145,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
     If run_dir/checkpoints holds checkpoints (or `resume` names one), training continues from
     the newest valid one, bit-exactly where the mesh is the same.
     """
+    check_data_paths(cfg)
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     check_batch(cfg, mesh)
     platform = mesh.devices.flat[0].platform
@@ -164,6 +178,13 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
             if note:
                 _say(note)
         start = int(state["step"])
+        stopper = EarlyStopping(t.early_stop_patience, None if restored is None else meta.get("early_stop"))
+        if stopper.stopped():  # it stopped early here; one more evaluation without a new best would stop again
+            _say(f"{run_dir} stopped early at step {start} (best eval loss {stopper.best:.4f} at step "
+                 f"{stopper.best_step}, then {stopper.stale} evaluations without a new best; "
+                 f"train.early_stop_patience={t.early_stop_patience}); to train on, raise train.early_stop_patience, "
+                 "or use a new train.run_dir")
+            return []
         if start >= t.steps:  # one line and touch nothing: no config rewrite, no new TensorBoard events file
             _say(f"{run_dir} is finished (its checkpoint is at step {start}, train.steps={t.steps}); to train on, "
                  f"raise train.steps (e.g. train.steps={start + t.steps}), or use a new train.run_dir")
@@ -181,7 +202,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
         def save(step: int, eval_loss: float | None) -> None:
             checks.check_state(step, state)  # never a non-finite checkpoint
             meta = {**ckpt.make_meta(cfg, step, tokens_seen, batches.get_state(), tokenizer, fingerprint),
-                    "determinism": deterministic, "eval_loss": eval_loss}
+                    "determinism": deterministic, "eval_loss": eval_loss, "early_stop": stopper.state()}
             writer.save(step, state, meta)
 
         def last_good() -> str:
@@ -197,7 +218,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
         logger = MetricsLogger(run_dir, t.steps, start, t.progress)
         try:
             clock, clock_step = None, start
-            stopper, early = EarlyStopping(t.early_stop_patience), None
+            early = None
             for step in range(start, t.steps):
                 state, metrics = trainer.train_step(state, to_global(next(batches), trainer.batch_sharding))
                 done = step + 1
