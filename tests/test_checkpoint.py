@@ -277,6 +277,17 @@ def test_resume_with_longer_schedule_continues_without_duplicate_metric_steps(ba
     assert ckpt.read_meta(run_dir / "checkpoints" / "45")["tokens_seen"] == 45 * 8 * 32
 
 
+def test_a_fresh_start_keeps_the_earlier_starts_metrics_aside_instead_of_appending(tmp_path, capfd):
+    cfg = config("train.steps=3", "checkpoint.every=0", f"train.run_dir={tmp_path / 'run'}")
+    train(cfg)
+    first = metrics(tmp_path / "run")
+    train(cfg)  # no checkpoint to resume from: a second run from step 0
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
+    kept = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl.1").read_text().splitlines()]
+    assert kept == first
+    assert "kept as metrics.jsonl.1" in capfd.readouterr().err
+
+
 def test_async_save_returns_before_the_write_and_saves_the_state_at_save_time(tmp_path):
     cfg = config(*RUN)
     trainer = make_trainer(cfg, make_mesh(cfg.mesh))

@@ -134,6 +134,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _set_aside(path: Path) -> Path:
+    """Renames `path` to the first free `path.N`: the records of a start that left no checkpoint
+    (checkpoint.every=0, or killed before its first save) are kept, not mixed with the new run's."""
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    return path.rename(path.with_name(f"{path.name}.{n}"))
+
+
 def _say(msg: str) -> None:
     if jax.process_index() == 0:
         print(f"jaxlm: {msg}", file=sys.stderr, flush=True)
@@ -196,6 +205,10 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
             if restored is not None:
                 _truncate_metrics(run_dir / "metrics.jsonl", start)
+            elif (run_dir / "metrics.jsonl").exists():
+                kept = _set_aside(run_dir / "metrics.jsonl")
+                _say(f"no checkpoint in {run_dir} to resume from: training starts at step 0; the earlier start's "
+                     f"metrics.jsonl is kept as {kept.name}")
         every = cfg.checkpoint.every
         writer = ckpt.CheckpointWriter(run_dir / ckpt.CHECKPOINTS, cfg.checkpoint) if every > 0 else None
 
