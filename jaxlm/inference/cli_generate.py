@@ -122,14 +122,9 @@ def autoregressive(args, run: Run) -> int:
 
 def masked_diffusion(args, run: Run) -> int:
     """mdlm checkpoints: --sampler mdlm | llada | block, --steps, --block-size (inference/diffusion.py)."""
-    from flax import nnx
-
     from jaxlm.inference.diffusion import generate_mdlm
-    from jaxlm.train.step import build_model
 
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(run.cfg, 0)))
-    nnx.replace_by_pure_dict(state, run.params)
-    model = nnx.merge(graphdef, state)
+    model = run.model()
     for prompt in read_prompts(args):
         generate_mdlm(model, run.cfg, run.tokenizer, prompt, args)
     return 0

@@ -30,6 +30,13 @@ class Run:
     path: Path  # the step directory
     mesh: Mesh
 
+    def model(self) -> nnx.Module:
+        """The trained model as an nnx module (its training config, the restored parameters),
+        for calling it directly: a notebook, an evaluation, a sampler that takes a module."""
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(self.cfg, 0)))
+        nnx.replace_by_pure_dict(state, self.params)
+        return nnx.merge(graphdef, state)
+
 
 def checkpoint_tokenizer(meta: dict, where: Path) -> Tokenizer:
     """The tokenizer the run trained with; refuses one whose content changed since."""
