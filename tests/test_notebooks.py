@@ -18,7 +18,7 @@ DEVICE_FLAG = "xla_force_host_platform_device_count"
 def test_the_test_command_executes_every_notebook():
     options = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert "notebooks" in options["testpaths"] and "--nbmake" in options["addopts"].split()
-    assert {"quickstart", "sharding", "moe", "accounting"} <= {p.stem for p in NOTEBOOKS}
+    assert {"quickstart", "sharding", "moe", "accounting", "diffusion"} <= {p.stem for p in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
