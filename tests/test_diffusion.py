@@ -11,7 +11,7 @@ import pytest
 from jaxlm.config import ConfigError, DiffusionConfig, load_config
 from jaxlm.data.batch import Batch
 from jaxlm.distributed import make_mesh
-from jaxlm.inference.diffusion import sample_block, sample_mdlm, sample_remask
+from jaxlm.inference.diffusion import block_plan, sample_block, sample_mdlm, sample_remask
 from jaxlm.train import diffusion
 from jaxlm.train.loop import train
 from jaxlm.train.objectives import make_objective
@@ -189,6 +189,13 @@ def test_block_diffusion_with_one_block_is_plain_remasking(mask_loving_model):
     one_block = sample_block(mask_loving_model, PROMPT, 24, 6, block_size=24, seed=3)
     assert np.array_equal(plain.tokens, one_block.tokens)
     assert not np.array_equal(sample_block(mask_loving_model, PROMPT, 24, 6, 8, seed=3).tokens, plain.tokens)
+
+
+def test_block_plan_spends_exactly_the_steps_asked_when_there_are_enough():
+    assert block_plan(64, 30, 16) == [(0, 16, 8), (16, 32, 8), (32, 48, 7), (48, 64, 7)]  # 30 calls, not 28
+    assert block_plan(24, 6, 8) == [(0, 8, 2), (8, 16, 2), (16, 24, 2)]
+    assert block_plan(20, 2, 8) == [(0, 8, 1), (8, 16, 1), (16, 20, 1)]  # at least one step per block
+    assert block_plan(10, 5, None) == [(0, 10, 5)]
 
 
 def test_block_diffusion_finishes_each_block_before_the_next(mask_loving_model):

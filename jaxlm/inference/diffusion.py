@@ -48,12 +48,13 @@ class Sample:
 
 
 def block_plan(length: int, steps: int, block_size: int | None) -> list[tuple[int, int, int]]:
-    """[(first, end, steps)] per block, relative to the generation: `steps` split evenly over the
-    blocks (each gets at least one)."""
+    """[(first, end, steps)] per block, relative to the generation: `steps` split over the blocks
+    as evenly as it goes, the earlier blocks taking the remainder; each block gets at least one
+    (so fewer steps than blocks makes one call per block)."""
     size = length if block_size is None else max(1, min(block_size, length))
     bounds = [(lo, min(lo + size, length)) for lo in range(0, length, size)]
-    per_block = max(1, steps // len(bounds))
-    return [(lo, hi, per_block) for lo, hi in bounds]
+    base, extra = divmod(steps, len(bounds))
+    return [(lo, hi, max(1, base + (i < extra))) for i, (lo, hi) in enumerate(bounds)]
 
 
 def _draw(key, logits_BTV, temperature: float):
@@ -161,7 +162,7 @@ def sample_remask(model, prompt_ids, length: int, steps: int, seed: int = 0, *, 
 
 def sample_block(model, prompt_ids, length: int, steps: int, block_size: int, seed: int = 0, *,
                  temperature: float = 1.0, rows: int = 1, history: bool = False) -> Sample:
-    """Block diffusion: remasking block by block, left to right; `steps` in all."""
+    """Block diffusion: remasking block by block, left to right; `steps` in all (see block_plan)."""
     plan = block_plan(length, steps, block_size)
     return _remasking(model, prompt_ids, length, plan, seed, temperature, rows, history)
 
