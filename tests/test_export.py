@@ -1,14 +1,13 @@
 """Export to transformers and llama.cpp, import back: logit parity, exact round trips, refusals.
 
 Small random models (D=64, byte tokenizer) in f32 on CPU; norm scales are randomised so that a
-swapped or missing norm would show. transformers/torch and llama.cpp (llama-cpp-python, or else
-llama-cpp-py-sync) are optional: only the tests that run them skip without them.
+swapped or missing norm would show. transformers/torch and llama.cpp (llama-cpp-python) are
+optional: only the tests that run them skip without them.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -149,43 +148,29 @@ def test_exported_hf_tokenizer_gives_jaxlm_ids_on_mixed_text_with_special_tokens
 
 @functools.cache
 def llama_cpp():
-    """The llama.cpp binding that loads here: llama-cpp-python (`llama_cpp`, built from its sdist
-    where no wheel fits) if importable, else llama-cpp-py-sync; skip, saying why, if neither loads."""
-    reasons = []
-    for name in ("llama_cpp", "llama_cpp_py_sync"):
-        try:
-            module = importlib.import_module(name)  # llama_cpp loads its native library on import
-            if name == "llama_cpp_py_sync":
-                module.Llama.print_system_info()  # loads the native library
-            return module
-        except ImportError as e:
-            reasons.append(f"{name}: {e}")
-        except (OSError, RuntimeError) as e:  # e.g. a wheel built against a newer glibc than this machine's
-            reasons.append(f"{name}: llama.cpp's library does not load here: {str(e).splitlines()[0][:200]}")
-    pytest.skip("; ".join(reasons))
+    """llama-cpp-python (the export extra compiles it from its sdist); skip, saying why, without it."""
+    try:
+        import llama_cpp  # loads its native library
+
+        return llama_cpp
+    except ImportError as e:
+        pytest.skip(f"llama-cpp-python is not installed (the export extra): {e}")
+    except (OSError, RuntimeError) as e:  # e.g. a library built against a newer glibc than this machine's
+        pytest.skip(f"llama.cpp's library does not load here: {str(e).splitlines()[0][:200]}")
 
 
 def llama_cpp_greedy(gguf: Path, n_vocab: int, kv: str = "f32") -> tuple[list[int], np.ndarray]:
     """llama.cpp's greedy continuation of PROMPT (token ids in, argmax out) and its logits per step."""
     llama = llama_cpp()
-    if llama.__name__ == "llama_cpp":
-        kv_type = {"f32": llama.GGML_TYPE_F32, "f16": llama.GGML_TYPE_F16}[kv]
-        llm = llama.Llama(str(gguf), n_ctx=128, n_batch=128, n_threads=2, n_threads_batch=2, logits_all=False,
-                          type_k=kv_type, type_v=kv_type, verbose=False)
-        assert llm.n_vocab() == n_vocab
+    kv_type = {"f32": llama.GGML_TYPE_F32, "f16": llama.GGML_TYPE_F16}[kv]
+    llm = llama.Llama(str(gguf), n_ctx=128, n_batch=128, n_threads=2, n_threads_batch=2, logits_all=False,
+                      type_k=kv_type, type_v=kv_type, verbose=False)
+    assert llm.n_vocab() == n_vocab
 
-        def eval_and_logits(tokens):  # logits of the last position: the only one computed (logits_all=False)
-            llm.eval(tokens)
-            return np.ctypeslib.as_array(llama.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).copy()
-    else:
-        llm = llama.Llama(str(gguf), n_ctx=128, n_batch=128, n_threads=2, type_k=kv, type_v=kv)
-        ffi, lib, n_past = llm._ffi, llm._lib, 0
+    def eval_and_logits(tokens):  # logits of the last position: the only one computed (logits_all=False)
+        llm.eval(tokens)
+        return np.ctypeslib.as_array(llama.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).copy()
 
-        def eval_and_logits(tokens):
-            nonlocal n_past
-            n_past = llm._eval_tokens(tokens, n_past)
-            ptr = lib.llama_get_logits_ith(llm._ctx, -1)
-            return np.frombuffer(ffi.buffer(ptr, n_vocab * 4), np.float32).copy()
     try:
         ids, steps = [], [eval_and_logits(PROMPT)]
         for _ in range(N_NEW):
