@@ -44,6 +44,7 @@ MODELS = {
 ONE_DEVICE = slice(0, 1)  # tiny models: one device compiles and saves fastest
 PROMPT = list(b"To be, or not to be: that is")
 N_NEW = 32
+TIE = {"f32": 1e-4, "f16": 1e-2}  # a top-2 logit gap below this may flip in that GGUF dtype (~3x its error)
 
 
 def config(*overrides: str):
@@ -80,9 +81,9 @@ def forward(run_dir: Path):
     return cfg, params, lambda tokens: np.asarray(fn(params, jnp.asarray(tokens)))
 
 
-def jaxlm_greedy(run_dir: Path) -> tuple[list[int], float]:
+def jaxlm_greedy(run_dir: Path) -> tuple[list[int], list[float]]:
     """Greedy continuation of PROMPT by full forwards over a fixed-length (causal, so padded) row;
-    also the smallest top-1 vs top-2 logit gap met, to show the comparison is not a coin toss."""
+    also the top-1 vs top-2 logit gap at each step (a near tie may go either way in lower precision)."""
     _, _, logits = forward(run_dir)
     ids, gaps = list(PROMPT), []
     for _ in range(N_NEW):
@@ -92,7 +93,7 @@ def jaxlm_greedy(run_dir: Path) -> tuple[list[int], float]:
         top2 = np.sort(last)[-2:]
         gaps.append(top2[1] - top2[0])
         ids.append(int(last.argmax()))
-    return ids[len(PROMPT):], float(min(gaps))
+    return ids[len(PROMPT):], [float(g) for g in gaps]
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -188,9 +189,12 @@ def test_llama_cpp_greedy_continuation_equals_jaxlm(make_run, tmp_path, name, dt
     llama_cpp()
     run_dir = make_run(name)
     gguf = export(run_dir, "gguf", tmp_path / "model.gguf", dtype=dtype)
-    want, gap = jaxlm_greedy(run_dir)
+    want, gaps = jaxlm_greedy(run_dir)
     got, _ = llama_cpp_greedy(gguf, 257)
-    assert got == want, f"smallest top-2 logit gap in jaxlm's continuation: {gap:.4f}"
+    # compared up to the first near tie: f16 weights move logits by up to ~4e-3 (measured), f32 by ~2e-6
+    tie = next((i for i, g in enumerate(gaps) if g < TIE[dtype]), N_NEW)
+    assert tie >= 8, f"jaxlm's continuation meets a near tie (gap {gaps[tie]:.4f}) at step {tie}; pick another prompt"
+    assert got[:tie] == want[:tie], f"first {tie} greedy tokens differ; top-2 gaps {[round(g, 4) for g in gaps[:tie]]}"
 
 
 def test_llama_cpp_q8_0_logits_close_to_f32(make_run, tmp_path):
