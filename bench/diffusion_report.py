@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import jax
-from flax import nnx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's jaxlm, not an installed one
@@ -51,17 +50,11 @@ def _one_device_mesh(cfg):
 
 
 def load_model(run_dir: Path):
-    """The run's model with the parameters of its newest checkpoint."""
-    from jaxlm import checkpoint as ckpt
-    from jaxlm.config import Config, from_dict
-    from jaxlm.train.step import build_model
+    """The run's model with the parameters of its newest checkpoint, and its config."""
+    from jaxlm.inference.load import load_run
 
-    step_dir = ckpt.newest_valid_step(run_dir)
-    cfg = from_dict(Config, ckpt.read_meta(step_dir)["config"], prefix="")
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, 0)))
-    shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract))
-    params = ckpt.restore_params(step_dir, shapes)
-    return nnx.merge(graphdef, params), cfg
+    run = load_run(str(run_dir))
+    return run.model(), run.cfg
 
 
 def main() -> None:

@@ -33,9 +33,7 @@ class Run:
     def model(self) -> nnx.Module:
         """The trained model as an nnx module (its training config, the restored parameters),
         for calling it directly: a notebook, an evaluation, a sampler that takes a module."""
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(self.cfg, 0)))
-        nnx.replace_by_pure_dict(state, self.params)
-        return nnx.merge(graphdef, state)
+        return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(self.cfg, 0))), self.params)
 
 
 def checkpoint_tokenizer(meta: dict, where: Path) -> Tokenizer:
