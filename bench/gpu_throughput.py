@@ -71,7 +71,7 @@ def measure(job: dict) -> dict:
         platform = jax.default_backend()
         deterministic = determinism.check(cfg.train.deterministic, platform)
         runner, tokens = jaxlm_runner(cfg)
-        resolved = kernels.resolve(cfg.model, platform, deterministic)
+        resolved = kernels.resolve(cfg.model, platform, deterministic, cfg.data.seq_len)
         info = dict(device_kind=jax.devices()[0].device_kind, deterministic=deterministic,
                     attention=resolved.attention_impl, projection=resolved.projection_impl)
         if platform == "cpu":  # no table entry: MFU against this machine's f32 matmul

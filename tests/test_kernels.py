@@ -164,8 +164,8 @@ def test_a_kernel_that_cannot_express_the_mask_falls_back_with_one_warning(capsy
 
     calls = []
     monkeypatch.setattr(flash, "pallas_gpu_attention", lambda q, k, v, causal, seg: calls.append(seg) or q)
-    q, k, v = qkv(T=8)
-    mask = AttentionMask(causal=True, segment_ids_BT=segments(2, 16)[:, :8])
+    q, k, v = qkv(T=16)
+    mask = AttentionMask(causal=True, segment_ids_BT=segments(2, 16))
     for _ in range(2):
         attention(q, k, v, mask, "cudnn")
     assert len(calls) == 2 and calls[0] is mask.segment_ids_BT  # cuDNN has no segment ids: Pallas runs
@@ -175,6 +175,46 @@ def test_a_kernel_that_cannot_express_the_mask_falls_back_with_one_warning(capsy
     q1, k1, v1 = qkv(T=4, S=16)
     np.testing.assert_allclose(attention(q1, k1, v1, decode, "splash"), reference_attention(q1, k1, v1, decode))
     assert "attention kernel splash cannot express a decode step's cache mask; using xla" in capsys.readouterr().err
+
+
+def test_a_flash_kernel_that_cannot_tile_the_sequence_gives_way_to_xla_with_one_warning(capsys):
+    """Splash tiles by 128 (the TPU's lanes), Triton's dot by 16, cuDNN needs head dims of 8k."""
+    cases = [("splash", "tpu", 100, 32, "xla"), ("splash", "tpu", 384, 32, "splash"),
+             ("pallas_gpu", "gpu", 24, 32, "xla"), ("pallas_gpu", "gpu", 48, 32, "pallas_gpu"),
+             ("cudnn", "gpu", 64, 36, "xla"), ("cudnn", "gpu", 100, 64, "cudnn")]
+    for impl, platform, seq_len, head_dim, want in cases:
+        model = ModelConfig(d_model=4 * head_dim, n_heads=4, n_kv_heads=2, attention_impl=impl)
+        assert kernels.resolve(model, platform, seq_len=seq_len).attention_impl == want, (impl, seq_len)
+    err = capsys.readouterr().err
+    assert "attention kernel splash cannot express sequence length 100 (it tiles by multiples of 128)" in err
+    assert "attention kernel cudnn cannot express head dim 36" in err and len(err.splitlines()) == 3
+    q, k, v = qkv(T=40)  # and where the kernel is called directly, e.g. outside a trainer
+    causal = AttentionMask(causal=True)
+    np.testing.assert_allclose(attention(q, k, v, causal, "pallas_gpu"), reference_attention(q, k, v, causal))
+    assert "pallas_gpu cannot express sequence length 40 (it tiles by multiples of 16)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_gpu_train_step_lowers_for_cuda_with_triton_flash_attention_and_no_t_by_t_scores(packing):
+    """The whole GPU step (deterministic: the Pallas kernel), lowered for CUDA on this CPU machine.
+    Pallas emits its Triton kernels when lowering; only compiling them needs the GPU. The control,
+    xla attention, shows that a T x T score tensor would be visible in the module text."""
+    from jaxlm.config import load_config
+    from jaxlm.distributed import make_mesh
+    from jaxlm.train.step import make_trainer
+
+    def lowered(impl):
+        cfg = load_config("configs/tiny.yaml", ["data.seq_len=192", "model.max_seq_len=192", "mesh.data=1",
+                                                "train.global_batch=2", "train.deterministic=true",
+                                                f"data.packing={str(packing).lower()}",
+                                                f"model.attention_impl={impl}"])
+        trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:1]), platform="gpu")
+        return trainer.cfg.model.attention_impl, trainer.lower_train_step(platforms=("cuda",)).as_text()
+
+    impl, text = lowered("auto")
+    assert impl == "pallas_gpu" and "__gpu$xla.gpu.triton" in text and "192x192" not in text
+    impl, text = lowered("xla")
+    assert impl == "xla" and "triton" not in text and "192x192" in text
 
 
 @pytest.mark.parametrize("impl", ["ragged_dot", "megablox"])

@@ -53,6 +53,21 @@ def cudnn_attention(q_BTKGd, k_BSKd, v_BSKd, causal: bool):
     return per_device(fn, q_BTKGd, k_BSKd, v_BSKd, None)
 
 
+# the tile each kernel's sequence lengths must be a multiple of: Triton's smallest dot, and
+# splash's block, which is a multiple of the TPU's 128 lanes
+SEQUENCE_MULTIPLE = {"pallas_gpu": 16, "splash": 128}
+
+
+def unsupported(impl: str, T: int, S: int, d: int) -> str | None:
+    """Why kernel `impl` cannot run T queries over S keys of head dim d (None: it can)."""
+    multiple = SEQUENCE_MULTIPLE.get(impl, 1)
+    if T % multiple or S % multiple:
+        return f"sequence length {T if T % multiple else S} (it tiles by multiples of {multiple})"
+    if impl == "cudnn" and (d % 8 or d > 256):
+        return f"head dim {d} (cuDNN flash needs a multiple of 8, at most 256)"
+    return None
+
+
 def _blocks(T: int, S: int, largest: int = 128) -> tuple[int, int]:
     """Block sizes that divide the sequence lengths (the kernels tile them exactly)."""
     return math.gcd(T, largest), math.gcd(S, largest)

@@ -43,11 +43,13 @@ NOT_DETERMINISTIC = {"attention_impl": {"cudnn"}}
 IMPLS = {"attention_impl": ATTENTION_IMPLS, "projection_impl": PROJECTION_IMPLS, "gmm_impl": GMM_IMPLS}
 
 
-def resolve(model_cfg, platform: str, deterministic: bool = False):
+def resolve(model_cfg, platform: str, deterministic: bool = False, seq_len: int | None = None):
     """The model config with every `auto` kernel replaced by the platform's choice; a kernel that
     does not run on `platform`, or is not deterministic where that was asked for, is a one-line
-    ConfigError."""
+    ConfigError. A flash kernel that cannot tile `seq_len` (training's) gives way to xla, with a
+    warning, so the resolved config names the kernel that runs."""
     from jaxlm.config import ConfigError
+    from jaxlm.model import flash
 
     changes = {}
     for key, table in IMPLS.items():
@@ -64,6 +66,9 @@ def resolve(model_cfg, platform: str, deterministic: bool = False):
             ok = [name for name, platforms in table.items() if platform in platforms]
             raise ConfigError(f"model.{key}={impl!r} needs a {' or '.join(table[impl]).upper()} backend, but this "
                               f"run's devices are {platform.upper()}; use auto or one of {'|'.join(ok)}")
+    impl = changes.get("attention_impl", model_cfg.attention_impl)
+    if seq_len and (why := flash.unsupported(impl, seq_len, seq_len, model_cfg.head_dim)):
+        changes["attention_impl"] = _fallback(impl, "xla", why)
     if model_cfg.scan_layers == "auto":
         changes["scan_layers"] = AUTO["scan_layers"].get(platform, AUTO["scan_layers"]["cpu"])
     return dataclasses.replace(model_cfg, **changes)
@@ -147,6 +152,8 @@ def attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, impl: str = "auto",
         impl = _fallback(impl, "xla", "a decode step's cache mask")
     if impl == "cudnn" and mask.segment_ids_BT is not None:
         impl = _fallback(impl, "pallas_gpu", "segment ids (packed documents)")
+    if why := flash.unsupported(impl, T, S, q_BTKGd.shape[-1]):
+        impl = _fallback(impl, "xla", why)
     if impl == "xla":
         return reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask)
     if impl == "cpu":

@@ -179,15 +179,19 @@ class Trainer:
         return Batch.abstract(c.train.global_batch, c.data.seq_len, c.data.packing, self.batch_sharding,
                               self.spec.objective.extra_fields())
 
-    def lower_train_step(self):
-        """The train step lowered for this config's abstract state and batch (`jaxlm compile`)."""
-        return self.jit_train_step.lower(self.abstract_state(), self.abstract_batch(), self.frozen)
+    def lower_train_step(self, platforms: tuple[str, ...] | None = None):
+        """The train step lowered for this config's abstract state and batch (`jaxlm compile`);
+        `platforms` (e.g. ("cuda",)) lowers for a backend this machine lacks, without compiling."""
+        traced = self.jit_train_step.trace(self.abstract_state(), self.abstract_batch(), self.frozen)
+        return traced.lower(lowering_platforms=platforms)
 
 
-def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
-    platform = mesh.devices.flat[0].platform
+def make_trainer(cfg: Config, mesh: Mesh, platform: str | None = None) -> Trainer:
+    """The jitted steps of `cfg` on `mesh`. Kernels are chosen for `platform` (default: the mesh's
+    devices'); another platform is only for lowering (`lower_train_step(platforms=...)`)."""
+    platform = platform or mesh.devices.flat[0].platform
     deterministic = determinism.resolve(cfg.train.deterministic, platform)
-    cfg = dataclasses.replace(cfg, model=kernels.resolve(cfg.model, platform, deterministic))
+    cfg = dataclasses.replace(cfg, model=kernels.resolve(cfg.model, platform, deterministic, cfg.data.seq_len))
     rules = resolve_rules(cfg.mesh.rules)
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, cfg.train.seed)))
