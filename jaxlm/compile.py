@@ -112,6 +112,7 @@ def compile_step(cfg: Config, devices) -> dict:
     state, batch = trainer.abstract_state(), trainer.abstract_batch()
     out = {"mesh": dict(mesh.shape), "params": count_params(cfg.model, cfg.moe).total,
            "state_bytes": per_device_bytes(state), "batch_bytes": per_device_bytes(batch),
+           "frozen_bytes": per_device_bytes(trainer.abstract_frozen),
            "matmul_flops": train_flops_per_step(cfg), "n_devices": len(devices),
            "n_hosts": len({d.process_index for d in devices}),
            "attention_impl": trainer.cfg.model.attention_impl, "scan_layers": trainer.cfg.model.scan_layers}
@@ -157,12 +158,13 @@ def report(r: dict, cfg: Config, topology: str, hbm: int) -> tuple[str, bool]:
              f"{cfg.data.seq_len} tokens" + (" (packed)" if cfg.data.packing else "")
              + f"; attention kernel {r['attention_impl']}",
              "memory per chip"]
+    shards = "state + batch" + (" + teacher" if r["frozen_bytes"] else "") + " shards"
     if "error" in r:
         # XLA refuses to finish a program that cannot fit; what we know without its analysis:
-        args = r["state_bytes"] + r["batch_bytes"]
+        args = r["state_bytes"] + r["batch_bytes"] + r["frozen_bytes"]
         temps = _xla_bytes(r["error"], "temporaries")
         total = args + (temps or 0)
-        lines += [f"  arguments     {_size(args):>14}  (state + batch shards)",
+        lines += [f"  arguments     {_size(args):>14}  ({shards})",
                   f"  outputs       {_size(r['state_bytes']):>14}  (the new state, in the donated arguments)",
                   f"  temporaries   {_size(temps) if temps else 'unknown':>14}  (from XLA's error)",
                   f"  total         {'>= ' + _size(total):>14}  = {100 * total / hbm:.1f}% of {_size(hbm)}",
@@ -171,7 +173,7 @@ def report(r: dict, cfg: Config, topology: str, hbm: int) -> tuple[str, bool]:
                   if total > hbm else "fits: NO (XLA ran out of memory)"]
         return "\n".join(lines), False
     fits = r["total"] <= hbm
-    lines += [f"  arguments     {_size(r['arguments']):>14}  (state + batch shards)",
+    lines += [f"  arguments     {_size(r['arguments']):>14}  ({shards})",
               f"  outputs       {_size(r['outputs']):>14}  ({_size(r['aliased'])} of it aliased to donated arguments)",
               f"  temporaries   {_size(r['temporaries']):>14}",
               f"  code          {_size(r['code']):>14}",

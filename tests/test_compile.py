@@ -89,3 +89,32 @@ def test_topology_names_parse(text, expected):
 def test_bad_topology_names_say_what_is_expected(text, words):
     with pytest.raises(UserError, match=words.replace("|", r"\|")):
         parse_topology(text)
+
+
+@needs_libtpu
+def test_a_distillation_run_compiles_without_reading_its_teacher_and_counts_it(tmp_path):
+    """Compile-only TPU devices hold no arrays: the teacher is lowered from its shapes, never restored."""
+    from jaxlm.config import load_config
+    from jaxlm.train.loop import train
+
+    small = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=128",
+             "train.global_batch=8", "train.progress=false", "train.eval_every=0"]
+    teacher = tmp_path / "teacher"
+    train(load_config("configs/tiny.yaml", small + ["train.steps=2", "checkpoint.every=2",
+                                                    "checkpoint.async_save=false", f"train.run_dir={teacher}"]))
+    proc, r = compile_cli(tmp_path, "configs/tiny.yaml", *small, "model.n_layers=1", "train.objective=distill",
+                          f"train.teacher={teacher}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # untied embedding and head; per layer two norms, q k v o (one kv head of 32) and SwiGLU; final norm
+    teacher_params = 257 * 64 * 2 + 2 * (2 * 64 + 64 * (64 + 2 * 32 + 64) + 3 * 64 * 128) + 64
+    assert r["frozen_bytes"] == 4 * teacher_params  # replicated over data=8: every chip holds all of it
+    assert r["arguments"] >= r["state_bytes"] + r["batch_bytes"] + r["frozen_bytes"]
+    assert "(state + batch + teacher shards)" in proc.stdout
+
+
+@needs_libtpu
+def test_a_sequence_splash_cannot_tile_compiles_with_xla_attention_and_says_so(tmp_path):
+    proc, r = compile_cli(tmp_path, "configs/tiny.yaml", "data.seq_len=100")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert r["attention_impl"] == "xla" and "attention kernel xla" in proc.stdout
+    assert "attention kernel splash cannot express sequence length 100" in proc.stderr

@@ -49,7 +49,10 @@ class Distill(NextToken):
         target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                               nnx.to_pure_dict(abstract), shardings)
         self.teacher_graphdef = graphdef
-        return ckpt.restore_params(self.step_dir, target), shardings
+        return target
+
+    def load_frozen(self, abstract):
+        return ckpt.restore_params(self.step_dir, abstract)
 
     def loss(self, model, batch, key, frozen):
         logits, aux = forward(model, batch, key)

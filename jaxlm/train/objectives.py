@@ -30,9 +30,14 @@ class Objective(abc.ABC):
         """The objective's own per-row batch fields: {name: (row shape, dtype)}."""
         return {}
 
-    def frozen(self, mesh, rules) -> tuple[Any, Any]:
-        """(fixed arrays the loss reads, placed on `mesh`; their shardings), e.g. a teacher's params."""
-        return {}, {}
+    def frozen(self, mesh, rules) -> Any:
+        """Fixed arrays the loss reads (e.g. a teacher's params) as ShapeDtypeStructs carrying their
+        shardings on `mesh`: all that lowering a step needs (`jaxlm compile` for devices it lacks)."""
+        return {}
+
+    def load_frozen(self, abstract) -> Any:
+        """The arrays `frozen()` describes, read and placed in their shardings."""
+        return abstract
 
     def count(self, batch: Batch) -> jax.Array:
         """The normaliser of the loss sums: tokens that count."""

@@ -136,11 +136,16 @@ class Trainer:
     cfg: Config  # with the kernels resolved for the mesh's platform
     spec: StepSpec
     state_shardings: Any
-    frozen: Any  # the objective's fixed arrays, already placed
+    abstract_frozen: Any  # the objective's fixed arrays as ShapeDtypeStructs with their shardings
     jit_train_step: Callable  # (state, batch, frozen) -> (state, metrics)
     jit_eval_step: Callable  # (params, batch, frozen) -> {"loss_sum", "count"}
     jit_loss_and_grads: Callable  # (params, batch, frozen) -> (loss, grads)
     init_state: Callable  # () -> state, created directly in its shardings
+
+    @functools.cached_property
+    def frozen(self):
+        """The objective's fixed arrays, read on first use: lowering alone never reads them."""
+        return self.spec.objective.load_frozen(self.abstract_frozen)
 
     @property
     def mesh(self) -> Mesh:
@@ -182,7 +187,7 @@ class Trainer:
     def lower_train_step(self, platforms: tuple[str, ...] | None = None):
         """The train step lowered for this config's abstract state and batch (`jaxlm compile`);
         `platforms` (e.g. ("cuda",)) lowers for a backend this machine lacks, without compiling."""
-        traced = self.jit_train_step.trace(self.abstract_state(), self.abstract_batch(), self.frozen)
+        traced = self.jit_train_step.trace(self.abstract_state(), self.abstract_batch(), self.abstract_frozen)
         return traced.lower(lowering_platforms=platforms)
 
 
@@ -207,10 +212,11 @@ def make_trainer(cfg: Config, mesh: Mesh, platform: str | None = None) -> Traine
     spec = StepSpec(graphdef=graphdef, objective=objective, optimizer=optimizer, schedule=schedule,
                     train=cfg.train, moe=cfg.moe, mesh=mesh, rules=rules)
     data = batch_sharding(mesh, rules)
-    frozen, frozen_shardings = objective.frozen(mesh, rules)
+    abstract_frozen = objective.frozen(mesh, rules)
+    frozen_shardings = jax.tree.map(lambda s: s.sharding, abstract_frozen)
     bind = lambda fn: functools.partial(fn, spec=spec)
     return Trainer(
-        cfg=cfg, spec=spec, state_shardings=state_shardings, frozen=frozen,
+        cfg=cfg, spec=spec, state_shardings=state_shardings, abstract_frozen=abstract_frozen,
         jit_train_step=jax.jit(bind(train_step), in_shardings=(state_shardings, data, frozen_shardings),
                                out_shardings=(state_shardings, replicated), donate_argnums=0),
         jit_eval_step=jax.jit(bind(eval_step), in_shardings=(p_shardings, data, frozen_shardings),
