@@ -15,6 +15,7 @@ jaxlm.accounting over jaxlm.devices' dense bf16 peak for the device) and the rat
     python bench/gpu_throughput.py                                 # all models, jaxlm + torch
     python bench/gpu_throughput.py --models 124m --variants attention_impl=xla,scan_layers=false
     python bench/gpu_throughput.py --models 124m 0.9b --no-torch --deterministic both
+    python bench/gpu_throughput.py --models moe-dropless moe-dropping --variants gmm_impl=ragged_dot
     python bench/gpu_throughput.py --smoke                         # tiny shapes, 2 steps, CPU
 """
 
@@ -73,7 +74,8 @@ def measure(job: dict) -> dict:
         runner, tokens = jaxlm_runner(cfg)
         resolved = kernels.resolve(cfg.model, platform, deterministic, cfg.data.seq_len)
         info = dict(device_kind=jax.devices()[0].device_kind, deterministic=deterministic,
-                    attention=resolved.attention_impl, projection=resolved.projection_impl)
+                    attention=resolved.attention_impl, projection=resolved.projection_impl,
+                    gmm=resolved.gmm_impl if cfg.moe.n_experts else None)
         if platform == "cpu":  # no table entry: MFU against this machine's f32 matmul
             info["measured_peak"] = measure_peak_flops()
     else:
@@ -135,7 +137,8 @@ def run(jobs: list[dict], out: Path | None = None) -> list[dict]:
         peak = peak_for(row, measured)
         flops = train_flops_per_step(load_config(None, job["overrides"]))
         row.update(flops=flops, peak=peak, mfu=flops / row["step_time_s"] / peak if peak else None)
-        kernels = f"attn {row['attention']}, proj {row['projection']}" if "attention" in row else row.get("optimizer", "")
+        kernels = (f"attn {row['attention']}, proj {row['projection']}" + (f", gmm {row['gmm']}" if row.get("gmm") else "")
+                   if "attention" in row else row.get("optimizer", ""))
         mfu = f"{row['mfu']:6.1%}" if row["mfu"] else f"{'-':>6}"
         print(f"{job['model']:13} {job['label']:58} {row['step_time_s'] * 1e3:9.1f} {row['tokens_per_s']:10.0f} "
               f"{mfu} {row['warmup_s']:9.1f}  {kernels}", flush=True)

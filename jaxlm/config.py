@@ -53,8 +53,8 @@ class ModelConfig:
                         "attention kernel (model/kernels.py); auto: cpu on CPU, cudnn on GPU (pallas_gpu when "
                         "deterministic), splash on TPU"] = "auto"
     projection_impl: Doc[Literal["auto", "xla", "cpu"], "dense projection kernel; auto: cpu on CPU, else xla"] = "auto"
-    gmm_impl: Doc[Literal["auto", "ragged_dot", "megablox"],
-                  "MoE dropless grouped matmul; auto: megablox on TPU, else ragged_dot"] = "auto"
+    gmm_impl: Doc[Literal["auto", "ragged_dot", "pallas_gpu", "megablox"],
+                  "MoE dropless grouped matmul; auto: pallas_gpu on GPU, megablox on TPU, else ragged_dot"] = "auto"
 
     @property
     def head_dim(self) -> int:

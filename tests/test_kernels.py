@@ -106,6 +106,7 @@ def test_auto_resolves_per_platform_and_a_kernel_the_platform_lacks_is_a_config_
     gpu, tpu = kernels.resolve(ModelConfig(), "gpu"), kernels.resolve(ModelConfig(), "tpu")
     assert (gpu.attention_impl, gpu.projection_impl, gpu.scan_layers) == ("cudnn", "xla", False)
     assert (tpu.attention_impl, tpu.projection_impl, tpu.scan_layers) == ("splash", "xla", True)
+    assert (cpu.gmm_impl, gpu.gmm_impl, tpu.gmm_impl) == ("ragged_dot", "pallas_gpu", "megablox")
     assert kernels.resolve(ModelConfig(scan_layers=True), "gpu").scan_layers is True
     for impl, platforms in kernels.ATTENTION_IMPLS.items():
         for platform in ("cpu", "gpu", "tpu"):
@@ -217,10 +218,11 @@ def test_the_gpu_train_step_lowers_for_cuda_with_triton_flash_attention_and_no_t
     assert impl == "xla" and "triton" not in text and "192x192" in text
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "megablox"])
+@pytest.mark.parametrize("impl", ["ragged_dot", "pallas_gpu", "megablox"])
 def test_grouped_matmul_equals_per_group_matmuls_and_zero_past_the_groups(impl):
-    """megablox (TPU) runs in the Pallas interpreter; rows past the groups are exactly 0, and so is
-    their gradient (megablox leaves them unwritten)."""
+    """pallas_gpu (GPU) and megablox (TPU) run in the Pallas interpreter; rows past the groups are
+    exactly 0, and so is their gradient (both kernels leave them unwritten). Groups 0 and 2 share
+    the first 64-row tile of pallas_gpu, 2 and 3 the third."""
     M, K, N = 256, 128, 128
     x = jax.random.normal(jax.random.key(0), (M, K))
     w = jax.random.normal(jax.random.key(1), (4, K, N))
@@ -236,3 +238,40 @@ def test_grouped_matmul_equals_per_group_matmuls_and_zero_past_the_groups(impl):
     for a, b in zip(got, exp):
         np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5)
     assert np.all(np.asarray(got[0])[200:] == 0)
+
+
+def test_gpu_grouped_matmul_pads_rows_picks_tiles_and_falls_back_on_sides_it_cannot_tile(capsys):
+    """200 rows (not whole 64-row tiles), K=48 and N=80 (tiles of 16), a group of one row."""
+    x = jax.random.normal(jax.random.key(0), (200, 48))
+    w = jax.random.normal(jax.random.key(1), (5, 48, 80))
+    sizes = jnp.asarray([40, 0, 70, 1, 60], jnp.int32)
+    cot = jax.random.normal(jax.random.key(2), (200, 80))
+    gmm = lambda x, w: kernels.grouped_matmul(x, w, sizes, "pallas_gpu", interpret=True)
+    ref = lambda x, w: jax.lax.ragged_dot(x, w, sizes)
+    np.testing.assert_allclose(gmm(x, w), ref(x, w), atol=1e-4, rtol=1e-5)
+    got = jax.grad(lambda x, w: jnp.sum(gmm(x, w) * cot), (0, 1))(x, w)
+    exp = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cot), (0, 1))(x, w)
+    for a, b in zip(got, exp):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(gmm(x[:, :40], w[:, :40]), ref(x[:, :40], w[:, :40]), atol=1e-4, rtol=1e-5)
+    assert "grouped matmul kernel pallas_gpu cannot express expert matrices whose sides are not multiples of 16; " \
+           "using ragged_dot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gmm_impl", ["auto", "ragged_dot"])
+def test_the_gpu_moe_step_lowers_for_cuda_with_triton_grouped_matmuls_instead_of_ragged_dot(gmm_impl):
+    """XLA:GPU rewrites `ragged_dot` into a dense dot over every expert; auto must not leave it any."""
+    from jaxlm.config import load_config
+    from jaxlm.distributed import make_mesh
+    from jaxlm.train.step import make_trainer
+
+    cfg = load_config("configs/moe-tiny.yaml", ["mesh.data=1", "mesh.expert=1", "train.global_batch=2",
+                                                "moe.impl=dropless", "moe.d_ff=176", "model.attention_impl=xla",
+                                                f"model.gmm_impl={gmm_impl}"])
+    trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:1]), platform="gpu")
+    text = trainer.lower_train_step(platforms=("cuda",)).as_text()
+    if gmm_impl == "auto":
+        assert trainer.cfg.model.gmm_impl == "pallas_gpu" and "ragged_dot" not in text
+        assert text.count("__gpu$xla.gpu.triton") >= 3  # forward, dx and dw kernels
+    else:
+        assert "ragged_dot" in text

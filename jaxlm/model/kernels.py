@@ -6,14 +6,16 @@ formula, autodiff's gradient) that every other implementation is tested against 
 
   model.attention_impl  auto | xla | cpu | cudnn | pallas_gpu | splash
   model.projection_impl auto | xla | cpu
-  model.gmm_impl        auto | ragged_dot | megablox   (MoE's dropless grouped matmul)
+  model.gmm_impl        auto | ragged_dot | pallas_gpu | megablox   (MoE's dropless grouped matmul)
   model.scan_layers     auto | true | false (not a kernel, but a per-backend choice of the same kind)
 
 `auto` picks per platform (`AUTO`): the hand-tuned XLA:CPU kernels on CPU, cuDNN flash attention
-on GPU (the deterministic Pallas kernel when train.deterministic is on), splash attention on TPU.
+on GPU (the deterministic Pallas kernel when train.deterministic is on), splash attention on TPU;
+MoE's grouped matmul in Pallas on GPU (XLA:GPU expands `ragged_dot` into a dense dot over all
+experts) and megablox on TPU.
 `resolve()` turns the config's choice into a concrete one for the devices a run compiles for (so
 `jaxlm compile --topology v5p:...` on a CPU machine picks the TPU kernel) and refuses a kernel the
-platform lacks. The accelerator kernels live in `flash.py`.
+platform lacks. The accelerator kernels live in `flash.py` and `gmm_gpu.py`.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ import jax.numpy as jnp
 ATTENTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",),
                    "pallas_gpu": ("gpu",), "splash": ("tpu",)}
 PROJECTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu")}
-GMM_IMPLS = {"ragged_dot": ("cpu", "gpu", "tpu"), "megablox": ("tpu",)}
+GMM_IMPLS = {"ragged_dot": ("cpu", "gpu", "tpu"), "pallas_gpu": ("gpu",), "megablox": ("tpu",)}
 AUTO = {
     "attention_impl": {"cpu": "cpu", "gpu": "cudnn", "tpu": "splash"},
     "projection_impl": {"cpu": "cpu", "gpu": "xla", "tpu": "xla"},
-    "gmm_impl": {"cpu": "ragged_dot", "gpu": "ragged_dot", "tpu": "megablox"},
+    "gmm_impl": {"cpu": "ragged_dot", "gpu": "pallas_gpu", "tpu": "megablox"},
     "scan_layers": {"cpu": True, "gpu": False, "tpu": True},
 }
 DETERMINISTIC_AUTO = {"attention_impl": {"gpu": "pallas_gpu"}}  # cuDNN's backward uses atomics
@@ -271,13 +273,20 @@ _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 def grouped_matmul(x_MK, w_GKN, sizes_G, impl: str = "auto", interpret: bool = False) -> jax.Array:
     """Rows sorted by group (sizes_G rows each) times their group's matrix: [M, N], with the rows
     past sum(sizes_G) zero. MoE's dropless experts: one matmul for all experts, no capacity."""
+    from jaxlm.model import gmm_gpu
+
     impl = concrete(impl, "gmm_impl")
     (M, K), N = x_MK.shape, w_GKN.shape[-1]
     if impl == "megablox" and (K % 128 or N % 128):  # one tiling serves K and N (forward and backward)
         impl = _fallback("megablox", "ragged_dot", "expert matrices whose sides are not multiples of 128",
                          "grouped matmul")
+    if impl == "pallas_gpu" and not gmm_gpu.supported(K, N):
+        impl = _fallback("pallas_gpu", "ragged_dot", "expert matrices whose sides are not multiples of 16",
+                         "grouped matmul")
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
+    if impl == "pallas_gpu":
+        return gmm_gpu.grouped_matmul(x_MK, w_GKN, sizes_G, interpret=interpret)
     from jax.experimental.pallas.ops.tpu.megablox import ops
 
     # megablox leaves rows past the last group unwritten (and their gradient): select them away
