@@ -20,8 +20,9 @@ GOOGLE_PCI_VENDOR = "0x1ae0"
 
 
 def skip_absent_tpu() -> bool:
-    """Sets JAX_PLATFORMS=cpu where nothing else could run; True if it did. Call before JAX is
-    imported. An explicit JAX_PLATFORMS or JAX_FORCE_TPU_INIT is left alone."""
+    """Sets JAX_PLATFORMS=cpu where nothing else could run; True if it did. `import jaxlm` calls
+    it; it acts only if JAX is imported after. An explicit JAX_PLATFORMS or JAX_FORCE_TPU_INIT is
+    left alone."""
     if os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_FORCE_TPU_INIT"):
         return False
     if importlib.util.find_spec("libtpu") is None:

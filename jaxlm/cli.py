@@ -45,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     verb = argv[0]
-    from jaxlm.backends import skip_absent_tpu
-
-    skip_absent_tpu()  # before any verb starts a JAX backend
     module = importlib.import_module(VERBS[verb][0])
     verb_parser = argparse.ArgumentParser(prog=f"jaxlm {verb}", description=VERBS[verb][1])
     module.add_arguments(verb_parser)
