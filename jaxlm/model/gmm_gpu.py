@@ -31,11 +31,6 @@ def _tile(n: int, options) -> int | None:
     return next((t for t in options if n % t == 0), None)
 
 
-def supported(K: int, N: int) -> bool:
-    """Whether both matmul sides tile (the backward contracts over N and writes K)."""
-    return K % 16 == 0 and N % 16 == 0
-
-
 def _visits(sizes_G, M: int):
     """Per grid step: (group, row tile, first row, end row) of L = M/TM + G - 1 visits; steps past
     the real visits have an empty row range."""
@@ -146,7 +141,7 @@ _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 def grouped_matmul(x_MK, w_GKN, sizes_G, interpret: bool = False):
     """Rows sorted by group (sizes_G rows each) times their group's [K, N] matrix: [M, N].
-    K and N must tile (`supported`); M is padded to whole tiles here."""
+    K and N must be multiples of 16 (the smallest tile); M is padded to whole tiles here."""
     M = x_MK.shape[0]
     pad = -M % TM
     x = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK

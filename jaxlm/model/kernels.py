@@ -42,6 +42,9 @@ AUTO = {
 }
 DETERMINISTIC_AUTO = {"attention_impl": {"gpu": "pallas_gpu"}}  # cuDNN's backward uses atomics
 NOT_DETERMINISTIC = {"attention_impl": {"cudnn"}}
+# the multiple a grouped-matmul kernel's expert matrix sides must be: its tiles (megablox uses one
+# tiling for K and N, forward and backward; Triton's smallest dot is 16)
+GMM_SIDE_MULTIPLE = {"megablox": 128, "pallas_gpu": 16}
 IMPLS = {"attention_impl": ATTENTION_IMPLS, "projection_impl": PROJECTION_IMPLS, "gmm_impl": GMM_IMPLS}
 
 
@@ -277,11 +280,9 @@ def grouped_matmul(x_MK, w_GKN, sizes_G, impl: str = "auto", interpret: bool = F
 
     impl = concrete(impl, "gmm_impl")
     (M, K), N = x_MK.shape, w_GKN.shape[-1]
-    if impl == "megablox" and (K % 128 or N % 128):  # one tiling serves K and N (forward and backward)
-        impl = _fallback("megablox", "ragged_dot", "expert matrices whose sides are not multiples of 128",
-                         "grouped matmul")
-    if impl == "pallas_gpu" and not gmm_gpu.supported(K, N):
-        impl = _fallback("pallas_gpu", "ragged_dot", "expert matrices whose sides are not multiples of 16",
+    multiple = GMM_SIDE_MULTIPLE.get(impl, 1)
+    if K % multiple or N % multiple:
+        impl = _fallback(impl, "ragged_dot", f"expert matrices whose sides are not multiples of {multiple}",
                          "grouped matmul")
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
