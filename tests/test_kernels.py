@@ -195,6 +195,18 @@ def test_a_flash_kernel_that_cannot_tile_the_sequence_gives_way_to_xla_with_one_
     assert "pallas_gpu cannot express sequence length 40 (it tiles by multiples of 16)" in capsys.readouterr().err
 
 
+def test_cudnn_head_dims_above_128_give_way_to_xla_before_hopper(monkeypatch, capsys):
+    """JAX's cuDNN path takes head dims up to 256 from compute capability 9.0, 128 before: an A100
+    run of head dim 192 falls back with our warning instead of JAX's NotImplementedError."""
+    model = ModelConfig(d_model=4 * 192, n_heads=4, n_kv_heads=4, attention_impl="cudnn")
+    for capability, want in [("8.0", "xla"), ("9.0", "cudnn"), ("10.0", "cudnn")]:
+        device = type("Gpu", (), {"compute_capability": capability})()
+        monkeypatch.setattr(jax, "devices", lambda *backend, d=device: [d])
+        assert kernels.resolve(model, "gpu", seq_len=256).attention_impl == want, capability
+    assert "cudnn cannot express head dim 192 (cuDNN flash needs a multiple of 8, at most 128 on this GPU)" \
+        in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("packing", [True, False])
 def test_the_gpu_train_step_lowers_for_cuda_with_triton_flash_attention_and_no_t_by_t_scores(packing):
     """The whole GPU step (deterministic: the Pallas kernel), lowered for CUDA on this CPU machine.

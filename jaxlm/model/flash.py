@@ -63,9 +63,19 @@ def unsupported(impl: str, T: int, S: int, d: int) -> str | None:
     multiple = SEQUENCE_MULTIPLE.get(impl, 1)
     if T % multiple or S % multiple:
         return f"sequence length {T if T % multiple else S} (it tiles by multiples of {multiple})"
-    if impl == "cudnn" and (d % 8 or d > 256):
-        return f"head dim {d} (cuDNN flash needs a multiple of 8, at most 256)"
+    if impl == "cudnn" and (d % 8 or d > cudnn_head_dim_max()):
+        return f"head dim {d} (cuDNN flash needs a multiple of 8, at most {cudnn_head_dim_max()} on this GPU)"
     return None
+
+
+def cudnn_head_dim_max() -> int:
+    """cuDNN's flash attention takes head dims up to 256 on Hopper and later, 128 before (as JAX
+    checks it). Without a local GPU (lowering for CUDA elsewhere) the Hopper limit is assumed."""
+    try:
+        capability = jax.devices("gpu")[0].compute_capability
+    except (RuntimeError, AttributeError):
+        return 256
+    return 256 if tuple(int(x) for x in capability.split(".")) >= (9, 0) else 128
 
 
 def _blocks(T: int, S: int, largest: int = 128) -> tuple[int, int]:
