@@ -216,7 +216,8 @@ def test_only_an_unfinished_first_save_is_an_error_not_a_silent_restart(tmp_path
 
 
 @pytest.mark.parametrize("mesh_args,n_devices", [(("mesh.data=2", "mesh.fsdp=2"), 4), (("mesh.fsdp=1",), 1)])
-def test_fsdp8_checkpoint_restores_exactly_on_fewer_devices_and_trains_on(base_run, tmp_path, mesh_args, n_devices):
+def test_fsdp8_checkpoint_restores_exactly_on_fewer_devices_and_trains_on(base_run, tmp_path, mesh_args, n_devices,
+                                                                          capfd):
     step_dir = base_run / "checkpoints" / "36"
     cfg8 = config(*RUN)
     reference = ckpt.restore_state(step_dir, make_trainer(cfg8, make_mesh(cfg8.mesh)))
@@ -231,8 +232,12 @@ def test_fsdp8_checkpoint_restores_exactly_on_fewer_devices_and_trains_on(base_r
     assert leaf.sharding == trainer.state_shardings["params"]["embed"]["table_VD"]
     assert len(leaf.sharding.device_set) == n_devices
 
+    capfd.readouterr()
     history = train(cfg, mesh=mesh, resume=str(run_dir / "checkpoints" / "36"))
     assert [r["step"] for r in history] == [37, 38, 39, 40]
+    now = "data=2 fsdp=2" if n_devices == 4 else "one device"
+    assert f"the checkpoint was written on mesh fsdp=8, this run's is {now}: the resumed run need not match" \
+        in capfd.readouterr().err
     # same numbers as on 8 devices, up to the order of floating-point reductions
     np.testing.assert_allclose([r["loss"] for r in history], [r["loss"] for r in metrics(base_run)[36:]], rtol=1e-5)
     assert [s for s, _ in ckpt.step_dirs(run_dir / "checkpoints")] == [40, 36, 30]

@@ -39,9 +39,18 @@ def test_auto_is_deterministic_where_free_and_the_gpu_run_says_when_it_is_not(ca
     assert determinism.check(True, "gpu") and capsys.readouterr().err == ""
 
 
-def test_a_resume_that_changes_determinism_says_so():
-    cpu, gpu_fast = {"deterministic": True, "platform": "cpu"}, {"deterministic": False, "platform": "gpu"}
+def test_a_resume_that_changes_determinism_or_the_mesh_says_so():
+    mesh8, mesh4x2 = {"data": 8, "fsdp": 1}, {"data": 4, "fsdp": 2}
+    cpu = {"deterministic": True, "platform": "cpu", "mesh": mesh8}
+    gpu_fast = {"deterministic": False, "platform": "gpu", "mesh": mesh8}
     assert determinism.resume_note(cpu, cpu) is None and determinism.resume_note(None, cpu) is None
     assert determinism.resume_note(cpu, gpu_fast) == (
         "the checkpoint was written with deterministic=true on CPU, this run is deterministic=false on GPU: "
         "the resumed run need not match an uninterrupted one bit for bit")
+    assert determinism.resume_note(cpu, {**cpu, "mesh": mesh4x2}) == (
+        "the checkpoint was written on mesh data=8, this run's is data=4 fsdp=2: "
+        "the resumed run need not match an uninterrupted one bit for bit")
+    assert "; and on mesh data=8, this run's is one device:" in determinism.resume_note(
+        cpu, {**gpu_fast, "mesh": {"data": 1, "fsdp": 1}})
+    before_mesh_record = {"deterministic": True, "platform": "cpu"}  # checkpoints of earlier versions
+    assert determinism.resume_note(before_mesh_record, {**cpu, "mesh": mesh4x2}) is None

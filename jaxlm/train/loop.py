@@ -158,7 +158,8 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     check_batch(cfg, mesh)
     platform = mesh.devices.flat[0].platform
-    deterministic = {"deterministic": determinism.check(cfg.train.deterministic, platform), "platform": platform}
+    deterministic = {"deterministic": determinism.check(cfg.train.deterministic, platform), "platform": platform,
+                     "mesh": dict(mesh.shape)}
     t = cfg.train
     preemption = Preemption()  # early: a signal during start-up stops after the first step
     writer = None
