@@ -110,6 +110,7 @@ def test_tpu_worker_returns_at_once_and_training_goes_on_detached_into_its_log(t
                           capture_output=True, text=True, env=env, cwd=work, timeout=30)
     assert proc.returncode == 0, proc.stderr
     log = work / "logs" / "run1.log"
+    assert "trained" not in log.read_text()  # returned at once: the training is still running
     assert "training started, pid" in proc.stderr and str(log) in proc.stderr
     pid = int((work / "logs" / "run1.pid").read_text())
     deadline = time.monotonic() + 20

@@ -98,9 +98,9 @@ def test_two_processes_of_four_devices_train_to_the_losses_of_one_process_of_eig
 
 @pytest.mark.slow
 def test_checkpoint_written_by_two_processes_restores_in_one_process(runs):
-    ckpt = pytest.importorskip("jaxlm.checkpoint")
     import jax
 
+    from jaxlm import checkpoint as ckpt
     from jaxlm.config import load_config
     from jaxlm.distributed import make_mesh
     from jaxlm.train.step import make_trainer

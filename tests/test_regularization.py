@@ -59,7 +59,8 @@ def test_sigkill_then_resume_with_dropout_is_bit_exact(tmp_path):
     import os
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    run = ("train.steps=14", "checkpoint.every=5", "model.dropout=0.2", "model.attention_dropout=0.1")
+    # 40 steps: the kill (after step 7 and a complete checkpoint) lands long before the run could end
+    run = ("train.steps=40", "checkpoint.every=5", "model.dropout=0.2", "model.attention_dropout=0.1")
     whole = tmp_path / "whole"
     train(load_config(TINY, BASE + list(run) + [f"train.run_dir={whole}"]))
     killed = tmp_path / "killed"
