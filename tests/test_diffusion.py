@@ -2,11 +2,13 @@
 the seeded evaluation, training on TinyShakespeare, and the three samplers."""
 
 import math
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlm.config import ConfigError, DiffusionConfig, load_config
 from jaxlm.data.batch import Batch
@@ -58,14 +60,16 @@ def test_elbo_weight_matches_hand_computed_values():
     np.testing.assert_allclose(diffusion.elbo_weight("cosine", t), hand, rtol=1e-5)
 
 
-class FixedLogits:
-    """A stand-in model: the same logits at every position, the largest on <|mask|>."""
+class FixedLogits(nnx.Module):
+    """A stand-in model whose logits ignore the tokens: the same [V] logits at every position, or
+    [T, V] logits per position (T = the canvas length). It has the `cfg` the samplers read."""
 
-    def __init__(self, logits_V):
-        self.logits_V = jnp.asarray(logits_V)
+    def __init__(self, logits):
+        self.logits = nnx.Param(jnp.asarray(logits, jnp.float32))
+        self.cfg = SimpleNamespace(vocab_size=V, max_seq_len=256)
 
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, rng=None):
-        return jnp.broadcast_to(self.logits_V, (*tokens_BT.shape, self.logits_V.size)), {}
+        return jnp.broadcast_to(self.logits[...], (*tokens_BT.shape, V)), {}
 
 
 def test_nelbo_equals_a_hand_computed_case_with_subs():
@@ -184,11 +188,81 @@ def test_remasking_reveals_the_scheduled_number_per_step(mask_loving_model):
     assert [a - b for a, b in zip(masks, masks[1:])] == [5, 5, 5, 5, 4]  # 24 over 5 steps, LLaDA-style
 
 
-def test_block_diffusion_with_one_block_is_plain_remasking(mask_loving_model):
-    plain = sample_remask(mask_loving_model, PROMPT, 24, 6, seed=3)
-    one_block = sample_block(mask_loving_model, PROMPT, 24, 6, block_size=24, seed=3)
-    assert np.array_equal(plain.tokens, one_block.tokens)
-    assert not np.array_equal(sample_block(mask_loving_model, PROMPT, 24, 6, 8, seed=3).tokens, plain.tokens)
+def per_position_logits(seed, scale_T):
+    """[P + L, V] random logits (per-position scale `scale_T`), the mask logit the largest everywhere
+    (SUBS must ignore it)."""
+    logits = np.random.default_rng(seed).normal(size=(len(scale_T), V)) * np.asarray(scale_T)[:, None]
+    logits[:, MASK] = 50.0
+    return logits.astype(np.float32)
+
+
+def remasking_by_hand(logits, plan):
+    """The canvases that low-confidence remasking at temperature 0 must produce after each step:
+    per block [lo, hi) of the generation (after PROMPT), step by step, the `k` still-masked
+    positions whose SUBS argmax is most probable are set to that argmax. Fixed logits make the
+    ranking the same at every step, so the block's positions are revealed in descending confidence."""
+    kept = logits[:, :MASK].astype(np.float64)
+    p = np.exp(kept - kept.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    x0, conf = p.argmax(-1), p.max(-1)
+    P = len(PROMPT)
+    assert np.diff(np.log(np.sort(conf[P:]))).min() > 1e-4  # the ranking cannot hinge on float32 rounding
+    canvas, canvases = np.array(PROMPT + [MASK] * (len(logits) - P)), []
+    for lo, hi, counts in plan:
+        order = P + lo + np.argsort(-conf[P + lo:P + hi])
+        for k in counts:
+            canvas = canvas.copy()
+            canvas[order[:k]] = x0[order[:k]]
+            order = order[k:]
+            canvases.append(canvas)
+    return canvases
+
+
+def test_remasking_at_temperature_zero_reveals_the_most_confident_masks_as_their_argmax():
+    """LLaDA remasking with fixed per-position logits at temperature 0: each step reveals exactly the
+    k masked positions of highest probability of their argmax (softmax of the SUBS logits, not the
+    raw logit; prompt positions, though more confident, are never candidates) as that argmax, and
+    leaves the rest masked; 11 masks over 3 steps go 4, 4, 3."""
+    P, L = len(PROMPT), 11
+    logits = per_position_logits(0, [8.0] * P + list(np.linspace(0.5, 3.0, L)))
+    sample = sample_remask(FixedLogits(logits), PROMPT, L, 3, seed=0, temperature=0.0, history=True)
+    want = remasking_by_hand(logits, [(0, L, [4, 4, 3])])
+    np.testing.assert_array_equal(np.stack([h[0] for h in sample.history]), np.stack(want))
+    # ranking by the largest raw logit would pick another first four: the test tells them apart
+    gen = logits[P:, :MASK]
+    assert set(np.argsort(-gen.max(-1))[:4]) != set(np.flatnonzero(want[0][P:] != MASK))
+
+
+def test_block_diffusion_ranks_confidence_only_inside_the_current_block():
+    """Block diffusion at temperature 0 (12 positions, blocks of 4, 2 steps each): each step reveals
+    the most confident masks of the current block only, although the last block is the most
+    confident of all (plain remasking, one block, would reveal it first)."""
+    P, L = len(PROMPT), 12
+    logits = per_position_logits(1, [1.0] * (P + 8) + [6.0] * 4)
+    sample = sample_block(FixedLogits(logits), PROMPT, L, 6, 4, seed=0, temperature=0.0, history=True)
+    want = remasking_by_hand(logits, [(0, 4, [2, 2]), (4, 8, [2, 2]), (8, 12, [2, 2])])
+    np.testing.assert_array_equal(np.stack([h[0] for h in sample.history]), np.stack(want))
+    plain = remasking_by_hand(logits, [(0, L, [2] * 6)])
+    assert not np.array_equal(plain[0], want[0])
+    np.testing.assert_array_equal(plain[-1], want[-1])  # the same tokens in the end, another order
+
+
+def test_mdlm_ancestral_steps_at_temperature_zero_reveal_argmaxes_and_the_last_step_reveals_all():
+    """MDLM ancestral sampling at temperature 0: every revealed token is its position's SUBS argmax
+    and stays; the last step (s = 0, reveal probability (1 - alpha_t) / (1 - alpha_t) = 1) reveals
+    all that remain, so one step alone fills the whole canvas with the argmaxes."""
+    P, L = len(PROMPT), 10
+    logits = per_position_logits(2, [1.0] * (P + L))
+    argmax = np.concatenate([PROMPT, logits[P:, :MASK].argmax(-1)])
+    one = sample_mdlm(FixedLogits(logits), PROMPT, L, 1, seed=0, temperature=0.0)
+    np.testing.assert_array_equal(one.tokens[0], argmax)
+    sample = sample_mdlm(FixedLogits(logits), PROMPT, L, 4, seed=0, temperature=0.0, history=True)
+    canvases = [np.array(PROMPT + [MASK] * L)] + [h[0] for h in sample.history]
+    for before, after in zip(canvases, canvases[1:]):
+        revealed = after != MASK
+        np.testing.assert_array_equal(after[revealed], argmax[revealed])
+        assert np.all(revealed[before != MASK])  # revealed tokens stay revealed
+    np.testing.assert_array_equal(sample.tokens[0], argmax)
 
 
 def test_block_plan_spends_exactly_the_steps_asked_when_there_are_enough():

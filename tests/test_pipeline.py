@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxlm.config import load_config
+from jaxlm.data.batch import Batch
 from jaxlm.data.pipeline import BatchIterator, PackedRows, TokenStream, Windows, mixture, row_dataset
 from jaxlm.data.prepare import prepare
 from jaxlm.data.sources import build_data, load_streams
@@ -125,15 +126,68 @@ def test_two_processes_read_disjoint_slices_that_cover_the_global_batch(corpus):
         np.testing.assert_array_equal(np.concatenate([next(p).inputs for p in parts]), next(whole).inputs)
 
 
+def as_text(tokens) -> str:
+    """Token ids as a string, one character per id (<|endoftext|> included), for substring search."""
+    return "".join(map(chr, tokens))
+
+
 def test_build_data_with_packing_and_a_mixture_of_prepared_and_raw_text(corpus, shakespeare_path):
-    root, _ = corpus
+    """build_data with packing over a 1:3 mixture of a prepared corpus and raw text: each batch of 8
+    holds exactly 2 rows of the first source and 6 of the second (grain interleaves by weight,
+    deterministically), each row one source's; every segment (its inputs and its last target) is a
+    contiguous run of one training document, so a segment's last target is its document's next
+    token (<|endoftext|> at a document's end), never the next segment's first input; targets are
+    the inputs shifted by one, positions count 0, 1, ... from each segment's start, segments 1..k
+    fill the row in order and the loss mask is on exactly where a segment is (off on padding).
+    Evaluation rows come from the raw text's held-out tail (the prepared corpus holds none)."""
+    root, docs = corpus
     cfg = load_config("configs/tiny.yaml", [
-        f"data.mixture=[{{path: {root / 'prepared'}, weight: 1}}, {{path: {shakespeare_path}, weight: 1}}]",
+        f"data.mixture=[{{path: {root / 'prepared'}, weight: 1}}, {{path: {shakespeare_path}, weight: 3}}]",
         "data.packing=true", f"data.seq_len={T}", "train.global_batch=8"])
     batches, evals = build_data(cfg)
-    batch = next(batches)
-    assert all(getattr(batch, k).shape == (8, T) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions"))
-    assert evals and evals[0].inputs.shape == (8, T) and evals[0].segment_ids.shape == (8, T)
+    # the raw text is one document (its bytes + <|endoftext|>); with a single document the held-out
+    # split is its last val_fraction of tokens
+    raw = list(shakespeare_path.read_bytes()) + [256]
+    cut = len(raw) - int(len(raw) * cfg.data.val_fraction)
+    train_texts = {"prepared": [as_text(d) for d in encoded(docs)], "raw": [as_text(raw[:cut])]}
+
+    def source_of(piece) -> str:
+        owners = [name for name, texts in train_texts.items() if any(as_text(piece) in t for t in texts)]
+        assert len(owners) == 1, piece
+        return owners[0]
+
+    seen_packed_row, seen_document_end = False, False
+    for _ in range(4):
+        batch = next(batches)
+        assert all(getattr(batch, k).shape == (8, T) for k in Batch.field_names(packing=True))
+        row_sources = []
+        for r in range(8):
+            seg = batch.segment_ids[r]
+            used = int((seg > 0).sum())
+            assert seg[0] == 1 and set(np.diff(seg[:used]).tolist()) <= {0, 1} and not seg[used:].any()
+            np.testing.assert_array_equal(batch.loss_mask[r], seg > 0)
+            owners = set()
+            for s in range(1, seg.max() + 1):
+                at = seg == s
+                np.testing.assert_array_equal(batch.positions[r][at], np.arange(at.sum()))
+                inputs, targets = batch.inputs[r][at], batch.targets[r][at]
+                np.testing.assert_array_equal(targets[:-1], inputs[1:])
+                owners.add(source_of(np.append(inputs, targets[-1])))
+                seen_document_end |= bool(targets[-1] == 256)
+            assert len(owners) == 1, owners  # a row is packed from one source
+            row_sources.append(owners.pop())
+            seen_packed_row |= bool(seg.max() >= 2)
+        assert sorted(row_sources) == ["prepared"] * 2 + ["raw"] * 6, row_sources
+    assert seen_packed_row and seen_document_end  # the checks above really crossed segment boundaries
+
+    held_out = as_text(raw[cut:])
+    assert len(evals) == cfg.train.eval_batches
+    for batch in evals:
+        assert batch.inputs.shape == (8, T) and batch.segment_ids.shape == (8, T)
+        for r in range(8):
+            assert set(batch.segment_ids[r].tolist()) <= {0, 1}  # the raw text is one long document
+            at = batch.segment_ids[r] == 1
+            assert as_text(np.append(batch.inputs[r][at], batch.targets[r][at][-1])) in held_out
 
 
 def test_prepared_data_with_another_tokenizer_is_refused(corpus):
