@@ -81,8 +81,11 @@ def verify(step_dir: Path, checksums: bool = True) -> str | None:
         files = json.loads((step_dir / MANIFEST).read_text())["files"]
     except FileNotFoundError:
         return f"no {MANIFEST} (the save did not finish)"
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} unreadable ({type(e).__name__})"
+    if not (isinstance(files, dict) and files and all(isinstance(w, dict) and {"size", "crc32"} <= w.keys()
+                                                      for w in files.values())):
+        return f"{MANIFEST} malformed (expected a size and crc32 per file)"
     for rel, want in files.items():
         p = step_dir / rel
         if not p.is_file():

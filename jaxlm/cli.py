@@ -7,6 +7,7 @@ anywhere below becomes one line on stderr and its exit code (2 for bad input, 1 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -29,9 +30,22 @@ VERBS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors in one line (argparse prints its usage block first), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def os_error_line(e: OSError) -> str:
+    """A file-system failure as one line: the path and the system's reason."""
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+    return f"{where}: {e.strerror}" if where and e.strerror else str(e).splitlines()[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="jaxlm", description="Train transformer language models with JAX.")
+    parser = OneLineParser(prog="jaxlm", description="Train transformer language models with JAX.")
     parser.add_argument("--version", action="version", version=f"jaxlm {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (_, help_text) in VERBS.items():
@@ -43,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"jaxlm: unknown command {argv[0]!r}; expected one of {', '.join(VERBS)}", file=sys.stderr)
             return 2
         parser.print_help()
-        return 0
+        return 0 if argv else 2  # `jaxlm` alone: the help, as a usage error
     verb = argv[0]
     module = importlib.import_module(VERBS[verb][0])
-    verb_parser = argparse.ArgumentParser(prog=f"jaxlm {verb}", description=VERBS[verb][1])
+    verb_parser = OneLineParser(prog=f"jaxlm {verb}", description=VERBS[verb][1])
     module.add_arguments(verb_parser)
     try:  # flags may follow positional overrides (`train CONFIG a.b=1 --run-dir X`)
         args = verb_parser.parse_intermixed_args(argv[1:])
@@ -57,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"jaxlm {verb}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a path the user gave that cannot be read or written (a file in the way, a full disk)
+        print(f"jaxlm {verb}: error: {os_error_line(e)}", file=sys.stderr)
+        return 1 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else 2
     except KeyboardInterrupt:
         print(f"jaxlm {verb}: interrupted", file=sys.stderr)
         return 130

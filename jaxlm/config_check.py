@@ -3,6 +3,8 @@ key while it is read). Device-dependent checks live in the mesh code."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +17,17 @@ if TYPE_CHECKING:  # config.py imports this module
 def validate(cfg: Config) -> None:
     """Checks that need several keys together. Device-dependent checks live in the mesh code."""
     m, o, t, d, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.checkpoint
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for field in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
+            value = getattr(values, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section.name}.{field.name}={value} must be a finite number")
+    if "://" in t.run_dir:
+        raise ConfigError(f"train.run_dir={t.run_dir} is a URL; jaxlm writes run directories with plain file I/O, "
+                          "so mount the bucket (e.g. gcsfuse) and give its local path")
+    if cfg.moe.n_experts < 0:
+        raise ConfigError(f"moe.n_experts={cfg.moe.n_experts} must be >= 0 (0 = a dense model)")
     positive = {
         "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff,
@@ -88,6 +101,9 @@ def validate(cfg: Config) -> None:
             size = getattr(cfg.mesh, key)
             if size == 0 or size < -1:
                 raise ConfigError(f"mesh.{key}={size} must be a positive size or -1 (fill)")
+    from jaxlm.sharding import resolve_rules
+
+    resolve_rules(cfg.mesh.rules)  # names: logical axes onto mesh axes
 
 
 def _validate_objective(cfg: Config) -> None:

@@ -38,14 +38,17 @@ DEFAULT_RULES: dict[str, Any] = {
 
 
 def resolve_rules(overrides: dict[str, Any] | None = None) -> dict[str, tuple[str, ...]]:
+    from jaxlm.config import ConfigError
+
+    for name in overrides or {}:
+        if name not in DEFAULT_RULES:  # a typo would otherwise shard nothing, silently
+            raise ConfigError(f"mesh.rules.{name}: no such logical axis; expected one of {', '.join(DEFAULT_RULES)}")
     rules = {**DEFAULT_RULES, **(overrides or {})}
     out = {}
     for name, target in rules.items():
         axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
         for axis in axes:
             if axis not in MESH_AXES:
-                from jaxlm.config import ConfigError
-
                 raise ConfigError(f"mesh.rules.{name}={target!r} names unknown mesh axis {axis!r}; expected {MESH_AXES}")
         out[name] = axes
     return out

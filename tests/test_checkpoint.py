@@ -178,6 +178,20 @@ def test_damaged_newest_checkpoints_fall_back_to_previous_with_one_warning_each(
     assert [(s, ckpt.verify(p)) for s, p in ckpt.step_dirs(ck)] == [(44, None), (42, None), (36, None)]
 
 
+def test_a_manifest_of_the_wrong_shape_marks_the_step_damaged(base_run, tmp_path):
+    """Valid JSON that is not a manifest (a list, files not a mapping, no files at all) is a damaged
+    step, as unreadable JSON is, not a TypeError in every verb that lists or restores it."""
+    step = tmp_path / "40"
+    shutil.copytree(base_run / "checkpoints" / "40", step)
+    assert ckpt.verify(step) is None
+    for manifest, reason in [("[]", "manifest.json unreadable (TypeError)"),
+                             ('{"format": 1, "files": 3}', "manifest.json malformed"),
+                             ('{"format": 1, "files": {}}', "manifest.json malformed"),
+                             ('{"format": 1, "files": {"state/x": 5}}', "manifest.json malformed")]:
+        (step / ckpt.MANIFEST).write_text(manifest)
+        assert ckpt.verify(step).startswith(reason), manifest
+
+
 def listing(run_dir: Path) -> dict:
     """Every file (its size and modification time) and directory under run_dir, but the run's lock."""
     return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "dir"

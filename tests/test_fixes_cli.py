@@ -24,6 +24,12 @@ from jaxlm.config_cli import keys
     ("model.norm_eps=-1", "model.norm_eps=-1.0 must be > 0"),
     ("model.norm_eps=0", "model.norm_eps=0.0 must be > 0"),
     ("optim.clip_norm=-1", "optim.clip_norm=-1.0 must be >= 0"),
+    ("optim.lr=.nan", "optim.lr=nan must be a finite number"),  # not blamed on optim.min_lr
+    ("optim.lr=.inf", "optim.lr=inf must be a finite number"),
+    ("moe.n_experts=-2", "moe.n_experts=-2 must be >= 0 (0 = a dense model)"),  # not blamed on moe.top_k
+    ("mesh.rules={embeds: fsdp}", "mesh.rules.embeds: no such logical axis; expected one of batch, length, embed"),
+    ("train.run_dir=gs://bucket/run", "train.run_dir=gs://bucket/run is a URL; jaxlm writes run directories with "
+                                      "plain file I/O, so mount the bucket"),
 ])
 def test_out_of_range_values_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError) as err:
@@ -95,3 +101,69 @@ def test_train_without_a_config_says_what_to_give(capsys):
     assert err.startswith("jaxlm train: error: give a YAML config file first") and "overrides" not in err.split(":")[1]
     assert cli.main(["train", "model.n_layers=2"]) == 2
     assert "give a YAML config file first" in capsys.readouterr().err
+
+
+def test_unusable_paths_and_arguments_are_one_line_errors_and_write_nothing(tmp_path, capsys):
+    """Whatever the path or argument is, the error is one line naming it, exit 2 (1 for a failed
+    write), no traceback and no argparse usage block; no output appears."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00model: {}")
+    cases = [
+        (["train", str(tmp_path)], 2, f"config file '{tmp_path}' is a directory; expected a YAML file"),
+        (["train", str(binary)], 2, f"config file '{binary}' is not UTF-8 text (byte 0)"),
+        (["tokenizer", "convert", "bytes", "-o", str(a_file / "tok")], 2, f"{a_file / 'tok'}: Not a directory"),
+        (["prepare", str(a_file), "--tokenizer", "bytes", "-o", str(a_file / "x")], 2, "Not a directory"),
+        (["generate", "nowhere", "--step"], 2, "argument --step: expected one argument; see jaxlm generate --help"),
+        (["checkpoint", "ls"], 2, "jaxlm checkpoint ls: error: the following arguments are required"),
+        ([], 2, None),  # the help, as a usage error
+    ]
+    for argv, code, message in cases:
+        try:
+            got = cli.main(argv)
+        except SystemExit as e:  # argparse's own exit
+            got = e.code
+        out, err = capsys.readouterr()
+        assert got == code, (argv, err)
+        if message is None:
+            assert "usage: jaxlm" in out
+            continue
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "binary.yaml"]
+
+
+def test_bad_sampling_and_eval_arguments_are_refused():
+    from jaxlm.errors import UserError
+    from jaxlm.inference.cli_eval import evaluate
+    from jaxlm.inference.sampling import Sampling
+
+    for temperature in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(UserError, match="must be a finite number >= 0"):
+            Sampling(temperature)
+    with pytest.raises(UserError, match="--max-tokens -5 must be >= 0"):
+        evaluate("nowhere", "nowhere", max_tokens=-5)
+
+
+def test_a_failed_export_write_is_one_line_exit_1_and_keeps_the_old_output(tmp_path):
+    """A full disk mid-write (an OSError, or safetensors' own error type for the same thing):
+    RunFailed (one line, exit 1), no temporary left, and an existing output under --force kept."""
+    import errno
+
+    from jaxlm.errors import RunFailed
+    from jaxlm.export.atomic import atomic_output
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    SafetensorError = type("SafetensorError", (Exception,), {"__module__": "safetensors._safetensors_rust"})
+    for failure in (OSError(errno.ENOSPC, "No space left on device"), SafetensorError("Error while writing")):
+        with pytest.raises(RunFailed, match=f"writing {out} failed: .*; {out} is left as it was") as err:
+            with atomic_output(out, force=True, directory=True) as tmp:
+                (tmp / "model.safetensors").write_text("half")
+                raise failure
+        assert err.value.exit_code == 1 and "\n" not in str(err.value)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and (out / "config.json").read_text() == "old"
+    with pytest.raises(ZeroDivisionError):  # anything else is a bug: it propagates as it is
+        with atomic_output(tmp_path / "other", force=False, directory=True):
+            1 / 0

@@ -4,6 +4,8 @@ streaming encode behave, and offline errors are one line."""
 import hashlib
 import io
 import os
+import re
+import shutil
 import tracemalloc
 
 import pytest
@@ -266,3 +268,27 @@ def test_cli_convert_then_encode_and_decode_round_trip(gpt2_files, tmp_path):
     assert r.returncode == 0 and r.stdout == text + "\n"
     r = run_cli("tokenizer", "decode", out, "50257")
     assert r.returncode == 2 and "outside the vocabulary" in r.stderr
+
+
+def test_a_damaged_tokenizer_directory_is_one_user_error_not_a_tiktoken_panic(tmp_path):
+    """tiktoken's Rust core panics (a page of pyo3 traceback) on a rank table that lacks single
+    bytes or shares a rank; the loader checks the table first and names what is wrong."""
+    save_tokenizer(byte_tokenizer(), str(tmp_path / "good"))
+    lines = (tmp_path / "good" / "tokenizer.tiktoken").read_bytes().splitlines(keepends=True)
+    damage = {
+        "truncated": (b"".join(lines[:100]), "156 of the 256 single bytes have no rank (e.g. byte 100)"),
+        "shared rank": (b"".join(lines[:-1]) + lines[-1].split()[0] + b" 0\n", "two tokens share a rank"),
+        "garbage line": (b"".join(lines) + b"garbage line here\n", "line 257 is not '<base64 token> <rank>'"),
+        "special clash": (b"".join(lines[:-1]) + b"YWI= 256\n" + lines[-1].split()[0] + b" 255\n",
+                          "special token ids [256] are also ranks"),
+    }
+    for name, (ranks, message) in damage.items():
+        directory = tmp_path / name
+        shutil.copytree(tmp_path / "good", directory)
+        (directory / "tokenizer.tiktoken").write_bytes(ranks)
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_tokenizer(str(directory))
+    (directory / "tokenizer.json").write_text("[]")
+    with pytest.raises(UserError, match="tokenizer.json holds a list, not a mapping"):
+        load_tokenizer(str(directory))
+    assert load_tokenizer(str(tmp_path / "good")).encode("ok") == [111, 107]

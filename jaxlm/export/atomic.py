@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from jaxlm.errors import UserError
+from jaxlm.errors import RunFailed, UserError
 
 
 def _remove(path: Path) -> None:
@@ -31,8 +31,12 @@ def atomic_output(out: Path, force: bool, directory: bool):
         tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        # a failed write (a full disk; safetensors reports it as its own error type): one line, exit 1
+        if isinstance(e, OSError) or type(e).__module__.startswith("safetensors"):
+            raise RunFailed(f"writing {out} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                            f"{out} is left as it was") from e
         raise
     if out.exists() or out.is_symlink():
         old = out.parent / f".{out.name}.old-{os.getpid()}"

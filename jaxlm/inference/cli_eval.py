@@ -63,6 +63,8 @@ def evaluate(run_dir: str, data: str, split: str = "val", step: int | None = Non
     from jaxlm.inference.load import inference_mesh, load_run
     from jaxlm.train.step import make_trainer
 
+    if max_tokens < 0:
+        raise UserError(f"--max-tokens {max_tokens} must be >= 0 (0 = all)")
     if not os.path.exists(data) and not glob.glob(data):
         raise UserError(f"--data {data}: no such file, directory or glob; expected text or a prepared corpus")
     from jaxlm.config import Config, from_dict

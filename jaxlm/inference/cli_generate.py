@@ -50,6 +50,9 @@ def read_prompts(args) -> list[str]:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
         raise UserError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.start}); expected one prompt "
+                        "per line") from None
     if not prompts:
         raise UserError(f"--prompt-file {args.prompt_file} holds no prompt; expected one prompt per line")
     return prompts

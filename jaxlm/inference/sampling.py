@@ -6,6 +6,7 @@ decoding needs it for both models, `sample` draws from it (or takes the argmax w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -21,8 +22,8 @@ class Sampling:
     top_p: float = 1.0  # keep the smallest set of most likely tokens whose mass reaches p
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise UserError(f"--temperature {self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 <= self.temperature < math.inf:
+            raise UserError(f"--temperature {self.temperature} must be a finite number >= 0 (0 = greedy)")
         if self.top_k < 0:
             raise UserError(f"--top-k {self.top_k} must be >= 0 (0 = no limit)")
         if not 0 < self.top_p <= 1:

@@ -308,19 +308,41 @@ def save_tokenizer(tok: tiktoken.Encoding, directory: str) -> None:
         os.replace(tmp, os.path.join(directory, fname))
 
 
+def _read_ranks(path: str) -> dict[bytes, int]:
+    """`tokenizer.tiktoken`: one `<base64 token> <rank>` per line, each token and rank once, every
+    single byte present (tiktoken's Rust core panics, not raises, on a table without them)."""
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                token, rank = binascii.a2b_base64(token, strict_mode=True), int(rank)
+            except ValueError:
+                raise ValueError(f"line {number} is not '<base64 token> <rank>'") from None
+            if token in ranks:
+                raise ValueError(f"line {number} repeats the token {token!r}")
+            ranks[token] = rank
+    if len(set(ranks.values())) != len(ranks):
+        raise ValueError("two tokens share a rank")
+    if missing := [i for i in range(256) if bytes([i]) not in ranks]:
+        raise ValueError(f"{len(missing)} of the 256 single bytes have no rank (e.g. byte {missing[0]})")
+    return ranks
+
+
 def _load_directory(directory: str) -> Tokenizer:
     try:
         with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as f:
             config = json.load(f)
-        ranks = {}
-        with open(os.path.join(directory, RANKS_FILE), "rb") as f:
-            for line in f:
-                if line.strip():
-                    token, rank = line.split()
-                    ranks[binascii.a2b_base64(token, strict_mode=True)] = int(rank)
-        tok = Tokenizer(config["name"], pat_str=config["pattern"], mergeable_ranks=ranks,
-                        special_tokens=config["special_tokens"])
-    except (OSError, ValueError, KeyError) as e:
+        if not isinstance(config, dict):
+            raise ValueError(f"{CONFIG_FILE} holds a {type(config).__name__}, not a mapping")
+        ranks = _read_ranks(os.path.join(directory, RANKS_FILE))
+        specials = config["special_tokens"]
+        if clash := set(specials.values()) & set(ranks.values()):
+            raise ValueError(f"special token ids {sorted(clash)[:3]} are also ranks of {RANKS_FILE}")
+        tok = Tokenizer(config["name"], pat_str=config["pattern"], mergeable_ranks=ranks, special_tokens=specials)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"tokenizer directory {directory} is not readable: {type(e).__name__}: {e}") from None
     if config.get("hash") and config["hash"] != tok.hash:
         raise UserError(f"tokenizer directory {directory}: its files do not match the hash in {CONFIG_FILE}")
