@@ -167,3 +167,25 @@ def test_a_failed_export_write_is_one_line_exit_1_and_keeps_the_old_output(tmp_p
     with pytest.raises(ZeroDivisionError):  # anything else is a bug: it propagates as it is
         with atomic_output(tmp_path / "other", force=False, directory=True):
             1 / 0
+
+
+def test_tokenizer_output_is_not_replaced_unasked_and_bad_tokenizer_arguments_are_refused(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world hello\n")
+    out = str(tmp_path / "tok")
+    assert cli.main(["tokenizer", "convert", "bytes", "-o", out]) == 0
+    before = (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    for argv in (["tokenizer", "convert", "bytes", "-o", out, "--name", "other"],
+                 ["tokenizer", "train", str(corpus), "--vocab-size", "300", "-o", out]):
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err.strip() == f"jaxlm tokenizer: error: {out} already holds a tokenizer; pass " \
+                                                  "--force to replace it"
+        assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == before
+    assert cli.main(["tokenizer", "train", str(corpus), "--vocab-size", "5000", "-o", out, "--force"]) == 0
+    # "hello", " world", " hello" and "\n": 10 merges make each pre-token one token, then none is left
+    assert capsys.readouterr().out.strip().endswith("fewer than --vocab-size 5000: after 10 merges every pre-token "
+                                                    "of the corpus is one token, so no pair is left to merge")
+    assert cli.main(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--special", "", "-o", out]) == 2
+    assert "--special '' is empty" in capsys.readouterr().err
+    assert cli.main(["prepare", str(corpus), "--tokenizer", "bytes", "-o", str(tmp_path / "p"), "--workers", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "jaxlm prepare: error: --workers 0 must be >= 1"

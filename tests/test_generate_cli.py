@@ -111,6 +111,11 @@ def test_bad_input_exits_2_with_one_line(runs, capsys, tmp_path):
         (["generate", runs["target"], "--prompt", "x" * 40], "more than the model's max_seq_len=32"),
         (["generate", runs["target"], "--prompt", "x", "--draft", runs["other_tokenizer"]], "tokenizer"),
         (["eval", runs["target"], "--data", str(tmp_path / "missing.txt")], "no such file"),
+        (["generate", runs["target"], "--prompt", "x", "--sampler", "llada", "--steps", "8"],
+         "--sampler, --steps: not used by " + runs["target"] + ", a train.objective=next_token run; its generator "
+         "reads --top-k, --top-p, --draft, --lookahead, --quantize"),
+        (["generate", runs["target"], "--prompt", "x", "--lookahead", "3"], "give --draft DRAFT_RUN_DIR too"),
+        (["generate", runs["target"], "--prompt", "x", "--temperature", "nan"], "must be a finite number >= 0"),
     ]
     for argv, words in cases:
         assert main(argv) == 2, argv

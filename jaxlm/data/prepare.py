@@ -65,6 +65,8 @@ def main(args) -> int:
         return 0
     if not args.inputs or not args.tokenizer:
         raise UserError("give INPUT... and --tokenizer SPEC (or --check)")
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers} must be >= 1")
     t0 = time.perf_counter()
     try:
         meta = prepare(args.inputs, args.tokenizer, args.output, val_fraction=args.val_fraction,

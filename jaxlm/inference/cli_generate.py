@@ -138,6 +138,25 @@ GENERATORS: dict[str, Callable[[argparse.Namespace, Run], int]] = {
     "next_token": autoregressive, "distill": autoregressive, "mdlm": masked_diffusion}
 
 
+# the flags only one generator reads (the prompt, --max-new-tokens, --temperature, --seed and --step
+# are everyone's): given to a run whose generator does not read them, they are refused, not ignored
+READS = {autoregressive: ("top_k", "top_p", "draft", "lookahead", "quantize"),
+         masked_diffusion: ("sampler", "steps", "block_size")}
+
+
+def refuse_unread_flags(args: argparse.Namespace, generator, objective: str) -> None:
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    unread = [name for other, names in READS.items() if other is not generator for name in names
+              if getattr(args, name) != defaults.get_default(name)]
+    if unread:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unread)
+        raise UserError(f"{flags}: not used by {args.run_dir}, a train.objective={objective} run; "
+                        f"its generator reads {', '.join('--' + n.replace('_', '-') for n in READS[generator])}")
+    if generator is autoregressive and args.lookahead != defaults.get_default("lookahead") and not args.draft:
+        raise UserError("--lookahead sets the draft tokens of speculative decoding; give --draft DRAFT_RUN_DIR too")
+
+
 def main(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
@@ -146,4 +165,5 @@ def main(args: argparse.Namespace) -> int:
     if objective not in GENERATORS:
         raise UserError(f"{args.run_dir} was trained for train.objective={objective!r}, which has no generator; "
                         f"known: {', '.join(GENERATORS)}")
+    refuse_unread_flags(args, GENERATORS[objective], objective)
     return GENERATORS[objective](args, run)

@@ -196,8 +196,9 @@ def generate_mdlm(model, cfg: Config, tokenizer, prompt: str, args: argparse.Nam
     steps, block = getattr(args, "steps", 64), getattr(args, "block_size", None)
     length, seed = getattr(args, "max_new_tokens", 128), getattr(args, "seed", 0)
     temperature = getattr(args, "temperature", 1.0)
-    if steps < 1 or length < 1 or (block is not None and block < 1):
-        raise UserError(f"--steps={steps}, --max-new-tokens={length} and --block-size={block} must be >= 1")
+    for flag, value in (("--steps", steps), ("--max-new-tokens", length), ("--block-size", block)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value} must be >= 1")
     ids = tokenizer.encode(prompt, allowed_special="all")
     if sampler == "mdlm":
         sample = sample_mdlm(model, ids, length, steps, seed, schedule=cfg.diffusion.schedule, block_size=block,

@@ -26,6 +26,7 @@ def add_arguments(p) -> None:
     t.add_argument("-o", "--output", required=True, metavar="DIR")
     t.add_argument("--name", help="the tokenizer's name (default: the output directory's name)")
     t.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
+    t.add_argument("--force", action="store_true", help="replace a tokenizer already in DIR")
 
     i = sub.add_parser("info", help="name, size, special tokens and hash of a tokenizer")
     i.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
@@ -46,6 +47,15 @@ def add_arguments(p) -> None:
     c.add_argument("--gpt2-merges", metavar="MERGES_TXT", help="GPT-2 merges.txt")
     c.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write the tokenizer to")
     c.add_argument("--name", help="the tokenizer's name (default: the output directory's name)")
+    c.add_argument("--force", action="store_true", help="replace a tokenizer already in DIR")
+
+
+def refuse_to_replace(output: str, force: bool) -> None:
+    """Runs and prepared corpora name a tokenizer by its directory: replacing one is asked for."""
+    from jaxlm.tokenizer.tokenizer import CONFIG_FILE, RANKS_FILE
+
+    if not force and any(os.path.exists(os.path.join(output, f)) for f in (CONFIG_FILE, RANKS_FILE)):
+        raise UserError(f"{output} already holds a tokenizer; pass --force to replace it")
 
 
 def main(args) -> int:
@@ -55,13 +65,18 @@ def main(args) -> int:
         from jaxlm.tokenizer.bpe import train_bpe
 
         specials = args.special if args.special is not None else [T.EOT]
+        if "" in specials:
+            raise UserError("--special '' is empty; a special token is a non-empty string such as <|endoftext|>")
+        refuse_to_replace(args.output, args.force)
         t0 = time.perf_counter()
         vocab, merges = train_bpe(args.corpus, args.vocab_size, specials, workers=args.workers)
         name = args.name or os.path.basename(os.path.normpath(args.output))
         tok = T.from_bpe(vocab, merges, specials, name=name)
         T.save_tokenizer(tok, args.output)
+        short = (f"; fewer than --vocab-size {args.vocab_size}: after {len(merges)} merges every pre-token "
+                 "of the corpus is one token, so no pair is left to merge") if len(vocab) < args.vocab_size else ""
         print(f"{args.output}: {len(vocab)} tokens ({len(merges)} merges, {len(specials)} special) "
-              f"in {time.perf_counter() - t0:.2f} s; hash {tok.hash[:16]}")
+              f"in {time.perf_counter() - t0:.2f} s; hash {tok.hash[:16]}{short}")
     elif args.command == "info":
         tok = T.load_tokenizer(args.spec)
         print(json.dumps({**tok.identity(), "special_tokens": tok.special_tokens, "pattern": tok.pattern},
@@ -102,6 +117,7 @@ def main(args) -> int:
                                   special_tokens=tok.special_tokens)
         else:
             raise UserError("give SPEC or --gpt2-vocab/--gpt2-merges")
+        refuse_to_replace(args.output, args.force)
         T.save_tokenizer(tok, args.output)
         print(f"{args.output}: {tok.name}, {tok.n_vocab} tokens; hash {tok.hash[:16]}")
     return 0
