@@ -192,6 +192,8 @@ def main(args: argparse.Namespace) -> int:
     gen, dims = parse_topology(args.topology)
     if args.num_slices < 1:
         raise UserError(f"--num-slices={args.num_slices} must be >= 1")
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).absolute().parent.is_dir()):
+        raise UserError(f"--json {args.json} cannot be written: give a file path in an existing directory")
     import jax
 
     if not os.environ.get("JAX_PLATFORMS"):

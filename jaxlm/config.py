@@ -199,6 +199,21 @@ class Config:
 # ----------------------------------------------------------------------------- loading
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (YAML would keep the
+    last silently, so an edit near the top of a config could be undone by an old line below)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Reads YAML (or defaults when path is None), applies `a.b=value` overrides, validates."""
     raw: dict = {}
@@ -208,7 +223,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             what = "is a directory" if path.is_dir() else "does not exist"
             raise ConfigError(f"config file {str(path)!r} {what}; expected a YAML file")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}")
         except UnicodeDecodeError as e:

@@ -189,3 +189,24 @@ def test_tokenizer_output_is_not_replaced_unasked_and_bad_tokenizer_arguments_ar
     assert "--special '' is empty" in capsys.readouterr().err
     assert cli.main(["prepare", str(corpus), "--tokenizer", "bytes", "-o", str(tmp_path / "p"), "--workers", "0"]) == 2
     assert capsys.readouterr().err.strip() == "jaxlm prepare: error: --workers 0 must be >= 1"
+
+
+def test_a_train_that_fails_before_writing_leaves_no_directory_and_existing_ones_keep_their_lock(tmp_path, capsys):
+    fresh = tmp_path / "new" / "run"
+    assert cli.main(["train", "configs/tiny.yaml", f"train.run_dir={fresh}", "--resume", str(tmp_path / "nope")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # neither the run directory nor the parent made for it
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert cli.main(["train", "configs/tiny.yaml", f"train.run_dir={existing}", "--resume", str(tmp_path / "nope")]) == 2
+    assert [p.name for p in existing.iterdir()] == ["run.lock"]  # a directory the user made is theirs
+
+
+def test_a_config_key_given_twice_and_an_unwritable_json_report_are_refused_before_any_work(tmp_path, capsys):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  d_model: 64\n  n_layers: 2\n  d_model: 128\n")
+    with pytest.raises(ConfigError, match="key 'd_model' appears twice in one mapping"):
+        load_config(twice)
+    assert cli.main(["compile", "configs/tiny.yaml", "--topology", "v5p:2x2x2", "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"jaxlm compile: error: --json {tmp_path} cannot be written: give a "
+                                               "file path in an existing directory")

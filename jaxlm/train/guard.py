@@ -34,11 +34,12 @@ class RunDirLock:
     gets a UserError naming the holder."""
 
     def __init__(self, run_dir: Path):
-        self.run_dir, self.fd = Path(run_dir), None
+        self.run_dir, self.fd, self.created = Path(run_dir), None, []
 
     def acquire(self) -> RunDirLock:
         holder = None
         if jax.process_index() == 0:
+            self.created = [d for d in (self.run_dir.absolute(), *self.run_dir.absolute().parents) if not d.exists()]
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -58,7 +59,12 @@ class RunDirLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # releases the lock; the file stays (removing it would race a new holder)
+            if self.created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+                # a run that failed before writing anything (a bad --resume, say) leaves no directory behind
+                os.unlink(self.run_dir / LOCK_FILE)
+                for directory in self.created:  # the run directory, then the parents made for it
+                    directory.rmdir()
+            os.close(self.fd)  # releases the lock; otherwise the file stays (removing it would race a new holder)
             self.fd = None
 
 
