@@ -2,10 +2,10 @@
 
 CPU and TPU programs are deterministic as XLA compiles them, so `auto` means true there and costs
 nothing. On GPU, determinism needs XLA's deterministic ops (no atomics in reductions and scatters,
-deterministic cuBLAS/cuDNN algorithms, and an autotuner that takes its first candidate instead of the
-fastest measured one, so a resumed process compiles the same kernels) and an attention kernel whose
-backward has no atomics (the Pallas kernel, not cuDNN's; see model/kernels.py). It costs speed, so `auto` means false on GPU and the run
-says once that resume is not bit-exact.
+deterministic cuBLAS/cuDNN algorithms, and an autotuner that takes its first candidate instead of
+the fastest measured one, so a resumed process compiles the same kernels) and an attention kernel
+whose backward has no atomics (the Pallas kernel, not cuDNN's; see model/kernels.py). It costs
+speed, so `auto` means false on GPU and the run says once that resume is not bit-exact.
 
 XLA reads XLA_FLAGS once, when JAX starts its backend, and aborts on a flag it does not know, so
 `configure()` runs before that and sets only flags this jaxlib's XLA was built with.

@@ -11,6 +11,7 @@ flight; before a checkpoint it checks the step just taken and the state itself.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -62,8 +63,9 @@ class RunDirLock:
             if self.created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
                 # a run that failed before writing anything (a bad --resume, say) leaves no directory behind
                 os.unlink(self.run_dir / LOCK_FILE)
-                for directory in self.created:  # the run directory, then the parents made for it
-                    directory.rmdir()
+                with contextlib.suppress(OSError):  # a parent someone else has since written into stays
+                    for directory in self.created:  # the run directory, then the parents made for it
+                        directory.rmdir()
             os.close(self.fd)  # releases the lock; otherwise the file stays (removing it would race a new holder)
             self.fd = None
 
