@@ -150,10 +150,11 @@ def test_second_run_on_a_locked_run_dir_exits_2_naming_the_holder(tmp_path, text
     try:
         with pytest.raises(UserError) as err:
             train(config(run_dir, text_file, "train.steps=2"))
+        assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]  # the second run wrote nothing
     finally:
         holder.release()
     assert f"is in use by another run (pid {os.getpid()} on host {socket.gethostname()}, since " in str(err.value)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]  # the second run wrote nothing
+    assert not run_dir.exists()  # the holder made the directory and wrote nothing in it: its release removes it
 
 
 def test_lock_of_a_killed_run_does_not_block_a_restart(tmp_path):
