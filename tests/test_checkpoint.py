@@ -309,7 +309,7 @@ def test_a_fresh_start_keeps_the_earlier_starts_metrics_aside_instead_of_appendi
     assert "kept as metrics.jsonl.1" in capfd.readouterr().err
 
 
-def test_async_save_returns_before_the_write_and_saves_the_state_at_save_time(tmp_path):
+def test_async_save_returns_before_the_write_and_saves_the_state_at_save_time(tmp_path, monkeypatch):
     cfg = config(*RUN)
     trainer = make_trainer(cfg, make_mesh(cfg.mesh))
     batches, _ = build_data(cfg)
@@ -317,9 +317,10 @@ def test_async_save_returns_before_the_write_and_saves_the_state_at_save_time(tm
     state = step(trainer.init_state())
     expected = jax.device_get(state)
 
+    # hold the write in the background (patched on the class: orbax keeps the bound method it is given)
+    release, seal = threading.Event(), ckpt.CheckpointWriter._seal
+    monkeypatch.setattr(ckpt.CheckpointWriter, "_seal", lambda self: (release.wait(60), seal(self)))
     writer = ckpt.CheckpointWriter(tmp_path / "checkpoints", CheckpointConfig(every=1))
-    release, seal = threading.Event(), writer._seal
-    writer._seal = lambda: (release.wait(60), seal())  # hold the write in the background
     writer.save(1, state, ckpt.make_meta(cfg, 1, 256, batches.get_state(), {}))
     for _ in range(3):  # donated train steps run while the save is still being written
         state = step(state)
