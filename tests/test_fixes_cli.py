@@ -134,9 +134,15 @@ def test_unusable_paths_and_arguments_are_one_line_errors_and_write_nothing(tmp_
 
 
 def test_bad_sampling_and_eval_arguments_are_refused():
+    from argparse import Namespace
+
     from jaxlm.errors import UserError
     from jaxlm.inference.cli_eval import evaluate
+    from jaxlm.inference.diffusion import generate_mdlm
     from jaxlm.inference.sampling import Sampling
+
+    with pytest.raises(UserError, match="^--block-size 0 must be >= 1$"):  # the one flag that is wrong, alone
+        generate_mdlm(None, None, None, "x", Namespace(steps=64, max_new_tokens=8, block_size=0))
 
     for temperature in (float("nan"), float("inf"), -1.0):
         with pytest.raises(UserError, match="must be a finite number >= 0"):

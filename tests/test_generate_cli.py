@@ -106,6 +106,8 @@ def test_eval_reports_the_loss_perplexity_and_bits_per_byte_of_every_token_once(
 
 
 def test_bad_input_exits_2_with_one_line(runs, capsys, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café\n".encode("latin-1"))
     cases = [
         (["generate", runs["empty"], "--prompt", "x"], "no checkpoints"),
         (["generate", runs["target"], "--prompt", "x" * 40], "more than the model's max_seq_len=32"),
@@ -116,6 +118,7 @@ def test_bad_input_exits_2_with_one_line(runs, capsys, tmp_path):
          "reads --top-k, --top-p, --draft, --lookahead, --quantize"),
         (["generate", runs["target"], "--prompt", "x", "--lookahead", "3"], "give --draft DRAFT_RUN_DIR too"),
         (["generate", runs["target"], "--prompt", "x", "--temperature", "nan"], "must be a finite number >= 0"),
+        (["generate", runs["target"], "--prompt-file", str(latin1)], "is not UTF-8 text (byte 3)"),
     ]
     for argv, words in cases:
         assert main(argv) == 2, argv
