@@ -197,7 +197,7 @@ def test_a_flash_kernel_that_cannot_tile_the_sequence_gives_way_to_xla_with_one_
 
 def test_cudnn_head_dims_above_128_give_way_to_xla_before_hopper(monkeypatch, capsys):
     """JAX's cuDNN path takes head dims up to 256 from compute capability 9.0, 128 before: an A100
-    run of head dim 192 falls back with our warning instead of JAX's NotImplementedError."""
+    run of head dim 192 falls back with our warning instead of failing inside JAX's cuDNN check."""
     model = ModelConfig(d_model=4 * 192, n_heads=4, n_kv_heads=4, attention_impl="cudnn")
     for capability, want in [("8.0", "xla"), ("9.0", "cudnn"), ("10.0", "cudnn")]:
         device = type("Gpu", (), {"compute_capability": capability})()

@@ -63,8 +63,10 @@ def unsupported(impl: str, T: int, S: int, d: int) -> str | None:
     multiple = SEQUENCE_MULTIPLE.get(impl, 1)
     if T % multiple or S % multiple:
         return f"sequence length {T if T % multiple else S} (it tiles by multiples of {multiple})"
-    if impl == "cudnn" and (d % 8 or d > cudnn_head_dim_max()):
-        return f"head dim {d} (cuDNN flash needs a multiple of 8, at most {cudnn_head_dim_max()} on this GPU)"
+    if impl == "cudnn":
+        largest = cudnn_head_dim_max()  # asks the device once
+        if d % 8 or d > largest:
+            return f"head dim {d} (cuDNN flash needs a multiple of 8, at most {largest} on this GPU)"
     return None
 
 
