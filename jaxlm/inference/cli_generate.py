@@ -158,8 +158,11 @@ def refuse_unread_flags(args: argparse.Namespace, generator, objective: str) -> 
 
 
 def main(args: argparse.Namespace) -> int:
+    from jaxlm.inference.sampling import Sampling
+
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    Sampling(args.temperature, args.top_k, args.top_p)  # checks the values before the checkpoint is read
     run = load_run(args.run_dir, args.step)
     objective = run.cfg.train.objective
     if objective not in GENERATORS:
