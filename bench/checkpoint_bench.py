@@ -39,7 +39,7 @@ import numpy as np
 from jaxlm import checkpoint as ckpt
 from jaxlm.config import CheckpointConfig, load_config
 from jaxlm.data.batch import Batch
-from jaxlm.distributed import make_mesh
+from jaxlm.parallel.mesh import make_mesh
 from jaxlm.train.step import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]

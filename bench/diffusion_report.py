@@ -44,14 +44,14 @@ def run(config: str, out: Path, name: str, steps: int, *overrides: str) -> tuple
 
 
 def _one_device_mesh(cfg):
-    from jaxlm.distributed import make_mesh
+    from jaxlm.parallel.mesh import make_mesh
 
     return make_mesh(cfg.mesh, devices=jax.devices()[:1])
 
 
 def load_model(run_dir: Path):
     """The run's model with the parameters of its newest checkpoint, and its config."""
-    from jaxlm.inference.load import load_run
+    from jaxlm.checkpoint.runs import load_run
 
     run = load_run(str(run_dir))
     return run.model(), run.cfg

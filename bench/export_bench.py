@@ -56,8 +56,8 @@ def make_run(run_dir: Path) -> None:
     import jax
 
     from jaxlm.config import load_config
-    from jaxlm.distributed import make_mesh
-    from jaxlm.export.runs import write_step0
+    from jaxlm.parallel.mesh import make_mesh
+    from jaxlm.checkpoint.runs import write_step0
     from jaxlm.train.step import make_trainer
 
     cfg = load_config(CONFIG, [f"train.run_dir={run_dir}", "mesh.data=1", "checkpoint.async_save=false"])

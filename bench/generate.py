@@ -28,10 +28,10 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import Config, MeshConfig, ModelConfig
-from jaxlm.distributed import make_mesh
+from jaxlm.parallel.mesh import make_mesh
 from jaxlm.inference.decode import Decoder, generate
 from jaxlm.inference.sampling import Sampling
-from jaxlm.train.step import build_model
+from jaxlm.model.build import build_model
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 RANDOM_MODEL = ModelConfig(vocab_size=257, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=704,
@@ -59,7 +59,7 @@ def text_tokens(n: int, offset: int = 0) -> list[int]:
 
 def model_and_params(run_dir: str | None, mesh):
     if run_dir:
-        from jaxlm.inference.load import load_run
+        from jaxlm.checkpoint.runs import load_run
 
         run = load_run(run_dir, mesh=mesh)
         return run.cfg, run.params
@@ -161,7 +161,7 @@ def versus_hf(cfg, params, mesh, prompt_len: int, n: int, repeats: int) -> None:
 
 
 def speculative(target_dir: str, draft_dir: str, mesh, n: int, lookaheads: list[int], repeats: int) -> None:
-    from jaxlm.inference.load import load_run
+    from jaxlm.checkpoint.runs import load_run
     from jaxlm.inference.speculative import check_pair, speculative_generate
 
     t_run, d_run = load_run(target_dir, mesh=mesh), load_run(draft_dir, mesh=mesh)

@@ -10,7 +10,7 @@ Models (vocab 32000, f32 parameters, bf16 compute, AdamW; the accelerator issue'
 The torch peer trains the same model under bf16 autocast with attn_implementation="sdpa" and fused
 AdamW (bench/torch_peer.py). Every measurement runs in its own process (XLA_FLAGS are read once per
 process, and JAX and torch must not share the GPU's memory); each prints tokens/s, MFU (FLOPs from
-jaxlm.accounting over jaxlm.devices' dense bf16 peak for the device) and the ratios to the peers.
+jaxlm.tools.accounting over jaxlm.tools.devices' dense bf16 peak for the device) and the ratios to the peers.
 
     python bench/gpu_throughput.py                                 # all models, jaxlm + torch
     python bench/gpu_throughput.py --models 124m --variants attention_impl=xla,scan_layers=false
@@ -58,7 +58,7 @@ def config_overrides(model: str, smoke: bool, extra: list[str] = ()) -> list[str
 
 def measure(job: dict) -> dict:
     """Runs in a fresh process: times one runner for one model and returns its figures."""
-    from jaxlm import determinism
+    from jaxlm.parallel import determinism
     from jaxlm.config import load_config
 
     cfg = load_config(None, job["overrides"])
@@ -112,7 +112,7 @@ def make_jobs(models, variants, deterministic, torch: bool, smoke: bool, rounds:
 
 
 def peak_for(row: dict, measured: float | None) -> float | None:
-    from jaxlm import devices
+    from jaxlm.tools import devices
 
     known = devices.lookup(row.get("device_kind", ""))
     return known.bf16_flops if known else measured
@@ -120,7 +120,7 @@ def peak_for(row: dict, measured: float | None) -> float | None:
 
 def run(jobs: list[dict], out: Path | None = None) -> list[dict]:
     """Each job in its own process; prints a row as each finishes (a failure is a row, not the end)."""
-    from jaxlm.accounting import train_flops_per_step
+    from jaxlm.tools.accounting import train_flops_per_step
     from jaxlm.config import load_config
 
     rows, measured = [], None

@@ -95,7 +95,7 @@ def jaxlm_runner(cfg, seed: int = 0) -> tuple[Runner, int]:
     import numpy as np
 
     from jaxlm.data.batch import Batch
-    from jaxlm.distributed import make_mesh
+    from jaxlm.parallel.mesh import make_mesh
     from jaxlm.train.step import make_trainer
 
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:1]))

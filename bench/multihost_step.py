@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def worker(config: str, overrides: list[str], steps: int) -> None:
-    from jaxlm.distributed import initialize
+    from jaxlm.parallel.launch import initialize
 
     initialize()  # JAXLM_* env from the parent
     import jax
@@ -32,7 +32,7 @@ def worker(config: str, overrides: list[str], steps: int) -> None:
     from jaxlm.config import load_config
     from jaxlm.data.batch import Batch
     from jaxlm.data.pipeline import to_global
-    from jaxlm.distributed import make_mesh
+    from jaxlm.parallel.mesh import make_mesh
     from jaxlm.train.step import make_trainer
 
     cfg = load_config(config, overrides)

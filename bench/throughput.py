@@ -1,6 +1,6 @@
 """Training throughput of the bench config: jaxlm vs Hugging Face LlamaForCausalLM (torch CPU).
 
-Prints step time, CPU time per step, tokens/s and MFU (matmul FLOPs from jaxlm.accounting over
+Prints step time, CPU time per step, tokens/s and MFU (matmul FLOPs from jaxlm.tools.accounting over
 jaxlm.train.metrics.peak_flops: the device table's bf16 peak, else a measured matmul) for jaxlm,
 any jaxlm variants, and the torch peer (eager, torch.compile), all timed interleaved in one run
 on random token batches (bench/harness.py), and the ratios.
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def measure(cfg_path: str, overrides: list[str], variants: list[str], rounds: int, torch_modes: list[bool]) -> list[dict]:
     """One interleaved run: jaxlm, each variant, then the torch peer in each mode. Rows of figures."""
-    from jaxlm.accounting import train_flops_per_step
+    from jaxlm.tools.accounting import train_flops_per_step
     from jaxlm.config import load_config
 
     cfg = load_config(cfg_path, ["mesh.data=1"] + overrides)

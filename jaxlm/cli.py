@@ -16,13 +16,13 @@ from jaxlm.errors import UserError
 
 VERBS = {
     "train": ("jaxlm.train.run", "train (or resume) a model from a YAML config"),
-    "accounting": ("jaxlm.accounting", "parameters, FLOPs and memory of a config"),
+    "accounting": ("jaxlm.tools.accounting", "parameters, FLOPs and memory of a config"),
     "tokenizer": ("jaxlm.tokenizer.cli", "train, inspect or convert tokenizers"),
     "prepare": ("jaxlm.data.prepare", "tokenize a corpus into token shards"),
-    "checkpoint": ("jaxlm.checkpoint_cli", "list and inspect checkpoints of a run"),
-    "compile": ("jaxlm.compile", "AOT-compile the train step for a TPU topology and size it"),
-    "plot": ("jaxlm.plot", "plot training curves of one or more runs into an image"),
-    "config": ("jaxlm.config_cli", "list every config key with its type, default and description"),
+    "checkpoint": ("jaxlm.checkpoint.cli", "list and inspect checkpoints of a run"),
+    "compile": ("jaxlm.tools.compile", "AOT-compile the train step for a TPU topology and size it"),
+    "plot": ("jaxlm.tools.plot", "plot training curves of one or more runs into an image"),
+    "config": ("jaxlm.config.cli", "list every config key with its type, default and description"),
     "export": ("jaxlm.export.cli", "export a checkpoint to Hugging Face (safetensors) or llama.cpp (GGUF)"),
     "import": ("jaxlm.export.importer", "import Hugging Face weights into a run directory to fine-tune"),
     "generate": ("jaxlm.inference.cli_generate", "generate text from a checkpoint (KV cache, sampling, speculative)"),

@@ -15,3 +15,13 @@ class RunFailed(UserError):
 
 class ConfigError(UserError):
     """A config problem; its message is one line meant for the user."""
+
+
+def warn(msg: str) -> None:
+    """One warning line on stderr, from process 0 only (every process of a run sees the same)."""
+    import sys
+
+    import jax  # here, not above: the CLI imports this module before it knows it needs JAX
+
+    if jax.process_index() == 0:
+        print(f"jaxlm: warning: {msg}", file=sys.stderr, flush=True)

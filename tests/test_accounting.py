@@ -2,7 +2,7 @@
 
 from conftest import run_cli
 
-from jaxlm.accounting import count_params, forward_flops, train_flops_per_step
+from jaxlm.tools.accounting import count_params, forward_flops, train_flops_per_step
 from jaxlm.config import load_config
 
 

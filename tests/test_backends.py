@@ -1,4 +1,4 @@
-"""jaxlm.backends: a machine without a TPU starts JAX on the CPU without the TPU runtime's errors."""
+"""jaxlm.parallel.backends: a machine without a TPU starts JAX on the CPU without the TPU runtime's errors."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from jaxlm import backends
+from jaxlm.parallel import backends
 
 TPU_RUNTIME_ERROR = "TPU_WORKER_HOSTNAMES"  # in the lines libtpu prints when it finds no TPU
 START_JAX = "import os; {} import jax; print(os.environ.get('JAX_PLATFORMS'), jax.devices()[0].platform)"

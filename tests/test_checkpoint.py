@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from jaxlm import checkpoint as ckpt
-from jaxlm import resume
+from jaxlm.checkpoint import resume
 from jaxlm.config import CheckpointConfig, load_config
 from jaxlm.data.pipeline import to_global
 from jaxlm.data.sources import build_data
-from jaxlm.distributed import make_mesh
+from jaxlm.parallel.mesh import make_mesh
 from jaxlm.errors import UserError
 from jaxlm.train.loop import train
 from jaxlm.train.optim import make_schedule
@@ -334,7 +334,7 @@ def test_async_save_returns_before_the_write_and_saves_the_state_at_save_time(tm
 
 
 def test_checkpoint_ls_lists_steps_sizes_validity_and_config(base_run, tmp_path, capsys):
-    from jaxlm.checkpoint_cli import main
+    from jaxlm.checkpoint.cli import main
 
     run_dir = copy_run(base_run, tmp_path)
     (run_dir / "checkpoints" / "40" / "meta" / "metadata").write_text("{}")  # damaged after the save

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from jaxlm.compile import parse_topology
+from jaxlm.tools.compile import parse_topology
 from jaxlm.errors import UserError
 
 from conftest import REPO, run_cli
@@ -57,7 +57,7 @@ def test_model_far_larger_than_hbm_fails_with_the_memory_numbers(tmp_path):
 
 @needs_libtpu
 def test_every_generation_name_gives_one_device_per_chip():
-    code = ("from jaxlm.compile import parse_topology, topology_devices\n"
+    code = ("from jaxlm.tools.compile import parse_topology, topology_devices\n"
             "for t in ['v4:2x2x2', 'v5p:2x2x2', 'v5e:4x4', 'v6e:2x2']:\n"
             "    d = topology_devices(*parse_topology(t), 1)\n"
             "    print(t, len(d), len({x.process_index for x in d}), d[0].device_kind)\n")

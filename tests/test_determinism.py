@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from jaxlm import determinism
+from jaxlm.parallel import determinism
 from jaxlm.config import ConfigError
 
 FAKE = "--xla_gpu_flag_no_xla_has_zz=true"

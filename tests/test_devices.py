@@ -6,8 +6,8 @@ import jax
 import pytest
 from conftest import run_cli
 
-from jaxlm import devices
-from jaxlm.accounting import activation_bytes, count_params, train_flops_per_step
+from jaxlm.tools import devices
+from jaxlm.tools.accounting import activation_bytes, count_params, train_flops_per_step
 from jaxlm.config import load_config
 from jaxlm.train import metrics
 

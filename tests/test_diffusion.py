@@ -12,12 +12,13 @@ from flax import nnx
 
 from jaxlm.config import ConfigError, DiffusionConfig, load_config
 from jaxlm.data.batch import Batch
-from jaxlm.distributed import make_mesh
+from jaxlm.parallel.mesh import make_mesh
 from jaxlm.inference.diffusion import block_plan, sample_block, sample_mdlm, sample_remask
-from jaxlm.train import diffusion
+from jaxlm.objectives import mdlm as diffusion
 from jaxlm.train.loop import train
-from jaxlm.train.objectives import make_objective
-from jaxlm.train.step import build_model, make_trainer
+from jaxlm.objectives import make_objective
+from jaxlm.model.build import build_model
+from jaxlm.train.step import make_trainer
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=64",
          "data.seq_len=32", "train.global_batch=8"]

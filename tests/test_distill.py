@@ -11,12 +11,13 @@ from jaxlm import checkpoint as ckpt
 from jaxlm.config import ConfigError, load_config
 from jaxlm.data.batch import Batch
 from jaxlm.errors import UserError
-from jaxlm.distributed import make_mesh
-from jaxlm.sharding import param_shardings, resolve_rules
-from jaxlm.train.distill import check_teacher
+from jaxlm.parallel.mesh import make_mesh
+from jaxlm.parallel.sharding import param_shardings, resolve_rules
+from jaxlm.objectives.distill import check_teacher
 from jaxlm.train.loop import train
-from jaxlm.train.objectives import make_objective
-from jaxlm.train.step import build_model, make_trainer
+from jaxlm.objectives import make_objective
+from jaxlm.model.build import build_model
+from jaxlm.train.step import make_trainer
 
 from conftest import run_cli
 

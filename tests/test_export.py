@@ -22,12 +22,13 @@ from jaxlm import checkpoint as ckpt
 from jaxlm import cli
 from jaxlm.config import load_config
 from jaxlm.tokenizer.tokenizer import byte_tokenizer, load_gpt2_files
-from jaxlm.distributed import make_mesh
-from jaxlm.export import runs
+from jaxlm.parallel.mesh import make_mesh
+from jaxlm.checkpoint import runs
 from jaxlm.export.cli import export
 from jaxlm.export.importer import import_run
 from jaxlm.train.loop import train
-from jaxlm.train.step import build_model, make_trainer
+from jaxlm.model.build import build_model
+from jaxlm.train.step import make_trainer
 
 from conftest import SHARED_DATA
 

@@ -8,7 +8,7 @@ from conftest import run_cli
 
 from jaxlm import __version__, cli
 from jaxlm.config import Config, ConfigError, load_config
-from jaxlm.config_cli import keys
+from jaxlm.config.cli import keys
 
 
 @pytest.mark.parametrize("override,message", [

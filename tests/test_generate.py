@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import Config, MeshConfig, ModelConfig, MoEConfig
-from jaxlm.distributed import make_mesh
+from jaxlm.parallel.mesh import make_mesh
 from jaxlm.inference.decode import Decoder, generate
 from jaxlm.inference.sampling import Sampling
-from jaxlm.train.step import build_model
+from jaxlm.model.build import build_model
 
 TINY = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=48, max_seq_len=64,
                    compute_dtype="float32", param_dtype="float32")

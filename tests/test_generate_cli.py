@@ -12,9 +12,9 @@ from jaxlm import checkpoint as ckpt
 from jaxlm.cli import main
 from jaxlm.config import Config, DataConfig, ModelConfig
 from jaxlm.tokenizer.tokenizer import EOT, Tokenizer, save_tokenizer
-from jaxlm.distributed import make_mesh
+from jaxlm.parallel.mesh import make_mesh
 from jaxlm.inference.decode import Decoder, generate
-from jaxlm.inference.load import load_run
+from jaxlm.checkpoint.runs import load_run
 from jaxlm.inference.sampling import Sampling
 from jaxlm.train.step import make_trainer
 

@@ -121,7 +121,7 @@ def test_auto_resolves_per_platform_and_a_kernel_the_platform_lacks_is_a_config_
 
 
 def flash_kernels():
-    from jaxlm.model import flash
+    from jaxlm.model.kernels import flash
 
     return {
         "pallas_gpu": lambda q, k, v, m: flash.pallas_gpu_attention(q, k, v, m.causal, m.segment_ids_BT,
@@ -161,7 +161,7 @@ def test_deterministic_runs_pick_an_atomics_free_attention_on_gpu_and_refuse_cud
 
 
 def test_a_kernel_that_cannot_express_the_mask_falls_back_with_one_warning(capsys, monkeypatch):
-    from jaxlm.model import flash
+    from jaxlm.model.kernels import flash
 
     calls = []
     monkeypatch.setattr(flash, "pallas_gpu_attention", lambda q, k, v, causal, seg: calls.append(seg) or q)
@@ -213,7 +213,7 @@ def test_the_gpu_train_step_lowers_for_cuda_with_triton_flash_attention_and_no_t
     Pallas emits its Triton kernels when lowering; only compiling them needs the GPU. The control,
     xla attention, shows that a T x T score tensor would be visible in the module text."""
     from jaxlm.config import load_config
-    from jaxlm.distributed import make_mesh
+    from jaxlm.parallel.mesh import make_mesh
     from jaxlm.train.step import make_trainer
 
     def lowered(impl):
@@ -277,7 +277,7 @@ def test_gpu_grouped_matmul_pads_rows_picks_tiles_and_falls_back_on_sides_it_can
 def test_the_gpu_moe_step_lowers_for_cuda_with_triton_grouped_matmuls_instead_of_ragged_dot(gmm_impl):
     """XLA:GPU rewrites `ragged_dot` into a dense dot over every expert; auto must not leave it any."""
     from jaxlm.config import load_config
-    from jaxlm.distributed import make_mesh
+    from jaxlm.parallel.mesh import make_mesh
     from jaxlm.train.step import make_trainer
 
     cfg = load_config("configs/moe-tiny.yaml", ["mesh.data=1", "mesh.expert=1", "train.global_batch=2",

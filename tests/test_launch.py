@@ -199,7 +199,7 @@ def test_gpu_config_is_124m_and_runs_offline_from_the_files_its_header_names(tmp
     """The two commands in configs/gpu-124m.yaml's header make everything it needs, without the
     internet: GPT-2 files -> tokenizer directory -> prepared corpus at the config's own paths."""
     from jaxlm import cli
-    from jaxlm.accounting import count_params
+    from jaxlm.tools.accounting import count_params
     from jaxlm.config import load_config
     from jaxlm.data.shards import check_tokenizer, open_prepared
     from jaxlm.tokenizer.tokenizer import load_tokenizer

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxlm.config import ConfigError, MeshConfig, load_config
-from jaxlm.distributed import _detect_cluster, device_grid, make_mesh, resolve_axis_sizes
+from jaxlm.parallel.launch import _detect_cluster
+from jaxlm.parallel.mesh import device_grid, make_mesh, resolve_axis_sizes
 
 
 def sizes(**kw):
@@ -110,8 +111,8 @@ def test_cluster_detection_starts_jax_distributed_only_when_the_environment_says
 
 
 def test_data_parallel_size_counts_the_batch_axes():
-    from jaxlm.distributed import data_parallel_size
-    from jaxlm.sharding import resolve_rules
+    from jaxlm.parallel.mesh import data_parallel_size
+    from jaxlm.parallel.sharding import resolve_rules
 
     mesh = make_mesh(load_config(None, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]).mesh)
     assert data_parallel_size(mesh, resolve_rules()) == 4
@@ -128,7 +129,7 @@ def test_data_parallel_size_counts_the_batch_axes():
     ({"SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_NUM_NODES": "2", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, None),
 ])
 def test_slurm_tasks_get_their_nodes_gpus(env, ids):
-    from jaxlm.distributed import _slurm_local_device_ids
+    from jaxlm.parallel.launch import _slurm_local_device_ids
 
     assert _slurm_local_device_ids(env) == ids
 
@@ -141,7 +142,7 @@ def test_slurm_tasks_get_their_nodes_gpus(env, ids):
       "JAXLM_LOCAL_DEVICE_IDS": "0,x"}, "comma-separated list"),
 ])
 def test_bad_launch_variables_are_one_line_errors_before_any_connection(env, words, monkeypatch):
-    from jaxlm.distributed import initialize
+    from jaxlm.parallel.launch import initialize
     from jaxlm.errors import UserError
 
     for k, v in env.items():
@@ -151,7 +152,7 @@ def test_bad_launch_variables_are_one_line_errors_before_any_connection(env, wor
 
 
 def test_without_launch_variables_initialize_stays_single_process(monkeypatch):
-    from jaxlm.distributed import initialize
+    from jaxlm.parallel.launch import initialize
 
     for k in ("JAXLM_COORDINATOR", "SLURM_STEP_NUM_TASKS", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(k, raising=False)

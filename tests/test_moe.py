@@ -14,16 +14,16 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxlm import accounting
+from jaxlm.tools import accounting
 from jaxlm.config import MeshConfig, ModelConfig, MoEConfig, load_config
 from jaxlm.data.pipeline import to_global
 from jaxlm.data.sources import build_data
-from jaxlm.distributed import make_mesh
+from jaxlm.parallel.mesh import make_mesh
 from jaxlm.model import moe as moe_mod
 from jaxlm.model.layers import MLP
 from jaxlm.model.moe import MoEBlock, route
 from jaxlm.model.transformer import Transformer
-from jaxlm.sharding import param_shardings, resolve_rules, spec_for, use_mesh_rules
+from jaxlm.parallel.sharding import param_shardings, resolve_rules, spec_for, use_mesh_rules
 from jaxlm.train.step import make_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -42,7 +42,7 @@ def process_env(devices: int, **extra) -> dict:
 
 
 def run_processes(n: int, devices: int, run_dir: Path) -> None:
-    """`jaxlm train` in n processes (JAXLM_* env -> distributed.initialize); all must exit 0 in time."""
+    """`jaxlm train` in n processes (JAXLM_* env -> jaxlm.parallel.launch.initialize); all must exit 0 in time."""
     cmd = [sys.executable, "-m", "jaxlm.cli", "train", TINY, *ARGS, f"train.run_dir={run_dir}"]
     coordinator = f"127.0.0.1:{free_port()}"
     procs = []
@@ -102,7 +102,7 @@ def test_checkpoint_written_by_two_processes_restores_in_one_process(runs):
 
     from jaxlm import checkpoint as ckpt
     from jaxlm.config import load_config
-    from jaxlm.distributed import make_mesh
+    from jaxlm.parallel.mesh import make_mesh
     from jaxlm.train.step import make_trainer
 
     step_dir = runs["two"] / "checkpoints" / str(STEPS)

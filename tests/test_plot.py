@@ -9,7 +9,7 @@ from conftest import run_cli
 
 from jaxlm import cli
 from jaxlm.config import load_config
-from jaxlm.plot import load_run, series, tokens_per_step
+from jaxlm.tools.plot import load_run, series, tokens_per_step
 from jaxlm.train.loop import train
 
 SHORT = ["model.n_layers=2", "data.seq_len=64", "train.global_batch=8", "train.steps=6", "train.log_every=1",

@@ -13,7 +13,7 @@ import pytest
 from jaxlm import checkpoint as ckpt
 from jaxlm.config import CheckpointConfig, load_config
 from jaxlm.data.batch import Batch
-from jaxlm.distributed import make_mesh
+from jaxlm.parallel.mesh import make_mesh
 from jaxlm.train.loop import EarlyStopping, train
 from jaxlm.train.step import make_trainer
 

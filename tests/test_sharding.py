@@ -7,8 +7,8 @@ from jax.sharding import PartitionSpec
 
 from jaxlm.config import load_config
 from jaxlm.data.batch import Batch
-from jaxlm.distributed import make_mesh
-from jaxlm.sharding import DEFAULT_RULES, resolve_rules, spec_for
+from jaxlm.parallel.mesh import make_mesh
+from jaxlm.parallel.sharding import DEFAULT_RULES, resolve_rules, spec_for
 from jaxlm.train.step import make_trainer
 
 OVERRIDES = ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",

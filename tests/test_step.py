@@ -9,10 +9,11 @@ from jaxlm.config import load_config
 from jaxlm.data.batch import Batch
 from jaxlm.data.pipeline import to_global
 from jaxlm.data.sources import build_data
-from jaxlm.distributed import make_mesh
-from jaxlm.sharding import resolve_rules, underused_fsdp
-from jaxlm.train import objectives
-from jaxlm.train.step import build_model, make_trainer
+from jaxlm.parallel.mesh import make_mesh
+from jaxlm.parallel.sharding import resolve_rules, underused_fsdp
+from jaxlm import objectives
+from jaxlm.model.build import build_model
+from jaxlm.train.step import make_trainer
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=64",
          "data.seq_len=32", "train.global_batch=8"]

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 
-import jax
 import numpy as np
 
 from jaxlm.config import Config, DataConfig
@@ -19,7 +17,7 @@ from jaxlm.data.corpus import default_corpus, default_corpus_paths, expand_input
 from jaxlm.data.pipeline import BatchIterator, TokenStream, mixture, row_dataset
 from jaxlm.data.shards import unfinished_prepare
 from jaxlm.tokenizer.tokenizer import EOT, load_tokenizer
-from jaxlm.errors import UserError
+from jaxlm.errors import UserError, warn
 
 
 def is_prepared(path: str) -> bool:
@@ -107,11 +105,6 @@ def build_data(cfg: Config) -> tuple[BatchIterator, list[dict]]:
         val_iter = BatchIterator(mixture(*map(list, zip(*val_sets))), t.global_batch)
         eval_batches = [next(val_iter) for _ in range(t.eval_batches)]
     return batches, eval_batches
-
-
-def warn(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(f"jaxlm: warning: {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- fingerprint

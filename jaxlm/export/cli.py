@@ -52,7 +52,7 @@ def load_tokenizer_for(step_dir: Path, spec: str | None, cfg):
 
 def export(run_dir: Path, fmt: str, output: Path, step: int | None = None, dtype: str | None = None,
            tokenizer: str | None = None, force: bool = False, max_shard_bytes: int | None = None) -> Path:
-    from jaxlm.export import runs
+    from jaxlm.checkpoint import runs
     from jaxlm.export.atomic import atomic_output
     from jaxlm.export.compat import check_exportable
 

@@ -11,9 +11,8 @@ qwen2moe graph does not renormalise, hence no GGUF for those models).
 
 from __future__ import annotations
 
-from jaxlm.checkpoint import warn
 from jaxlm.config import ModelConfig, MoEConfig
-from jaxlm.errors import UserError
+from jaxlm.errors import UserError, warn
 
 LLAMA, MIXTRAL, QWEN2_MOE = "LlamaForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"
 

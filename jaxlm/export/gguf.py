@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlm.checkpoint import warn
 from jaxlm.config import ModelConfig, MoEConfig
+from jaxlm.errors import warn
 from jaxlm.export import params as P
 from jaxlm.export.tokenizer_files import gguf_pre, merges, vocabulary
 

@@ -9,9 +9,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.model.attention import KVCache
-from jaxlm.model.layers import dtype_of
+from jaxlm.model.ops import dtype_of
 from jaxlm.model.transformer import layer_plan
-from jaxlm.sharding import spec_for
+from jaxlm.parallel.sharding import spec_for
 
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
 

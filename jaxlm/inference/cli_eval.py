@@ -59,8 +59,8 @@ def rows(stream, seq_len: int, packing: bool) -> list[dict]:
 def evaluate(run_dir: str, data: str, split: str = "val", step: int | None = None, max_tokens: int = 0) -> dict:
     from jaxlm.data.batch import Batch
     from jaxlm.data.pipeline import to_global
-    from jaxlm.distributed import data_parallel_size
-    from jaxlm.inference.load import inference_mesh, load_run
+    from jaxlm.parallel.mesh import data_parallel_size
+    from jaxlm.checkpoint.runs import inference_mesh, load_run
     from jaxlm.train.step import make_trainer
 
     if max_tokens < 0:

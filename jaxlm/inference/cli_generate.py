@@ -19,7 +19,7 @@ from typing import Callable
 
 from jaxlm import checkpoint as ckpt
 from jaxlm.errors import UserError
-from jaxlm.inference.load import Run, load_run
+from jaxlm.checkpoint.runs import Run, load_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

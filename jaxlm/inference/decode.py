@@ -22,7 +22,7 @@ from jaxlm.inference.cache import bucket, init_caches
 from jaxlm.inference.sampling import Sampling, sample
 from jaxlm.model import kernels
 from jaxlm.model.transformer import Transformer
-from jaxlm.sharding import resolve_rules, spec_for, use_mesh_rules
+from jaxlm.parallel.sharding import resolve_rules, spec_for, use_mesh_rules
 
 DECODE_ATTENTION = ("xla", "cpu")  # kernels that take a cache's mask (T queries over S slots)
 

@@ -31,7 +31,7 @@ from flax import nnx
 
 from jaxlm.config import Config
 from jaxlm.errors import UserError
-from jaxlm.train.diffusion import alpha, mask_id, subs_logits
+from jaxlm.objectives.mdlm import alpha, mask_id, subs_logits
 
 
 @dataclass

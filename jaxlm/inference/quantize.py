@@ -24,7 +24,7 @@ from flax import nnx
 from jaxlm.config import Config
 from jaxlm.model.attention import Attention
 from jaxlm.model.layers import MLP
-from jaxlm.train.step import build_model
+from jaxlm.model.build import build_model
 
 
 @jax.tree_util.register_dataclass

@@ -16,8 +16,9 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.model.kernels import AttentionMask, attention, project
-from jaxlm.model.layers import dtype_of, rope, weight
-from jaxlm.sharding import constrain
+from jaxlm.model.layers import rope, weight
+from jaxlm.model.ops import dtype_of
+from jaxlm.parallel.sharding import constrain
 
 
 @jax.tree_util.register_dataclass

@@ -16,26 +16,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.model.kernels import project
-from jaxlm.sharding import constrain
-
-
-def dtype_of(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+from jaxlm.model.ops import dtype_of
+from jaxlm.parallel.sharding import constrain
 
 
 def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], fan_in: int, dtype) -> nnx.Param:
     std = 1.0 / math.sqrt(fan_in)
     value = std * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, tuple(shape), jnp.float32)
     return nnx.Param(value.astype(dtype), axes=tuple(axes))
-
-
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout: zero a `rate` share of x and scale the rest by 1/(1-rate). A None key
-    (evaluation, generation, export) or rate 0 leaves x untouched."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):

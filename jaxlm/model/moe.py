@@ -31,8 +31,9 @@ from jax.sharding import PartitionSpec
 
 from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.model.kernels import grouped_matmul
-from jaxlm.model.layers import MLP, dtype_of, weight
-from jaxlm.sharding import active_mesh_rules, spec_for
+from jaxlm.model.layers import MLP, weight
+from jaxlm.model.ops import dtype_of
+from jaxlm.parallel.sharding import active_mesh_rules, spec_for
 
 # Use `ragged_all_to_all` for dropless expert parallelism where XLA implements it (not XLA:CPU).
 # None = decide from the backend; tests set it to exercise the path with an emulated collective.

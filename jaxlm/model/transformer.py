@@ -17,8 +17,9 @@ from flax import nnx
 from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.model.attention import Attention, KVCache
 from jaxlm.model.kernels import AttentionMask, concrete, project
-from jaxlm.model.layers import MLP, Embed, RMSNorm, dropout, dtype_of, weight
-from jaxlm.sharding import constrain
+from jaxlm.model.layers import MLP, Embed, RMSNorm, weight
+from jaxlm.model.ops import dropout, dtype_of
+from jaxlm.parallel.sharding import constrain
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,

@@ -24,8 +24,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxlm.resume import all_processes_agree
 from jaxlm.errors import RunFailed, UserError
+from jaxlm.parallel.mesh import all_processes_agree
 
 LOCK_FILE = "run.lock"
 

@@ -17,14 +17,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import checkpoint as ckpt
-from jaxlm import determinism, resume as resuming
-from jaxlm.accounting import train_flops_per_step
+from jaxlm.parallel import determinism
+from jaxlm.checkpoint import resume as resuming
+from jaxlm.tools.accounting import train_flops_per_step
 from jaxlm.config import Config, ConfigError, to_yaml
-from jaxlm.config_check import check_data_paths
+from jaxlm.config.checks import check_data_paths
 from jaxlm.data.pipeline import to_global
 from jaxlm.data.sources import build_data, data_fingerprint
-from jaxlm.distributed import data_parallel_size, make_mesh
-from jaxlm.sharding import resolve_rules
+from jaxlm.parallel.mesh import data_parallel_size, make_mesh
+from jaxlm.parallel.sharding import resolve_rules
 from jaxlm.train.guard import FiniteCheck, RunDirLock
 from jaxlm.train.metrics import MetricsLogger, peak_flops
 from jaxlm.train.step import Trainer, make_trainer
@@ -176,7 +177,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
         if restored is None:
             state, tokens_seen = trainer.init_state(), 0
             if t.init_from:
-                from jaxlm.export.importer import load_hf_params
+                from jaxlm.export.hf_load import load_hf_params
 
                 state["params"] = load_hf_params(t.init_from, cfg, trainer.state_shardings["params"])
                 _say(f"initialised from {t.init_from}")

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import devices
+from jaxlm.tools import devices
 from jaxlm.config import Config
 
 

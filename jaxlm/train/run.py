@@ -29,8 +29,8 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from jaxlm import determinism
-    from jaxlm.distributed import initialize
+    from jaxlm.parallel import determinism
+    from jaxlm.parallel.launch import initialize
     from jaxlm.train.loop import train
 
     determinism.configure(cfg.train.deterministic)  # XLA reads its flags when JAX starts

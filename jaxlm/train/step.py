@@ -21,14 +21,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm import determinism
+from jaxlm.parallel import determinism
 from jaxlm.config import Config, MoEConfig, TrainConfig
 from jaxlm.data.batch import Batch
 from jaxlm.model import kernels
-from jaxlm.model.transformer import Transformer
-from jaxlm.sharding import (batch_sharding, constrain, param_shardings, resolve_rules, underused_fsdp,
+from jaxlm.model.build import build_model
+from jaxlm.parallel.sharding import (batch_sharding, constrain, param_shardings, resolve_rules, underused_fsdp,
                             use_mesh_rules)
-from jaxlm.train.objectives import Objective, make_objective, moe_loss
+from jaxlm.objectives import Objective, make_objective, moe_loss
 from jaxlm.train.optim import make_optimizer
 
 
@@ -120,10 +120,6 @@ def loss_and_grads(params, batch: Batch, frozen, spec: StepSpec):
 def init_state(cfg: Config, optimizer: optax.GradientTransformation) -> dict:
     params = nnx.to_pure_dict(nnx.state(build_model(cfg, cfg.train.seed)))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
-
-
-def build_model(cfg: Config, seed: int) -> Transformer:
-    return Transformer(cfg.model, cfg.moe, nnx.Rngs(params=seed))
 
 
 # ----------------------------------------------------------------------------- the Trainer

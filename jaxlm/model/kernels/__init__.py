@@ -1,7 +1,7 @@
 """The backend-specific kernels behind one seam: attention and dense projections.
 
 The model says *what* to compute (`attention(q, k, v, mask, impl)`, `project(x, w, impl)`); this
-file says *how* on each backend. Each kernel family has a plain reference (`xla`: the textbook
+package says *how* on each backend. Each kernel family has a plain reference (`xla`: the textbook
 formula, autodiff's gradient) that every other implementation is tested against on CPU.
 
   model.attention_impl  auto | xla | cpu | cudnn | pallas_gpu | splash
@@ -15,19 +15,21 @@ MoE's grouped matmul in Pallas on GPU (XLA:GPU expands `ragged_dot` into a dense
 experts) and megablox on TPU.
 `resolve()` turns the config's choice into a concrete one for the devices a run compiles for (so
 `jaxlm compile --topology v5p:...` on a CPU machine picks the TPU kernel) and refuses a kernel the
-platform lacks. The accelerator kernels live in `flash.py` and `gmm_gpu.py`.
+platform lacks. The kernels live beside this file: `cpu.py`, `flash.py` (cuDNN, Triton and splash
+attention) and `gmm_gpu.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-
 import sys
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+
+from jaxlm.model.kernels.cpu import cpu_attention, cpu_matmul
 
 # kernel -> the platforms it runs on
 ATTENTION_IMPLS = {"xla": ("cpu", "gpu", "tpu"), "cpu": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",),
@@ -53,8 +55,8 @@ def resolve(model_cfg, platform: str, deterministic: bool = False, seq_len: int 
     does not run on `platform`, or is not deterministic where that was asked for, is a one-line
     ConfigError. A flash kernel that cannot tile `seq_len` (training's) gives way to xla, with a
     warning, so the resolved config names the kernel that runs."""
-    from jaxlm.config import ConfigError
-    from jaxlm.model import flash
+    from jaxlm.errors import ConfigError
+    from jaxlm.model.kernels import flash
 
     changes = {}
     for key, table in IMPLS.items():
@@ -144,7 +146,7 @@ def attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, impl: str = "auto",
     Queries come grouped by the kv head they share (G = H / K), so K/V are never repeated.
     `dropout` = (rate, key) drops attention probabilities (training only: key None = off).
     """
-    from jaxlm.model import flash
+    from jaxlm.model.kernels import flash
 
     impl = concrete(impl, "attention_impl")
     T, S = q_BTKGd.shape[1], k_BSKd.shape[1]
@@ -162,7 +164,7 @@ def attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, impl: str = "auto",
     if impl == "xla":
         return reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask)
     if impl == "cpu":
-        return _cpu_attention(q_BTKGd, k_BSKd, v_BSKd, mask.dense(T, S))
+        return cpu_attention(q_BTKGd, k_BSKd, v_BSKd, mask.dense(T, S))
     if impl == "cudnn":
         return flash.cudnn_attention(q_BTKGd, k_BSKd, v_BSKd, mask.causal)
     if impl == "pallas_gpu":
@@ -174,65 +176,13 @@ def attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, impl: str = "auto",
 
 def reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, dropout=(0.0, None)) -> jax.Array:
     """The textbook formula in f32 with autodiff's gradient: the reference for every kernel."""
-    from jaxlm.model.layers import dropout as drop
+    from jaxlm.model.ops import dropout as drop
 
     d = q_BTKGd.shape[-1]
     s = jnp.einsum("btkgd,bskd->bkgts", q_BTKGd, k_BSKd, preferred_element_type=jnp.float32) / math.sqrt(d)
     allowed = mask.dense(q_BTKGd.shape[1], k_BSKd.shape[1])[:, None, None]
     p = drop(jax.nn.softmax(jnp.where(allowed, s, jnp.finfo(jnp.float32).min), axis=-1), *dropout)
     return jnp.einsum("bkgts,bskd->btkgd", p.astype(v_BSKd.dtype), v_BSKd)
-
-
-def _scores(qh_BKQd, kh_BKSd, mask_BQS):
-    """Masked logits [B, K, Q, S]; Q = G*T query rows (the G heads sharing a kv head, stacked)."""
-    s = jnp.einsum("bkqd,bksd->bkqs", qh_BKQd, kh_BKSd, preferred_element_type=jnp.float32)
-    return jnp.where(mask_BQS[:, None], s, jnp.finfo(jnp.float32).min)
-
-
-def _cpu_attention_fwd(q_BTKGd, k_BSKd, v_BSKd, mask_BTS):
-    B, T, K, G, d = q_BTKGd.shape
-    scale = 1.0 / math.sqrt(d)
-    # 4-D [B, K, G*T, d] layouts: every matmul is a plain batched "A @ B" or "A @ B^T"
-    qh = (q_BTKGd * scale).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, d)
-    kh, vh = k_BSKd.transpose(0, 2, 1, 3), v_BSKd.transpose(0, 2, 1, 3)
-    mask = jnp.broadcast_to(mask_BTS[:, None], (mask_BTS.shape[0], G, T, mask_BTS.shape[-1]))
-    mask = mask.reshape(mask_BTS.shape[0], G * T, -1)
-    s = _scores(qh, kh, mask)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    e = jnp.exp(s - m)
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    oh = (jnp.einsum("bkqs,bksd->bkqd", e.astype(vh.dtype), vh) / total).astype(vh.dtype)
-    lse = m + jnp.log(total)
-    out = oh.reshape(B, K, G, T, d).transpose(0, 3, 1, 2, 4)
-    return out, (qh, kh, vh, oh, lse, mask)
-
-
-def _cpu_attention_bwd(res, do_BTKGd):
-    qh, kh, vh, oh, lse, mask = res
-    B, T, K, G, d = do_BTKGd.shape
-    doh = do_BTKGd.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, d)
-    delta = jnp.sum(doh.astype(jnp.float32) * oh, axis=-1, keepdims=True)  # rowsum(P * dP)
-    p = jnp.exp(_scores(qh, kh, mask) - lse)
-    dp = jnp.einsum("bkqd,bksd->bkqs", doh, vh, preferred_element_type=jnp.float32)
-    ds = (p * (dp - delta)).astype(qh.dtype)
-    p = p.astype(vh.dtype)
-    dq = jnp.einsum("bkqs,bksd->bkqd", ds, kh) / math.sqrt(d)
-    # dV = P^T dO and dK = dS^T Q, formed as [B, K, d, S] (the fast dot form) then transposed
-    dv_T = jnp.einsum("bkqd,bkqs->bkds", doh, p)
-    dk_T = jnp.einsum("bkqd,bkqs->bkds", qh, ds)
-    dq = dq.reshape(B, K, G, T, d).transpose(0, 3, 1, 2, 4)
-    return dq, dk_T.transpose(0, 3, 1, 2), dv_T.transpose(0, 3, 1, 2), None
-
-
-@jax.custom_vjp
-def _cpu_attention(q_BTKGd, k_BSKd, v_BSKd, mask_BTS):
-    """Flash-attention algebra with a hand-written gradient (P recomputed from the saved
-    log-sum-exp, dS = P * (dP - rowsum(dO * O))), every matmul in a form XLA:CPU runs fast;
-    autodiff's own backward of the same forward is ~2x slower on CPU. Any dense mask."""
-    return _cpu_attention_fwd(q_BTKGd, k_BSKd, v_BSKd, mask_BTS)[0]
-
-
-_cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
 
 
 # ----------------------------------------------------------------------------- projections
@@ -245,29 +195,8 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1, impl: str = "auto") -> ja
         return w.project(x, n_in)
     lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
     out = w.shape[n_in:]
-    matmul = _cpu_matmul if concrete(impl, "projection_impl") == "cpu" else jnp.matmul
+    matmul = cpu_matmul if concrete(impl, "projection_impl") == "cpu" else jnp.matmul
     return matmul(x.reshape(-1, k), w.reshape(k, -1)).reshape(*lead, *out)
-
-
-@jax.custom_vjp
-def _cpu_matmul(x_NK: jax.Array, w_KM: jax.Array) -> jax.Array:
-    """x @ w whose weight gradient is written as x^T @ g: autodiff's form, transpose(g^T @ x),
-    costs XLA:CPU a transposed copy and a slow dot (~1.3x slower per projection, the largest
-    single cost of a CPU train step); elsewhere the two are the same."""
-    return x_NK @ w_KM
-
-
-def _cpu_matmul_fwd(x_NK, w_KM):
-    return x_NK @ w_KM, (x_NK, w_KM)
-
-
-def _cpu_matmul_bwd(res, g_NM):
-    x_NK, w_KM = res
-    dw_KM = jax.lax.dot_general(x_NK, g_NM, (((0,), (0,)), ((), ())))
-    return g_NM @ w_KM.T, dw_KM.astype(w_KM.dtype)
-
-
-_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 # ----------------------------------------------------------------------------- grouped matmul
@@ -276,7 +205,7 @@ _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 def grouped_matmul(x_MK, w_GKN, sizes_G, impl: str = "auto", interpret: bool = False) -> jax.Array:
     """Rows sorted by group (sizes_G rows each) times their group's matrix: [M, N], with the rows
     past sum(sizes_G) zero. MoE's dropless experts: one matmul for all experts, no capacity."""
-    from jaxlm.model import gmm_gpu
+    from jaxlm.model.kernels import gmm_gpu
 
     impl = concrete(impl, "gmm_impl")
     (M, K), N = x_MK.shape, w_GKN.shape[-1]

@@ -21,7 +21,7 @@ import math
 import jax
 from jax.sharding import PartitionSpec
 
-from jaxlm.sharding import active_mesh_rules, spec_for
+from jaxlm.parallel.sharding import active_mesh_rules, spec_for
 
 
 def per_device(fn, q_BTKGd, k_BSKd, v_BSKd, segment_ids_BT):

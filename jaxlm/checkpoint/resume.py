@@ -14,10 +14,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxlm.checkpoint import (CHECKPOINTS, MANIFEST, SET_ASIDE, TMP_SUFFIX, read_meta, restore_state, step_dirs, verify,
-                              warn)
+from jaxlm.checkpoint.layout import CHECKPOINTS, SET_ASIDE, read_meta, step_dirs
+from jaxlm.checkpoint.manager import TMP_SUFFIX, restore_state
+from jaxlm.checkpoint.manifest import MANIFEST, verify
 from jaxlm.config import Config, to_dict
-from jaxlm.errors import UserError
+from jaxlm.errors import UserError, warn
+from jaxlm.parallel.mesh import all_processes_agree
 
 # Config keys that may not change on resume: they define the parameters (shapes, tree), the
 # function they compute, or the data order that the saved iterator index points into.
@@ -88,15 +90,6 @@ def unfinished_saves(directory: Path) -> list[Path]:
         return []
     return sorted(p for p in directory.iterdir()
                   if p.is_dir() and TMP_SUFFIX in p.name and p.name.split(".")[0].isdigit())
-
-
-def all_processes_agree(ok: bool) -> bool:
-    """True if `ok` on every process: all processes must take the same step (or none)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def changed_sources(saved: list | None, now: list | None) -> list[str]:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from jaxlm.config import Config, ConfigError, DiffusionConfig
 from jaxlm.data.batch import Batch
-from jaxlm.train.objectives import Objective, forward
+from jaxlm.objectives.base import Objective, forward
 
 MASK = "<|mask|>"
 LOGLINEAR_EPS = 1e-3  # MDLM's log-linear schedule leaves this fraction unmasked at t = 1

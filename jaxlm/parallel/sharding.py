@@ -38,7 +38,7 @@ DEFAULT_RULES: dict[str, Any] = {
 
 
 def resolve_rules(overrides: dict[str, Any] | None = None) -> dict[str, tuple[str, ...]]:
-    from jaxlm.config import ConfigError
+    from jaxlm.errors import ConfigError
 
     for name in overrides or {}:
         if name not in DEFAULT_RULES:  # a typo would otherwise shard nothing, silently

@@ -101,8 +101,8 @@ def per_device_bytes(tree) -> int:
 
 def compile_step(cfg: Config, devices) -> dict:
     """Lowers and compiles the train step for `devices`; returns the report's numbers."""
-    from jaxlm.accounting import count_params, train_flops_per_step
-    from jaxlm.distributed import make_mesh
+    from jaxlm.tools.accounting import count_params, train_flops_per_step
+    from jaxlm.parallel.mesh import make_mesh
     from jaxlm.train.loop import check_batch
     from jaxlm.train.step import make_trainer
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from jaxlm import devices
+from jaxlm.tools import devices
 from jaxlm.config import Config, ModelConfig, MoEConfig, load_config
 from jaxlm.model.transformer import layer_plan
 

@@ -26,8 +26,9 @@ from jaxlm import checkpoint as ckpt
 from jaxlm.config import Config, ConfigError, from_dict
 from jaxlm.model import kernels
 from jaxlm.model.transformer import Transformer
-from jaxlm.sharding import param_shardings
-from jaxlm.train.objectives import NextToken, forward, next_token_loss
+from jaxlm.parallel.sharding import param_shardings
+from jaxlm.objectives.base import forward
+from jaxlm.objectives.next_token import NextToken, next_token_loss
 
 
 class Distill(NextToken):

@@ -1,9 +1,8 @@
-"""Training objectives, chosen by `train.objective` and handed to the pure train step.
+"""The interface every objective implements, and what all of them share.
 
 An objective says how a batch becomes model inputs and a loss. Losses are returned as sums over
 tokens; the step divides by the global token count (`Objective.count`), so microbatches and
-data-parallel shards combine into the exact global mean. Add an objective by subclassing
-`Objective` and registering it in `OBJECTIVES`; the step never branches on which one it has.
+data-parallel shards combine into the exact global mean.
 """
 
 from __future__ import annotations
@@ -56,47 +55,6 @@ def forward(model, batch: Batch, key=None, inputs=None):
     """The model on a batch (its own inputs unless `inputs` replaces them): (logits, aux)."""
     tokens = batch.inputs if inputs is None else inputs
     return model(tokens, batch.positions, batch.segment_ids, rng=key)
-
-
-class NextToken(Objective):
-    """Autoregressive cross-entropy on the targets, plus PaLM's z-loss when train.z_loss_coef > 0."""
-
-    def loss(self, model, batch, key, frozen):
-        logits, aux = forward(model, batch, key)
-        sums = next_token_loss(logits, batch.targets, batch.loss_mask, self.cfg.train.z_loss_coef)
-        return sums["ce_sum"] + sums["z_sum"], {"loss": sums["ce_sum"]}, aux
-
-    def eval_sums(self, model, batch, frozen):
-        logits, _ = forward(model, batch)
-        sums = next_token_loss(logits, batch.targets, batch.loss_mask)
-        return {"loss_sum": sums["ce_sum"], "count": sums["count"]}
-
-
-OBJECTIVES: dict[str, type[Objective]] = {"next_token": NextToken}
-
-
-def make_objective(cfg: Config) -> Objective:
-    # the other objectives subclass Objective, so they are imported here rather than above
-    from jaxlm.train.diffusion import MDLM
-    from jaxlm.train.distill import Distill
-
-    OBJECTIVES.setdefault("mdlm", MDLM)
-    OBJECTIVES.setdefault("distill", Distill)
-    return OBJECTIVES[cfg.train.objective](cfg)
-
-
-def next_token_loss(logits_BTV, targets_BT, mask_BT, z_loss_coef: float = 0.0) -> dict:
-    """Cross-entropy (f32, via logsumexp) and the z-loss (PaLM: coef * logsumexp^2), summed over
-    unmasked tokens. Returns {"ce_sum", "z_sum", "count"}."""
-    logits = logits_BTV.astype(jnp.float32)
-    lse_BT = jax.nn.logsumexp(logits, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
-    mask = mask_BT.astype(jnp.float32)
-    return {
-        "ce_sum": jnp.sum((lse_BT - target_logit_BT) * mask),
-        "z_sum": z_loss_coef * jnp.sum(lse_BT**2 * mask),
-        "count": jnp.sum(mask),
-    }
 
 
 def moe_loss(aux: dict, moe: MoEConfig) -> jax.Array:

@@ -101,7 +101,7 @@ def validate(cfg: Config) -> None:
             size = getattr(cfg.mesh, key)
             if size == 0 or size < -1:
                 raise ConfigError(f"mesh.{key}={size} must be a positive size or -1 (fill)")
-    from jaxlm.sharding import resolve_rules
+    from jaxlm.parallel.sharding import resolve_rules
 
     resolve_rules(cfg.mesh.rules)  # names: logical axes onto mesh axes
 

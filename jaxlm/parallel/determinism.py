@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 GPU_FLAGS = ("--xla_gpu_deterministic_ops=true",)
 
@@ -88,7 +88,7 @@ def check(setting, platform: str) -> bool:
         flags = os.environ.get("XLA_FLAGS", "")
         if not all(f.split("=")[0] in flags for f in GPU_FLAGS):
             raise ConfigError("train.deterministic=true on GPU needs XLA_FLAGS=" + " ".join(GPU_FLAGS) + " before "
-                              "JAX starts; `jaxlm train` sets it, or call jaxlm.determinism.configure(True) first")
+                              "JAX starts; `jaxlm train` sets it, or call jaxlm.parallel.determinism.configure(True) first")
     if platform == "gpu" and not deterministic:
         print(f"jaxlm: note: train.deterministic={setting} on {platform.upper()}: two runs, or a resumed run and an "
               "uninterrupted one, may differ in the last bits; set train.deterministic=true for bit-exact runs",

@@ -1,0 +1,12 @@
+"""The config: a typed tree (`schema`), loaded from YAML and overrides (`load`), checked across keys
+(`checks`), listed by `jaxlm config` (`cli`). The names most code needs are re-exported here."""
+
+from jaxlm.config.load import load_config
+from jaxlm.config.schema import (CheckpointConfig, Config, DataConfig, DiffusionConfig, DistillConfig, Doc,
+                                 MeshConfig, ModelConfig, MoEConfig, OptimConfig, SourceConfig, TrainConfig,
+                                 from_dict, to_dict, to_yaml)
+from jaxlm.errors import ConfigError
+
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DiffusionConfig", "DistillConfig", "Doc",
+           "MeshConfig", "ModelConfig", "MoEConfig", "OptimConfig", "SourceConfig", "TrainConfig", "from_dict",
+           "load_config", "to_dict", "to_yaml"]
