@@ -25,9 +25,10 @@ from jaxlm.errors import RunFailed
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 class CheckpointWriter:
-    """Asynchronous saves into `directory`; keeps the newest `keep` plus every `keep_every`-th."""
+    """Asynchronous saves into `directory`; keeps the newest `keep` plus every `keep_every`-th, the
+    `keep_best` lowest in eval loss, and `keep_steps` (a WSD run's last step before its decay)."""
 
-    def __init__(self, directory: Path, c: CheckpointConfig):
+    def __init__(self, directory: Path, c: CheckpointConfig, keep_steps: list[int] = ()):
         self.directory, self.async_save = Path(directory).absolute(), c.async_save
         self.pending: int | None = None
         self.unchecked: int | None = None  # a save whose outcome is not yet known
@@ -35,6 +36,8 @@ class CheckpointWriter:
         keep: list = [ocm.LatestN(max(c.keep, 1))]
         if c.keep_every:
             keep.append(ocm.EveryNSteps(c.keep_every))
+        if keep_steps:
+            keep.append(ocm.CustomSteps(list(keep_steps)))
         if c.keep_best:  # lowest eval loss: sorted descending, the last n are kept
             keep.append(ocm.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=c.keep_best,
                                   keep_checkpoints_without_metrics=False))
@@ -132,9 +135,10 @@ def _quiet_orbax_errors() -> None:
 
 
 def restore_state(step_dir: Path, trainer):
-    """Reads the saved arrays straight into the trainer's shardings (any mesh, any device count)."""
+    """Reads the saved arrays straight into the trainer's shardings (any mesh, any device count):
+    the state as saved, with the whole parameter tree (`trainer.adopt` splits off the frozen part)."""
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore((step_dir / "state").absolute(), trainer.abstract_state())
+        return ckptr.restore((step_dir / "state").absolute(), trainer.abstract_saved_state())
 
 
 def restore_params(step_dir: Path, abstract_params):

@@ -10,7 +10,6 @@ import sys
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -48,13 +47,11 @@ def load_params(step_dir: Path) -> tuple[Config, dict]:
 
 def write_step0(run_dir: Path, cfg: Config, params: dict, trainer) -> None:
     """run_dir/config.yaml and checkpoints/0 (params, fresh optimizer state) that `jaxlm train`
-    resumes from, so training starts from `params`. `params` carry the trainer's shardings."""
+    resumes from, so training starts from `params` (the whole tree, in `trainer.param_shardings`)."""
     from jaxlm.data.pipeline import BatchIterator
     from jaxlm.data.sources import data_fingerprint
 
-    opt_init = jax.jit(trainer.spec.optimizer.init, out_shardings=trainer.state_shardings["opt_state"])
-    step = jax.device_put(jnp.zeros((), jnp.int32), trainer.state_shardings["step"])
-    state = {"step": step, "params": params, "opt_state": opt_init(params)}
+    state = trainer.saved_state(trainer.state_from_params(params))
     fresh_data = BatchIterator(None, cfg.train.global_batch).get_state()
     meta = ckpt.make_meta(cfg, 0, 0, fresh_data, ckpt.tokenizer_identity(cfg.data.tokenizer),
                           data_fingerprint(cfg.data))

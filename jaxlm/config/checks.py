@@ -16,18 +16,27 @@ if TYPE_CHECKING:  # config.py imports this module
 
 def validate(cfg: Config) -> None:
     """Checks that need several keys together. Device-dependent checks live in the mesh code."""
-    m, o, t, d, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.checkpoint
+    _check_finite(cfg)
+    _check_ranges(cfg)
+    _check_model(cfg)
+    _check_optim_and_train(cfg)
+    _check_data_and_moe(cfg)
+    _validate_objective(cfg)
+    _check_mesh(cfg)
+
+
+def _check_finite(cfg: Config) -> None:
     for section in dataclasses.fields(cfg):
         values = getattr(cfg, section.name)
         for field in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
             value = getattr(values, field.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{section.name}.{field.name}={value} must be a finite number")
-    if "://" in t.run_dir:
-        raise ConfigError(f"train.run_dir={t.run_dir} is a URL; jaxlm writes run directories with plain file I/O, "
-                          "so mount the bucket (e.g. gcsfuse) and give its local path")
-    if cfg.moe.n_experts < 0:
-        raise ConfigError(f"moe.n_experts={cfg.moe.n_experts} must be >= 0 (0 = a dense model)")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Single keys with a lower bound or an interval."""
+    m, o, t, d, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.checkpoint
     positive = {
         "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff,
@@ -44,23 +53,27 @@ def validate(cfg: Config) -> None:
         "checkpoint.keep_every": (c.keep_every, 0, " (0 = none kept forever)"),
         "checkpoint.keep_best": (c.keep_best, 0, " (0 = none)"),
         "train.early_stop_patience": (cfg.train.early_stop_patience, 0, " (0 = never)"),
-        "optim.warmup_steps": (o.warmup_steps, 0, ""),
+        "optim.warmup_steps": (o.warmup_steps, 0, ""), "moe.n_experts": (cfg.moe.n_experts, 0, " (0 = a dense model)"),
+        "train.freeze_layers": (t.freeze_layers, 0, ""),
     }
     for key, (value, minimum, meaning) in at_least.items():
         if value < minimum:
             raise ConfigError(f"{key}={value} must be >= {minimum}{meaning}")
-    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+    in_unit = {"optim.beta1": o.beta1, "optim.beta2": o.beta2, "model.dropout": m.dropout,
+               "model.attention_dropout": m.attention_dropout, "data.val_fraction": d.val_fraction}
+    for key, value in in_unit.items():
         if not 0 <= value < 1:
             raise ConfigError(f"{key}={value} must be in [0, 1)")
-    for key, value in (("model.norm_eps", m.norm_eps), ("optim.eps", o.eps)):
+    for key, value in (("model.norm_eps", m.norm_eps), ("optim.eps", o.eps), ("optim.lr", o.lr)):
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
     for key, value in (("optim.weight_decay", o.weight_decay), ("optim.clip_norm", o.clip_norm)):
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
-    for key, rate in (("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout)):
-        if not 0 <= rate < 1:
-            raise ConfigError(f"{key}={rate} must be in [0, 1)")
+
+
+def _check_model(cfg: Config) -> None:
+    m, d = cfg.model, cfg.data
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
     if m.n_heads % m.n_kv_heads:
@@ -69,25 +82,42 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"head_dim={m.head_dim} (model.d_model/model.n_heads) must be even for RoPE")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if o.lr <= 0:
-        raise ConfigError(f"optim.lr={o.lr} must be > 0")
+
+
+def _check_optim_and_train(cfg: Config) -> None:
+    o, t = cfg.optim, cfg.train
+    if "://" in t.run_dir:
+        raise ConfigError(f"train.run_dir={t.run_dir} is a URL; jaxlm writes run directories with plain file I/O, "
+                          "so mount the bucket (e.g. gcsfuse) and give its local path")
     if not 0 <= o.min_lr <= o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
     if not 0 < o.decay_fraction <= 1:
         raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    if o.schedule == "wsd" and o.warmup_steps + wsd_decay_steps(o.decay_fraction, t.steps) > t.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} plus the WSD decay ({wsd_decay_steps(o.decay_fraction, t.steps)} "
+                          f"steps: optim.decay_fraction={o.decay_fraction} of train.steps={t.steps}) exceed "
+                          "train.steps; lower one of them")
     if t.global_batch % t.microbatches:
         raise ConfigError(
             f"train.global_batch={t.global_batch} must be divisible by train.microbatches={t.microbatches}")
     if t.init_from is not None and not Path(t.init_from, "config.json").is_file():
         raise ConfigError(f"train.init_from={t.init_from!r} is not a Hugging Face model directory (no config.json)")
-    if not 0 <= d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    if t.freeze_layers > cfg.model.n_layers:
+        raise ConfigError(f"train.freeze_layers={t.freeze_layers} exceeds model.n_layers={cfg.model.n_layers}")
+
+
+def wsd_decay_steps(decay_fraction: float, steps: int) -> int:
+    """The steps of WSD's final decay: the last `decay_fraction` of the run, at least one."""
+    return max(int(round(decay_fraction * steps)), 1)
+
+
+def _check_data_and_moe(cfg: Config) -> None:
+    d, e = cfg.data, cfg.moe
     if d.path is not None and d.mixture:
         raise ConfigError("data.path and data.mixture are both set; use data.mixture alone for several sources")
     for i, src in enumerate(d.mixture):
         if src.weight <= 0:
             raise ConfigError(f"data.mixture[{i}].weight={src.weight} must be > 0")
-    e = cfg.moe
     if e.n_experts:
         if not 1 <= e.top_k <= e.n_experts:
             raise ConfigError(f"moe.top_k={e.top_k} must be between 1 and moe.n_experts={e.n_experts}")
@@ -95,7 +125,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"moe.every={e.every} must be >= 1")
         if e.capacity_factor <= 0:
             raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be > 0")
-    _validate_objective(cfg)
+
+
+def _check_mesh(cfg: Config) -> None:
     for name in ("data", "fsdp", "expert", "tensor"):
         for key in (name, f"dcn_{name}"):
             size = getattr(cfg.mesh, key)

@@ -151,6 +151,9 @@ class TrainConfig:
     allow_data_change: Doc[bool, "resume even though the data files changed since the checkpoint"] = False
     init_from: Doc[Optional[str], "a Hugging Face model directory (Llama, Mixtral, Qwen2-MoE) whose weights "
                    "start the run when run_dir has no checkpoint"] = None
+    freeze: Doc[list[str], "parameters not trained: regular expressions searched in their paths (e.g. "
+                "'embed/', 'lm_head'); `jaxlm accounting` lists the paths"] = field(default_factory=list)
+    freeze_layers: Doc[int, "the first N transformer layers are not trained"] = 0
 
 
 @dataclass

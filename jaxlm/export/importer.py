@@ -40,7 +40,7 @@ def import_run(hf_dir: str | Path, run_dir: Path, config: str | None = None, ove
         warn(f"{src.path} has no tokenizer jaxlm reads (vocab.json + merges.txt); data.tokenizer is "
                    f"{cfg.data.tokenizer!r}: set it to the tokenizer of this model before training")
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices))
-    params = load_params(src, cfg, trainer.state_shardings["params"])
+    params = load_params(src, cfg, trainer.param_shardings)
     with atomic_output(run_dir, force, directory=True) as tmp:
         write_step0(tmp, cfg, params, trainer)
     return cfg

@@ -6,6 +6,7 @@ import jax
 import optax
 
 from jaxlm.config import OptimConfig
+from jaxlm.config.checks import wsd_decay_steps
 
 NO_DECAY_LEAVES = ("scale",)  # RMSNorm gains
 EMBEDDING_LEAVES = ("table_VD",)
@@ -19,7 +20,7 @@ def make_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
     if o.schedule == "cosine":
         after = optax.cosine_decay_schedule(o.lr, rest, alpha=o.min_lr / o.lr)
     elif o.schedule == "wsd":
-        decay = max(int(round(o.decay_fraction * total_steps)), 1)
+        decay = wsd_decay_steps(o.decay_fraction, total_steps)
         stable = max(rest - decay, 0)
         after = optax.join_schedules(
             [optax.constant_schedule(o.lr), optax.linear_schedule(o.lr, o.min_lr, decay)], [stable])
