@@ -24,27 +24,30 @@ from jaxlm.model.transformer import layer_plan
 Tree = dict  # a nested dict of arrays (nnx.to_pure_dict)
 
 
-def flatten(tree: Tree, prefix: str = "") -> dict[str, object]:
-    """{'a/b/c': leaf} of a nested dict."""
+def flatten(tree: Tree, prefix: tuple = ()) -> dict[tuple, object]:
+    """{(key, ...): leaf} of a nested dict (keys as they are: layer stacks have int keys)."""
     out = {}
     for k, v in tree.items():
-        path = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(flatten(v, path + "/"))
+            out.update(flatten(v, (*prefix, k)))
         else:
-            out[path] = v
+            out[(*prefix, k)] = v
     return out
 
 
-def unflatten(flat: dict[str, object]) -> Tree:
+def unflatten(flat: dict[tuple, object]) -> Tree:
     out: Tree = {}
     for path, v in flat.items():
-        *parents, leaf = path.split("/")
         node = out
-        for p in parents:
+        for p in path[:-1]:
             node = node.setdefault(p, {})
-        node[leaf] = v
+        node[path[-1]] = v
     return out
+
+
+def path_name(path: tuple) -> str:
+    """'segments/0/units/blocks/0/attn/wq_DHd': what train.freeze patterns are searched in."""
+    return "/".join(str(k) for k in path)
 
 
 def layer_rows(cfg: Config) -> dict[str, list[int]]:
@@ -59,7 +62,7 @@ def layer_rows(cfg: Config) -> dict[str, list[int]]:
 
 @dataclass(frozen=True)
 class Partition:
-    """frozen_leaves: paths frozen whole; frozen_rows: path -> n, its rows [0, n) frozen."""
+    """frozen_leaves: paths (key tuples) frozen whole; frozen_rows: path -> n, its rows [0, n) frozen."""
 
     frozen_leaves: frozenset = frozenset()
     frozen_rows: dict = field(default_factory=dict)
@@ -111,17 +114,17 @@ def make_partition(cfg: Config, abstract_params: Tree) -> Partition:
     paths = list(flatten(abstract_params))
     frozen = set()
     for pattern in t.freeze:
-        hits = {p for p in paths if re.search(pattern, p)}
+        hits = {p for p in paths if re.search(pattern, path_name(p))}
         if not hits:
             raise ConfigError(f"train.freeze: {pattern!r} matches no parameter; the parameters are "
-                              f"{', '.join(paths)}")
+                              f"{', '.join(map(path_name, paths))}")
         frozen |= hits
     rows = {}
     if t.freeze_layers:
         for block, layers in layer_rows(cfg).items():
             n = sum(layer < t.freeze_layers for layer in layers)
             for p in paths:
-                if p.startswith(block + "/") and p not in frozen and n:
+                if path_name(p).startswith(block + "/") and p not in frozen and n:
                     if n == len(layers):
                         frozen.add(p)
                     else:
