@@ -42,7 +42,8 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                    help="directory for the shards and metadata.json (created; an interrupted run there resumes); "
                         "use it as data.path")
-    p.add_argument("--tokenizer", help="'bytes', a tokenizer directory, or a tiktoken name (gpt2, cl100k_base, ...)")
+    p.add_argument("--tokenizer", help="'bytes', a tokenizer directory, a Hugging Face tokenizer.json or model "
+                                       "directory, or a tiktoken name (gpt2, cl100k_base, ...)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text")
@@ -142,7 +143,7 @@ def _init_worker(tok: Tokenizer, dtype: str, text_field: str, allow_special: boo
 
 def _encode(text: str) -> np.ndarray:
     tok, allow = _worker_state["tok"], _worker_state["allow"]
-    if allow and tok._prefix_specials:
+    if allow and isinstance(tok, Tokenizer) and tok._prefix_specials:
         return np.asarray(tok.encode(text, allowed_special="all"), np.uint32)
     kw = {"allowed_special": "all"} if allow else {"disallowed_special": ()}
     try:
@@ -254,7 +255,7 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
         raise UserError(f"--shard-tokens {shard_tokens} must be positive")
     tok = load_tokenizer(tokenizer)
     if tok.eot_id is None:
-        raise UserError(f"tokenizer {tokenizer!r} has no <|endoftext|> token to put between documents")
+        raise UserError(f"tokenizer {tokenizer!r} has no end-of-text token to put between documents")
     files = expand_inputs(inputs, exclude=out)
     dtype = "uint16" if tok.n_vocab <= 1 << 16 else "uint32"
     settings = {"inputs": [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files],

@@ -18,7 +18,7 @@ from jaxlm.config import Config, DataConfig
 from jaxlm.data.corpus import default_corpus, default_corpus_paths, expand_inputs, read_documents
 from jaxlm.data.pipeline import BatchIterator, TokenStream, mixture, row_dataset
 from jaxlm.data.shards import unfinished_prepare
-from jaxlm.tokenizer.tokenizer import EOT, load_tokenizer
+from jaxlm.tokenizer.tokenizer import load_tokenizer
 from jaxlm.errors import UserError
 
 
@@ -39,10 +39,12 @@ def _stream(encoded: list[np.ndarray], dtype) -> TokenStream:
 
 
 def text_streams(docs: list[str], tokenizer, val_fraction: float) -> tuple[TokenStream, TokenStream]:
-    """Tokenizes documents with <|endoftext|> after each and splits them by a hash of each document
-    (`in_val_split`). With too few documents for that (fewer than 2 would go to validation, or
-    none to training) the last val_fraction of the tokens is validation instead."""
-    eot = tokenizer.encode_single_token(EOT)
+    """Tokenizes documents with the tokenizer's end-of-text token after each and splits them by a
+    hash of each document (`in_val_split`). With too few documents for that (fewer than 2 would go
+    to validation, or none to training) the last val_fraction of the tokens is validation instead."""
+    eot = tokenizer.eot_id
+    if eot is None:
+        raise UserError(f"tokenizer {tokenizer.name!r} has no end-of-text token to put between documents")
     encoded = [np.asarray(ids + [eot]) for ids in tokenizer.encode_ordinary_batch(docs, num_threads=2)]
     dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
     val = [in_val_split(d, val_fraction) for d in docs]

@@ -58,7 +58,8 @@ def read_source(hf_dir: str | Path) -> Source:
         return Source(path, arch, from_dict(ModelConfig, mine["model"], "model."), from_dict(MoEConfig, mine["moe"], "moe."),
                       False, mine.get("tokenizer"))
     model, moe = _sections(path, arch, c)
-    tok = str(path) if (path / "vocab.json").is_file() and (path / "merges.txt").is_file() else None
+    readable = (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+    tok = str(path) if readable else None
     return Source(path, arch, model, moe, bool(c.get("tie_word_embeddings", False)), tok)
 
 
@@ -230,7 +231,7 @@ def import_run(hf_dir: str | Path, run_dir: Path, config: str | None = None, ove
         from_checkpoint.append(f"data.tokenizer={json.dumps(src.tokenizer)}")
     cfg = load_config(config, from_checkpoint + list(overrides) + [f"train.run_dir={json.dumps(str(run_dir))}"])
     if src.tokenizer is None:
-        warn(f"{src.path} has no tokenizer jaxlm reads (vocab.json + merges.txt); data.tokenizer is "
+        warn(f"{src.path} has no tokenizer jaxlm reads (tokenizer.json, or vocab.json + merges.txt); data.tokenizer is "
                    f"{cfg.data.tokenizer!r}: set it to the tokenizer of this model before training")
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices))
     params = load_params(src, cfg, trainer.state_shardings["params"])

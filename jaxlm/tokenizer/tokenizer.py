@@ -52,8 +52,8 @@ class Tokenizer(tiktoken.Encoding):
 
     @classmethod
     def from_encoding(cls, enc: tiktoken.Encoding) -> Tokenizer:
-        if isinstance(enc, cls):
-            return enc
+        if isinstance(enc, cls) or not isinstance(enc, tiktoken.Encoding):
+            return enc  # already a jaxlm tokenizer (this class, or a Hugging Face tokenizer.json)
         return cls(enc.name, pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
                    special_tokens=enc._special_tokens)
 
@@ -359,14 +359,32 @@ def _load_named(name: str) -> Tokenizer:
         ) from None
 
 
+def _is_jaxlm_directory(directory: str) -> bool:
+    """jaxlm's own directories hold tokenizer.tiktoken beside a tokenizer.json of format
+    jaxlm-tokenizer; a Hugging Face directory's tokenizer.json is the `tokenizers` library's."""
+    if os.path.isfile(os.path.join(directory, RANKS_FILE)):
+        return True
+    try:
+        with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return '"jaxlm-tokenizer"' in head  # saved with its format key near the top
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
-    """'bytes', a saved tokenizer directory, a directory with GPT-2 `vocab.json` + `merges.txt`
-    (or `encoder.json` + `vocab.bpe`), or a tiktoken encoding name ('gpt2', 'cl100k_base', ...)."""
+    """'bytes', a saved tokenizer directory, a Hugging Face tokenizer.json (or a directory that
+    holds one), a directory with GPT-2 `vocab.json` + `merges.txt` (or `encoder.json` +
+    `vocab.bpe`), or a tiktoken encoding name ('gpt2', 'cl100k_base', ...)."""
+    from jaxlm.tokenizer.hf import load_hf_tokenizer
+
     if spec == "bytes":
         return byte_tokenizer()
+    if os.path.isfile(spec) and spec.endswith(".json"):
+        return load_hf_tokenizer(spec)
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, CONFIG_FILE)):
-            return _load_directory(spec)
+            return _load_directory(spec) if _is_jaxlm_directory(spec) else load_hf_tokenizer(spec)
         for v, m in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
             if os.path.isfile(os.path.join(spec, v)) and os.path.isfile(os.path.join(spec, m)):
                 return load_gpt2_files(os.path.join(spec, v), os.path.join(spec, m),
@@ -375,5 +393,5 @@ def load_tokenizer(spec: str) -> Tokenizer:
                         "make one with `jaxlm tokenizer train` or `jaxlm tokenizer convert`")
     if spec in NAMED:
         return _load_named(spec)
-    raise UserError(f"tokenizer {spec!r} is not known: expected 'bytes', a tokenizer directory, "
-                    f"or a tiktoken encoding ({', '.join(NAMED)})")
+    raise UserError(f"tokenizer {spec!r} is not known: expected 'bytes', a tokenizer directory, a Hugging Face "
+                    f"tokenizer.json, or a tiktoken encoding ({', '.join(NAMED)})")
