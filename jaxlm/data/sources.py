@@ -1,8 +1,8 @@
 """From the `data` config to token streams and batch iterators.
 
-A source is raw text (a file, directory or glob, tokenized here with `data.tokenizer`), a
-corpus prepared by `jaxlm prepare` (a directory with metadata.json, memory-mapped), or, with
-neither, the embedded default corpus. `data.mixture` lists several sources with weights.
+A source is raw text (files of data/formats.py, a directory or glob of them, tokenized here with
+`data.tokenizer`), a corpus prepared by `jaxlm prepare` (a directory with metadata.json,
+memory-mapped), or, with neither, the embedded default corpus. `data.mixture` lists several sources with weights.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def prepared_streams(path: str, tokenizer) -> tuple[TokenStream, TokenStream]:
 def load_streams(path: str | None, data: DataConfig, tokenizer) -> tuple[TokenStream, TokenStream]:
     if path is not None and (is_prepared(path) or unfinished_prepare(path)):
         return prepared_streams(path, tokenizer)  # an unfinished one raises, saying how to finish it
-    docs = default_corpus() if path is None else read_documents(path)
+    docs = default_corpus() if path is None else read_documents(path, data.text_field)
     return text_streams(docs, tokenizer, data.val_fraction)
 
 
