@@ -1,8 +1,9 @@
 """From the `data` config to token streams and batch iterators.
 
-A source is raw text (files of data/formats.py, a directory or glob of them, tokenized here with
-`data.tokenizer`), a corpus prepared by `jaxlm prepare` (a directory with metadata.json,
-memory-mapped), or, with neither, the embedded default corpus. `data.mixture` lists several sources with weights.
+A source is raw text (files of data/formats.py, a directory or glob of them, tokenized here
+with `data.tokenizer` once and then read from the token cache, data/token_cache.py), a corpus
+prepared by `jaxlm prepare` (a directory with metadata.json, memory-mapped), or, with neither,
+the embedded default corpus. `data.mixture` lists several sources with weights.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jaxlm.config import Config, DataConfig
 from jaxlm.data.corpus import default_corpus, default_corpus_paths, expand_inputs, read_documents
 from jaxlm.data.pipeline import BatchIterator, TokenStream, mixture, row_dataset
 from jaxlm.data.shards import unfinished_prepare
+from jaxlm.data.token_cache import cached_streams
 from jaxlm.tokenizer.tokenizer import load_tokenizer
 from jaxlm.errors import UserError
 
@@ -78,8 +80,17 @@ def prepared_streams(path: str, tokenizer) -> tuple[TokenStream, TokenStream]:
 def load_streams(path: str | None, data: DataConfig, tokenizer) -> tuple[TokenStream, TokenStream]:
     if path is not None and (is_prepared(path) or unfinished_prepare(path)):
         return prepared_streams(path, tokenizer)  # an unfinished one raises, saying how to finish it
-    docs = default_corpus() if path is None else read_documents(path, data.text_field)
-    return text_streams(docs, tokenizer, data.val_fraction)
+
+    def build() -> tuple[TokenStream, TokenStream]:
+        docs = default_corpus() if path is None else read_documents(path, data.text_field)
+        return text_streams(docs, tokenizer, data.val_fraction)
+
+    files = _source_files(path)
+    parts = {"files": [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files],
+             "fingerprint": _files_hash(files), "tokenizer": tokenizer.hash, "val_fraction": data.val_fraction,
+             "text_field": data.text_field}
+    about = {"source": path or "the default corpus", "tokenizer": tokenizer.name}
+    return cached_streams(parts, build, writer=jax.process_index() == 0, about=about)
 
 
 def build_data(cfg: Config) -> tuple[BatchIterator, list[dict]]:
@@ -136,16 +147,18 @@ def _source_files(path: str | None) -> list[str]:
 def data_fingerprint(data: DataConfig) -> list[dict]:
     """Per source: a hash of each file's size and its first and last 64 KiB. Cheap at any corpus
     size; it catches a file that was replaced, grown, cut or edited near either end."""
-    out = []
-    for path in [s.path for s in data.mixture] or [data.path]:
-        h = hashlib.sha256()
-        for f in _source_files(path):
-            size = os.path.getsize(f)
-            h.update(size.to_bytes(8, "little"))
-            with open(f, "rb") as fh:
-                h.update(fh.read(_EDGE))
-                if size > _EDGE:
-                    fh.seek(max(size - _EDGE, _EDGE))
-                    h.update(fh.read())
-        out.append({"source": path or "the default corpus", "sha256": h.hexdigest()})
-    return out
+    return [{"source": path or "the default corpus", "sha256": _files_hash(_source_files(path))}
+            for path in [s.path for s in data.mixture] or [data.path]]
+
+
+def _files_hash(files: list[str]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        size = os.path.getsize(f)
+        h.update(size.to_bytes(8, "little"))
+        with open(f, "rb") as fh:
+            h.update(fh.read(_EDGE))
+            if size > _EDGE:
+                fh.seek(max(size - _EDGE, _EDGE))
+                h.update(fh.read())
+    return h.hexdigest()
