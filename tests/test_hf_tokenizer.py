@@ -152,6 +152,19 @@ def test_special_tokens_follow_tiktoken_rules(hf_dir):
     assert tok.encode_ordinary(text) == plain
 
 
+def test_a_pickled_tokenizer_keeps_its_special_token_rules(hf_dir):
+    """prepare's workers get the tokenizer pickled where processes are spawned (macOS, or once
+    jax is imported)."""
+    import pickle
+
+    tok = load_tokenizer(str(hf_dir("byte_level")))
+    back = pickle.loads(pickle.dumps(tok))
+    text = "to be<|im_end|>or not" + EMOJI_CJK
+    for kw in ({"disallowed_special": ()}, {"allowed_special": "all"}):
+        assert back.encode(text, **kw) == tok.encode(text, **kw)
+    assert (back.hash, back.eot_id, back.bos_id, back.chat_template) == (tok.hash, tok.eot_id, tok.bos_id, CHAT)
+
+
 def test_hash_is_of_the_content_not_its_formatting_name_or_path(hf_dir, tmp_path):
     original = hf_dir("byte_level")
     tok = load_tokenizer(str(original))
@@ -253,6 +266,23 @@ def test_raw_text_training_data_uses_the_tokenizer_eos_between_documents(hf_dir,
     train, _ = load_streams(str(tmp_path), cfg.data, tok)
     want = tok.encode("First document.") + [tok.eot_id] + tok.encode(EMOJI_CJK) + [tok.eot_id]
     assert train.read(0, len(train)).tolist() == want
+
+
+def test_import_of_a_model_directory_takes_its_tokenizer(hf_dir, tmp_path):
+    import jax
+
+    torch = pytest.importorskip("torch")
+    from jaxlm.export.importer import import_run
+
+    tok = load_tokenizer(str(hf_dir("sentencepiece")))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tok.n_vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128))
+    model.save_pretrained(tmp_path / "hf")
+    auto(hf_dir("sentencepiece")).save_pretrained(tmp_path / "hf")
+    cfg = import_run(tmp_path / "hf", tmp_path / "run", devices=jax.devices()[:1])
+    assert cfg.data.tokenizer == str(tmp_path / "hf") and load_tokenizer(cfg.data.tokenizer).hash == tok.hash
 
 
 # ----------------------------------------------------------------------------- GGUF

@@ -67,8 +67,6 @@ class HFTokenizer:
     """A `tokenizers.Tokenizer` read from a tokenizer.json, with jaxlm's tokenizer interface."""
 
     def __init__(self, path: str, *, name: str | None = None):
-        from tokenizers import Tokenizer as RustTokenizer
-
         self.path = os.path.abspath(path)
         self.directory = os.path.dirname(self.path)
         self.name = name or os.path.basename(self.directory) or "hf"
@@ -77,11 +75,9 @@ class HFTokenizer:
             raise UserError(f"{path} is not a Hugging Face tokenizer.json (it has no 'model')")
         self.text = json.dumps(self.json, ensure_ascii=False)
         try:
-            self._tk = RustTokenizer.from_str(self.text)  # special-token text -> special ids
-            self._plain = RustTokenizer.from_str(self.text)  # special-token text -> plain text
+            self._build()
         except Exception as e:  # noqa: BLE001 (the Rust side raises plain Exceptions)
             raise UserError(f"{path}: the tokenizers library cannot read it: {e}") from None
-        self._plain.encode_special_tokens = True
         config_path = os.path.join(self.directory, HF_CONFIG_FILE)
         self.config = _read_json(config_path) if os.path.isfile(config_path) else {}
         self.chat_template = self._find_chat_template()  # for chat fine-tuning; not used in encoding
@@ -92,6 +88,22 @@ class HFTokenizer:
         self.eot_token = self._find_eos()
         self.eot_id = self._vocab.get(self.eot_token) if self.eot_token else None
         self.bos_id, self.add_bos = self._find_bos()
+
+    def _build(self) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self._tk = RustTokenizer.from_str(self.text)  # special-token text -> special ids
+        self._plain = RustTokenizer.from_str(self.text)  # special-token text -> plain text
+        self._plain.encode_special_tokens = True
+
+    def __getstate__(self) -> dict:
+        """For prepare's spawned workers: a pickled tokenizers.Tokenizer forgets
+        encode_special_tokens, so the two are rebuilt from the JSON instead."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tk", "_plain", "_token_bytes")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._build()
 
     # ------------------------------------------------------------ what the files say
 
@@ -123,7 +135,8 @@ class HFTokenizer:
         leading token, seen by encoding with and without it."""
         plain = self._tk.encode("a", add_special_tokens=False).ids
         full = self._tk.encode("a", add_special_tokens=True).ids
-        lead = full[: len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i: i + len(plain)] == plain), 0)
+        lead = full[:at]  # what comes before the text (an EOS after it does not count)
         named = _token_text(self.config.get("bos_token"))
         if named is not None and named in self._vocab:
             return self._vocab[named], bool(lead) and lead[0] == self._vocab[named]
