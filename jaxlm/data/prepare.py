@@ -362,7 +362,7 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
 def _command(inputs, tokenizer, out, val_fraction, shard_tokens, text_field, allow_special) -> str:
     """The `jaxlm prepare` command line that makes `out`, with absolute paths (any directory can run it)."""
     args = ["jaxlm", "prepare", *map(os.path.abspath, inputs), "--tokenizer",
-            os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else tokenizer, "-o", os.path.abspath(out)]
+            os.path.abspath(tokenizer) if os.path.exists(tokenizer) else tokenizer, "-o", os.path.abspath(out)]
     optional = (("--val-fraction", val_fraction, 0.05), ("--shard-tokens", shard_tokens, 100_000_000),
                 ("--text-field", text_field, "text"))
     for flag, value, default in optional:
