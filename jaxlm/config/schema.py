@@ -117,12 +117,15 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    path: Doc[Optional[str], "a text file, directory, glob, or a directory made by `jaxlm prepare`; "
+    path: Doc[Optional[str], "text, .jsonl, .parquet (.gz/.zst compressed text and JSONL too), a directory "
+              "(recursive) or glob of them, a saved Hugging Face dataset, or a directory made by `jaxlm prepare`; "
               "null = the embedded default corpus"] = None
     mixture: Doc[list[SourceConfig], "several sources with weights, [{path, weight}, ...] (instead of path)"] = \
         field(default_factory=list)
     packing: Doc[bool, "pack whole documents into rows (segment ids, positions restart) vs plain windows"] = False
-    tokenizer: Doc[str, "'bytes', a tokenizer directory, or a tiktoken encoding name"] = "bytes"
+    tokenizer: Doc[str, "'bytes', a tokenizer directory, a Hugging Face tokenizer.json (or a model directory "
+                   "holding one), or a tiktoken encoding name"] = "bytes"
+    text_field: Doc[str, "the field (JSONL) or column (parquet, saved datasets) that holds each document"] = "text"
     seq_len: Doc[int, "tokens per training row"] = 128
     val_fraction: Doc[float, "share of raw text held out for evaluation (prepared data has its own split)"] = 0.05
     seed: Doc[int, "seed of the row shuffle"] = 0

@@ -85,8 +85,10 @@ def write_hf(out: Path, arch: str, cfg, params: dict, tok, dtype: str, tokenizer
     m = cfg.model
     torch_dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[dtype]
     config = hf.config_json(arch, m, cfg.moe, torch_dtype, tok.eot_id, tokenizer_spec)
+    bos = tok.eot_id if getattr(tok, "bos_id", None) is None else tok.bos_id  # a Hugging Face tokenizer's own BOS
+    config["bos_token_id"] = bos
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    generation = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "max_length": m.max_seq_len}
+    generation = {"bos_token_id": bos, "eos_token_id": tok.eot_id, "max_length": m.max_seq_len}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     write_hf_tokenizer(tok, out, m.vocab_size, m.max_seq_len)
     hf.write_checkpoint(out, arch, m, cfg.moe, params, numpy_dtype(dtype),

@@ -61,7 +61,8 @@ def read_source(hf_dir: str | Path) -> Source:
         return Source(path, arch, from_dict(ModelConfig, mine["model"], "model."), from_dict(MoEConfig, mine["moe"], "moe."),
                       False, mine.get("tokenizer"))
     model, moe = _sections(path, arch, c)
-    tok = str(path) if (path / "vocab.json").is_file() and (path / "merges.txt").is_file() else None
+    readable = (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+    tok = str(path) if readable else None
     return Source(path, arch, model, moe, bool(c.get("tie_word_embeddings", False)), tok)
 
 

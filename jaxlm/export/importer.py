@@ -37,7 +37,7 @@ def import_run(hf_dir: str | Path, run_dir: Path, config: str | None = None, ove
         from_checkpoint.append(f"data.tokenizer={json.dumps(src.tokenizer)}")
     cfg = load_config(config, from_checkpoint + list(overrides) + [f"train.run_dir={json.dumps(str(run_dir))}"])
     if src.tokenizer is None:
-        warn(f"{src.path} has no tokenizer jaxlm reads (vocab.json + merges.txt); data.tokenizer is "
+        warn(f"{src.path} has no tokenizer jaxlm reads (tokenizer.json, or vocab.json + merges.txt); data.tokenizer is "
                    f"{cfg.data.tokenizer!r}: set it to the tokenizer of this model before training")
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices))
     params = load_params(src, cfg, trainer.param_shardings)
