@@ -49,7 +49,7 @@ def validate(cfg: Config) -> None:
     for key, (value, minimum, meaning) in at_least.items():
         if value < minimum:
             raise ConfigError(f"{key}={value} must be >= {minimum}{meaning}")
-    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2), ("optim.momentum", o.momentum or 0.0)):
         if not 0 <= value < 1:
             raise ConfigError(f"{key}={value} must be in [0, 1)")
     for key, value in (("model.norm_eps", m.norm_eps), ("optim.eps", o.eps)):

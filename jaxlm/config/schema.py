@@ -96,15 +96,20 @@ class MeshConfig:
 
 @dataclass
 class OptimConfig:
+    name: Doc[Literal["adamw", "lion", "adafactor", "muon", "sgd"],
+              "optimizer (optax): muon orthogonalises the hidden matrices' updates and runs AdamW on embeddings, "
+              "the output head and norm gains"] = "adamw"
     lr: Doc[float, "peak learning rate (> 0)"] = 1e-3
     min_lr: Doc[float, "final learning rate of the cosine and WSD schedules"] = 1e-4
     schedule: Doc[Literal["cosine", "wsd", "constant"], "learning-rate schedule after warmup"] = "cosine"
     warmup_steps: Doc[int, "linear warmup from 0 to lr (>= 0)"] = 100
     decay_fraction: Doc[float, "WSD: final fraction of steps spent decaying"] = 0.2
-    beta1: Doc[float, "AdamW first-moment decay, in [0, 1)"] = 0.9
-    beta2: Doc[float, "AdamW second-moment decay, in [0, 1)"] = 0.95
+    beta1: Doc[float, "AdamW and Lion first-moment decay (also muon's AdamW part), in [0, 1)"] = 0.9
+    beta2: Doc[float, "AdamW second-moment decay, Lion's momentum decay (also muon's AdamW part), in [0, 1)"] = 0.95
     eps: Doc[float, "AdamW epsilon"] = 1e-8
-    weight_decay: Doc[float, "AdamW decoupled weight decay (not on norm gains)"] = 0.1
+    momentum: Doc[Optional[float], "sgd and muon momentum; null = the usual one (sgd 0.9, muon 0.95)"] = None
+    weight_decay: Doc[float, "decoupled weight decay, scaled by the learning rate (sgd: L2 added to the gradient); "
+                             "not on norm gains nor, by default, embeddings"] = 0.1
     decay_embeddings: Doc[bool, "also decay the embedding table"] = False
     clip_norm: Doc[float, "clip gradients to this global norm; 0 disables clipping"] = 1.0
 

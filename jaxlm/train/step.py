@@ -29,7 +29,7 @@ from jaxlm.model.build import build_model
 from jaxlm.parallel.sharding import (batch_sharding, constrain, param_shardings, resolve_rules, underused_fsdp,
                             use_mesh_rules)
 from jaxlm.objectives import Objective, make_objective, moe_loss
-from jaxlm.train.optim import make_optimizer
+from jaxlm.train.optim import make_optimizer, opt_state_shardings
 
 
 @dataclass(frozen=True)
@@ -201,8 +201,7 @@ def make_trainer(cfg: Config, mesh: Mesh, platform: str | None = None) -> Traine
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract))
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    opt_shardings = optax.tree_utils.tree_map_params(
-        optimizer, lambda _, s: s, abstract_opt, p_shardings, transform_non_params=lambda _: replicated)
+    opt_shardings = opt_state_shardings(abstract_opt, abstract_params, p_shardings, replicated)  # any optimizer
     state_shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings}
     objective = make_objective(cfg)
     spec = StepSpec(graphdef=graphdef, objective=objective, optimizer=optimizer, schedule=schedule,
