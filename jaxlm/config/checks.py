@@ -44,7 +44,8 @@ def validate(cfg: Config) -> None:
         "checkpoint.keep_every": (c.keep_every, 0, " (0 = none kept forever)"),
         "checkpoint.keep_best": (c.keep_best, 0, " (0 = none)"),
         "train.early_stop_patience": (cfg.train.early_stop_patience, 0, " (0 = never)"),
-        "optim.warmup_steps": (o.warmup_steps, 0, ""),
+        "optim.warmup_steps": (o.warmup_steps, 0, ""), "train.profile.start_step": (t.profile.start_step, 0, ""),
+        "train.profile.steps": (t.profile.steps, 0, " (0 = no trace)"),
     }
     for key, (value, minimum, meaning) in at_least.items():
         if value < minimum:
@@ -130,8 +131,10 @@ def _validate_objective(cfg: Config) -> None:
 
 
 def check_data_paths(cfg: Config) -> None:
-    """That the data exists: checked by the code that reads it (training), not by `load_config`,
-    so that verbs which only look at the config (accounting, compile) work without it."""
+    """That the data exists (and wandb is installed when train.wandb asks for it): checked by
+    training before it writes anything, not by `load_config`, so that verbs which only look at the
+    config (accounting, compile) work without them."""
+    _check_wandb_installed(cfg)
     d = cfg.data
     named = [("data.path", d.path)] if d.path is not None else []
     named += [(f"data.mixture[{i}].path", src.path) for i, src in enumerate(d.mixture)]
@@ -144,3 +147,11 @@ def _path_exists(path: str) -> bool:
     import glob
 
     return Path(path).exists() or bool(glob.glob(path))
+
+
+def _check_wandb_installed(cfg: Config) -> None:
+    import importlib.util
+
+    if cfg.train.wandb.project is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb.project={cfg.train.wandb.project!r} needs the wandb package, which is not "
+                          "installed: pip install -e '.[wandb]' (or pip install wandb)")

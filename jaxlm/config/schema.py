@@ -134,6 +134,24 @@ class DataConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """A jax.profiler trace of a few steps into RUN_DIR/profile (TensorBoard's profile tab, Perfetto)."""
+
+    start_step: Doc[int, "trace the steps after this one (step 1 compiles, so start later)"] = 5
+    steps: Doc[int, "how many steps to trace; 0 = no trace"] = 0
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases, beside metrics.jsonl and TensorBoard (pip install -e '.[wandb]')."""
+
+    project: Doc[Optional[str], "the wandb project; null = no wandb"] = None
+    name: Doc[Optional[str], "the run's name; null = the run directory's name"] = None
+    mode: Doc[Literal["online", "offline", "disabled"],
+              "offline: write RUN_DIR/wandb only (no network; `wandb sync` uploads later)"] = "online"
+
+
+@dataclass
 class TrainConfig:
     steps: Doc[int, "total optimizer steps (raise it to continue a finished run)"] = 300
     global_batch: Doc[int, "rows per step over all devices"] = 16
@@ -156,6 +174,8 @@ class TrainConfig:
     allow_data_change: Doc[bool, "resume even though the data files changed since the checkpoint"] = False
     init_from: Doc[Optional[str], "a Hugging Face model directory (Llama, Mixtral, Qwen2-MoE) whose weights "
                    "start the run when run_dir has no checkpoint"] = None
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

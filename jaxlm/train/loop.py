@@ -27,8 +27,10 @@ from jaxlm.data.sources import build_data, data_fingerprint
 from jaxlm.parallel.mesh import data_parallel_size, make_mesh
 from jaxlm.parallel.sharding import resolve_rules
 from jaxlm.train.guard import FiniteCheck, RunDirLock
-from jaxlm.train.metrics import MetricsLogger, peak_flops
+from jaxlm.train.metrics import MetricsLogger, mfu_peak
+from jaxlm.train.profile import Profiler
 from jaxlm.train.step import Trainer, make_trainer
+from jaxlm.train.summary import startup_block
 
 
 def check_batch(cfg: Config, mesh) -> None:
@@ -229,14 +231,17 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
         checks = FiniteCheck(last_good)
 
         flops = train_flops_per_step(cfg)
-        peak = peak_flops(cfg)
-        logger = MetricsLogger(run_dir, t.steps, start, t.progress)
+        peak, peak_source = mfu_peak(cfg)  # and where it came from (table, setting, measured and cached)
+        _say(startup_block(cfg, trainer, state["params"], peak_source))  # what runs, on what: params, data, mesh
+        logger = MetricsLogger(run_dir, t.steps, start, t.progress, cfg=cfg)  # cfg: the wandb sink's settings
+        profiler = Profiler(t.profile, run_dir, start, logger.write)  # train.profile: a jax.profiler trace
         try:
             clock, clock_step = None, start
             early = None
             for step in range(start, t.steps):
                 state, metrics = trainer.train_step(state, to_global(next(batches), trainer.batch_sharding))
                 done = step + 1
+                profiler.step(done, state)  # starts the trace before its first step, writes it after its last
                 checks.push(done, metrics)  # checks the previous step: this one is queued, the host need not wait
                 if writer is not None:
                     writer.poll()  # a failed background save stops the run now, not at the next save
@@ -279,6 +284,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
                     break
             checks.check()
         finally:
+            profiler.close()  # a run stopped inside the traced steps still writes the trace
             logger.close()
     finally:
         preemption.close()
