@@ -71,6 +71,22 @@ def test_profile_writes_a_trace_of_the_named_steps_that_names_the_train_step(run
     assert "PjitFunction(train_step)" in names
 
 
+@pytest.mark.parametrize("start,steps,resumed_at,traced", [(2, 2, 0, [3, 4]), (0, 1, 0, [1]), (2, 3, 3, [4, 5]),
+                                                          (2, 2, 4, None), (5, 0, 0, None)])
+def test_profile_traces_exactly_its_window_also_after_a_resume(tmp_path, start, steps, resumed_at, traced):
+    from jaxlm.config import ProfileConfig
+    from jaxlm.train.profile import Profiler
+
+    said = []
+    profiler = Profiler(ProfileConfig(start_step=start, steps=steps), tmp_path, resumed_at, said.append)
+    for done in range(resumed_at + 1, 9):
+        profiler.step(done)
+    profiler.close()
+    assert profiler.traced == (traced or [])
+    assert (tmp_path / "profile").exists() == bool(traced)
+    assert len(said) == (1 if traced else 0)
+
+
 def wandb_records(path):
     """The records of a wandb run file: LevelDB's log format (32 KiB blocks of chunks with a 7-byte
     header: crc, length, type) after a 7-byte file header, each record a wandb protobuf."""

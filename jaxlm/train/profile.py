@@ -28,7 +28,8 @@ class Profiler:
         self.first, self.last = cfg.start_step + 1, cfg.start_step + cfg.steps
         self.dir, self.say = Path(run_dir) / "profile", say
         self.tracing, self.annotation, self.traced = False, None, []
-        if cfg.steps > 0 and self.first <= start + 1 <= self.last:  # from the start (or a resume inside)
+        self.waiting = cfg.steps > 0  # for the window to begin
+        if self.waiting and self.first <= start + 1 <= self.last:  # from the start (or a resume inside)
             self._start(start + 1)
 
     def step(self, done: int, state=None) -> None:
@@ -41,7 +42,7 @@ class Profiler:
                 jax.block_until_ready(state)
                 self.close()
                 return
-        elif done + 1 == self.first:
+        elif self.waiting and done + 1 == self.first:
             self._start(done + 1)
             return
         if self.tracing:
@@ -50,7 +51,7 @@ class Profiler:
     def _start(self, step: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
-        self.tracing = True
+        self.tracing, self.waiting = True, False
         self._annotate(step)
 
     def _annotate(self, step: int) -> None:
