@@ -23,8 +23,8 @@ from jaxlm.parallel.mesh import all_processes_agree
 
 # Config keys that may not change on resume: they define the parameters (shapes, tree), the
 # function they compute, or the data order that the saved iterator index points into.
-# Everything else (train.steps, optim schedule/values, eval and log cadence, mesh, checkpoint,
-# microbatches, remat, compute dtype, run_dir) may change.
+# Everything else (train.steps, optim schedule/values but not optim.name, eval and log cadence, mesh,
+# checkpoint, microbatches, remat, compute dtype, run_dir) may change.
 LOCKED_SECTIONS = {"model", "moe", "data"}
 UNLOCKED = {
     "model.max_seq_len", "model.compute_dtype", "model.remat",  # RoPE has no learned positions
@@ -34,6 +34,7 @@ UNLOCKED = {
 }
 # rng stream; iterator state is a batch index; what is trained sizes the optimizer state
 LOCKED_TRAIN = {"train.seed", "train.global_batch", "train.freeze", "train.freeze_layers"}
+LOCKED_OPTIM = {"optim.name"}  # each optimizer has its own state tree
 
 
 
@@ -52,7 +53,7 @@ def incompatible_keys(saved: dict, cfg: Config, saved_tok: dict | None, tok: dic
     old, new = _flatten(saved), _flatten(to_dict(cfg))
     out = []
     for key, value in new.items():
-        locked = (key.split(".")[0] in LOCKED_SECTIONS and key not in UNLOCKED) or key in LOCKED_TRAIN
+        locked = (key.split(".")[0] in LOCKED_SECTIONS and key not in UNLOCKED) or key in LOCKED_TRAIN | LOCKED_OPTIM
         if locked and key in old and old[key] != value:
             out.append(f"{key} ({old[key]!r} -> {value!r})")
     # clipping on/off adds or removes a node of the optimizer state

@@ -55,11 +55,13 @@ def _check_ranges(cfg: Config) -> None:
         "train.early_stop_patience": (cfg.train.early_stop_patience, 0, " (0 = never)"),
         "optim.warmup_steps": (o.warmup_steps, 0, ""), "moe.n_experts": (cfg.moe.n_experts, 0, " (0 = a dense model)"),
         "train.freeze_layers": (t.freeze_layers, 0, ""),
+        "train.profile.start_step": (t.profile.start_step, 0, ""),
+        "train.profile.steps": (t.profile.steps, 0, " (0 = no trace)"),
     }
     for key, (value, minimum, meaning) in at_least.items():
         if value < minimum:
             raise ConfigError(f"{key}={value} must be >= {minimum}{meaning}")
-    in_unit = {"optim.beta1": o.beta1, "optim.beta2": o.beta2, "model.dropout": m.dropout,
+    in_unit = {"optim.beta1": o.beta1, "optim.beta2": o.beta2, "optim.momentum": o.momentum or 0.0, "model.dropout": m.dropout,
                "model.attention_dropout": m.attention_dropout, "data.val_fraction": d.val_fraction}
     for key, value in in_unit.items():
         if not 0 <= value < 1:
@@ -162,8 +164,10 @@ def _validate_objective(cfg: Config) -> None:
 
 
 def check_data_paths(cfg: Config) -> None:
-    """That the data exists: checked by the code that reads it (training), not by `load_config`,
-    so that verbs which only look at the config (accounting, compile) work without it."""
+    """That the data exists (and wandb is installed when train.wandb asks for it): checked by
+    training before it writes anything, not by `load_config`, so that verbs which only look at the
+    config (accounting, compile) work without them."""
+    _check_wandb_installed(cfg)
     d = cfg.data
     named = [("data.path", d.path)] if d.path is not None else []
     named += [(f"data.mixture[{i}].path", src.path) for i, src in enumerate(d.mixture)]
@@ -176,3 +180,11 @@ def _path_exists(path: str) -> bool:
     import glob
 
     return Path(path).exists() or bool(glob.glob(path))
+
+
+def _check_wandb_installed(cfg: Config) -> None:
+    import importlib.util
+
+    if cfg.train.wandb.project is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb.project={cfg.train.wandb.project!r} needs the wandb package, which is not "
+                          "installed: pip install -e '.[wandb]' (or pip install wandb)")

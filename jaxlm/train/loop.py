@@ -29,9 +29,11 @@ from jaxlm.parallel.mesh import data_parallel_size, make_mesh
 from jaxlm.parallel.sharding import resolve_rules
 from jaxlm.tools.accounting import train_flops_per_step
 from jaxlm.train.guard import FiniteCheck, RunDirLock
-from jaxlm.train.metrics import MetricsLogger, peak_flops
+from jaxlm.train.metrics import MetricsLogger, mfu_peak
+from jaxlm.train.profile import Profiler
 from jaxlm.train.step import Trainer, make_trainer
 from jaxlm.train.stopping import EarlyStopping, Preemption
+from jaxlm.train.summary import startup_block
 
 
 def check_batch(cfg: Config, mesh) -> None:
@@ -109,7 +111,7 @@ class TrainingRun:
         self.run_dir = Path(cfg.train.run_dir)
         self.preemption = Preemption()  # early: a signal during start-up stops after the first step
         self.lock = RunDirLock(self.run_dir)
-        self.writer = self.logger = None
+        self.writer = self.logger = self.profiler = None
         self.meta: dict = {}
         self.early: str | None = None
         self.branch = decay_start(cfg)
@@ -138,8 +140,11 @@ class TrainingRun:
             keep = [self.branch] if self.branch is not None else []
             self.writer = ckpt.CheckpointWriter(self.run_dir / ckpt.CHECKPOINTS, cfg.checkpoint, keep_steps=keep)
         self.checks = FiniteCheck(self._last_good)
-        self.flops, self.peak = train_flops_per_step(cfg), peak_flops(cfg)
-        self.logger = MetricsLogger(self.run_dir, self.t.steps, self.start_step, self.t.progress)
+        self.flops = train_flops_per_step(cfg)
+        self.peak, peak_source = mfu_peak(cfg)  # and where it came from (table, setting, measured and cached)
+        _say(startup_block(cfg, self.trainer, self.trainer.abstract_params(), peak_source))
+        self.logger = MetricsLogger(self.run_dir, self.t.steps, self.start_step, self.t.progress, cfg=cfg)
+        self.profiler = Profiler(self.t.profile, self.run_dir, self.start_step, self.logger.write)
         return True
 
     def _initialise(self) -> dict:
@@ -217,6 +222,7 @@ class TrainingRun:
     def _step(self, done: int) -> dict:
         batch = to_global(next(self.batches), self.trainer.batch_sharding)
         self.state, metrics = self.trainer.train_step(self.state, batch)
+        self.profiler.step(done, self.state)  # starts the trace before its first step, writes it after its last
         self.checks.push(done, metrics)  # checks the previous step: this one is queued, the host need not wait
         if self.writer is not None:
             self.writer.poll()  # a failed background save stops the run now, not at the next save
@@ -277,6 +283,13 @@ class TrainingRun:
 
     def close(self) -> None:
         """Releases everything, in order; a save in flight is waited for."""
+        try:
+            if self.profiler is not None:
+                self.profiler.close()  # a run stopped inside the traced steps still writes the trace
+        finally:
+            self._close_writers()
+
+    def _close_writers(self) -> None:
         try:
             if self.logger is not None:
                 self.logger.close()

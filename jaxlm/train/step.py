@@ -35,7 +35,7 @@ from jaxlm.model.build import build_model
 from jaxlm.parallel.sharding import (batch_sharding, constrain, param_shardings, resolve_rules, underused_fsdp,
                             use_mesh_rules)
 from jaxlm.objectives import Objective, make_objective, moe_loss
-from jaxlm.train.optim import make_optimizer
+from jaxlm.train.optim import make_optimizer, opt_state_shardings
 from jaxlm.train.partition import Partition, make_partition
 
 
@@ -264,9 +264,9 @@ def make_trainer(cfg: Config, mesh: Mesh, platform: str | None = None) -> Traine
     partition = make_partition(cfg, abstract_params)
     trained, frozen_params = partition.split(abstract_params)
     trained_shardings = jax.tree.map(lambda s: s.sharding, trained)
-    abstract_opt = jax.eval_shape(optimizer.init, trained)
-    opt_shardings = optax.tree_utils.tree_map_params(
-        optimizer, lambda _, s: s, abstract_opt, trained_shardings, transform_non_params=lambda _: replicated)
+    plain = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), trained)
+    abstract_opt = jax.eval_shape(optimizer.init, plain)
+    opt_shardings = opt_state_shardings(abstract_opt, plain, trained_shardings, replicated)  # any optimizer
     state_shardings = {"step": replicated, "params": trained_shardings, "opt_state": opt_shardings}
     objective = make_objective(cfg)
     spec = StepSpec(graphdef=graphdef, objective=objective, optimizer=optimizer, schedule=schedule,
