@@ -3,9 +3,12 @@ asynchronous (and, for comparison, synchronous) saves, and the most steps a SIGK
 
 For configs/bench.yaml (7.4M params) and configs/ckpt-100m.yaml (97.5M params), on one device
 with random-token batches (the 100M model at global_batch 1 so a CPU step stays short):
-  save        blocking part of an async save (the stall the loop sees: device -> host copy and
-              orbax bookkeeping) and the time until committed (written, manifest, renamed)
-  restore     manifest check (sizes + crc32 of every file) and orbax restore into the shardings
+  save        blocking part of an async save (the stall the loop sees: device -> host copy, the
+              arrays' digests dispatched, orbax bookkeeping) and the time until committed
+              (written, manifest: sizes + metadata crc32s + digests, renamed)
+  resume      manifest check (sizes + crc32 of the metadata files) and orbax restore into the
+              shardings, with the restored arrays checked against their digests; and the full
+              check on request (`verify(arrays=True)`: every array read to the host and digested)
   overhead    wall time of N steps with no saves, with an async save every E steps, and with a
               sync save every E steps, interleaved in rounds so a load change hits them alike
   lost        on SIGKILL, the steps since the newest committed checkpoint: at most
@@ -61,7 +64,7 @@ def setup(path: Path, overrides: list[str]):
 
 
 def save_restore(cfg, trainer, state, directory: Path, repeats: int) -> dict:
-    out = {k: [] for k in ("blocking", "commit", "verify", "restore")}
+    out = {k: [] for k in ("blocking", "commit", "verify", "restore", "full")}
     for i in range(repeats):
         shutil.rmtree(directory, ignore_errors=True)
         writer = ckpt.CheckpointWriter(directory, CheckpointConfig(every=1, keep=1))
@@ -79,10 +82,13 @@ def save_restore(cfg, trainer, state, directory: Path, repeats: int) -> dict:
         t3 = time.perf_counter()
         restored = jax.block_until_ready(ckpt.restore_state(step_dir, trainer))
         t4 = time.perf_counter()
+        assert ckpt.verify(step_dir, arrays=True) is None
+        t5 = time.perf_counter()
         out["blocking"].append(t1 - t0)
         out["commit"].append(t2 - t0)
         out["verify"].append(t3 - t2)
         out["restore"].append(t4 - t3)
+        out["full"].append(t5 - t4)
         size = ckpt.dir_size(step_dir)
         del restored
     res = {k: statistics.median(v) for k, v in out.items()}
@@ -187,8 +193,10 @@ def main() -> None:
         print(f"checkpoint size        {sr['size'] / 2**20:9.1f} MiB (params + AdamW mu, nu)")
         print(f"save, blocking         {sr['blocking']:9.3f} s  (training resumes after this)")
         print(f"save, until committed  {sr['commit']:9.3f} s  ({sr['size'] / 2**20 / sr['commit']:.0f} MiB/s)")
-        print(f"restore: verify        {sr['verify']:9.3f} s  (sizes + crc32 of every file)")
-        print(f"restore: read          {sr['restore']:9.3f} s  (into the target shardings)")
+        print(f"resume: verify         {sr['verify']:9.3f} s  (sizes + crc32 of the metadata files)")
+        print(f"resume: read           {sr['restore']:9.3f} s  (into the target shardings, digests checked)")
+        print(f"resume, total          {sr['verify'] + sr['restore']:9.3f} s")
+        print(f"full check on request  {sr['full']:9.3f} s  (every array read to the host and digested)")
         print(f"loop stall per save    {oh['stall_async']:9.3f} s async, {oh['stall_sync']:.3f} s sync "
               f"(time inside save(), median)")
         print(f"step time, no saves    {oh['none']:9.3f} s")
