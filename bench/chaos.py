@@ -173,16 +173,14 @@ def kill_once(job: Job, run_dir: Path, rng: random.Random, start: int, steps: in
             "in_save": in_save}
 
 
-def read_state(step_dir: Path):
+def read_state(step_dir: Path) -> dict:
     """The saved state as host numpy arrays, by orbax name."""
     import jax
-    import numpy as np
     import orbax.checkpoint as ocp
 
-    with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.metadata((step_dir / "state").absolute()).item_metadata.tree
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        state = ckptr.restore((step_dir / "state").absolute(), args=ocp.args.PyTreeRestore(restore_args=args))
+    from jaxlm.checkpoint.digest import read_host
+
+    state = read_host((step_dir / "state").absolute())
     names = ocp.tree.get_param_names(state, include_empty_nodes=False)
     return dict(zip(jax.tree.leaves(names), jax.tree.leaves(state)))
 

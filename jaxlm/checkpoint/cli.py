@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                     "summary of the newest valid checkpoint's config. Reads only files; needs no "
                                     "devices.")
     ls.add_argument("run_dir", help="a run directory (with checkpoints/) or a checkpoints directory")
-    ls.add_argument("--quick", action="store_true", help="check file sizes only: no checksums, no reading of the saved arrays")
+    ls.add_argument("--quick", action="store_true",
+                    help="check file sizes only: no checksums, no reading of the saved arrays")
 
 
 def config_summary(meta: dict) -> str:

@@ -13,6 +13,7 @@ Arrays are named as orbax names them on disk ("params.embed.table_VD").
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
 import jax
@@ -90,10 +91,21 @@ def digests(tree) -> dict[str, int]:
 
 def read_digests(state_dir) -> dict[str, int]:
     """Reads every array of a saved state to the host and digests it: the full check, on request."""
-    with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.metadata(state_dir).item_metadata.tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return digests(ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    return digests(read_host(state_dir))
+
+
+def read_host(state_dir) -> dict:
+    """A saved state (the tree orbax recorded) as host numpy arrays."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax warns that a state item has no step metadata of its own
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            tree = ckptr.metadata(state_dir).item_metadata.tree
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    finally:
+        absl.setLevel(level)
 
 
 def mismatches(want: dict[str, int], got: dict[str, int]) -> list[str]:
