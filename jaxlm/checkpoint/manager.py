@@ -1,4 +1,5 @@
-"""Saving checkpoints: orbax's CheckpointManager (async, sharded), each step sealed with a manifest.
+"""Saving checkpoints: orbax's CheckpointManager (async, sharded), each step sealed with a manifest
+(file sizes, metadata crc32s and the arrays' digests computed on the devices at save: `manifest.py`).
 
 Restore walks the steps newest first and warns once per invalid step (`resume.py`). Steps newer
 than the restored one (invalid, or superseded by an explicit --resume of an older step) move to
@@ -17,10 +18,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from jaxlm.checkpoint import digest
 from jaxlm.checkpoint.layout import human_bytes, newest_valid
-from jaxlm.checkpoint.manifest import write_manifest
+from jaxlm.checkpoint.manifest import read_manifest, write_manifest
 from jaxlm.config import CheckpointConfig
-from jaxlm.errors import RunFailed
+from jaxlm.errors import RunFailed, UserError
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -31,6 +33,7 @@ class CheckpointWriter:
     def __init__(self, directory: Path, c: CheckpointConfig, keep_steps: list[int] = ()):
         self.directory, self.async_save = Path(directory).absolute(), c.async_save
         self.pending: int | None = None
+        self.digests: dict = {}  # of the save in flight, dispatched on the devices by save()
         self.unchecked: int | None = None  # a save whose outcome is not yet known
         _quiet_orbax_errors()
         keep: list = [ocm.LatestN(max(c.keep, 1))]
@@ -54,7 +57,7 @@ class CheckpointWriter:
         """Runs on the primary process once every process has written, before orbax's rename."""
         step = self.pending
         tmp = self.directory / f"{step}{TMP_SUFFIX}"
-        write_manifest(tmp if tmp.is_dir() else self.directory / str(step))
+        write_manifest(tmp if tmp.is_dir() else self.directory / str(step), digest.finish(self.digests))
 
     def save(self, step: int, state, meta: dict) -> bool:
         """Starts saving; returns once the arrays are copied off the devices. False if it exists."""
@@ -63,6 +66,7 @@ class CheckpointWriter:
         self.wait()  # one save in flight: `pending` names it
         self.pending = self.unchecked = step
         try:
+            self.digests = digest.start(state)  # before the next step donates the state's buffers
             metrics = None if meta.get("eval_loss") is None else {"eval_loss": meta["eval_loss"]}
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
@@ -134,11 +138,26 @@ def _quiet_orbax_errors() -> None:
 # ----------------------------------------------------------------------------- reading back
 
 
+def check_restored(step_dir: Path, tree) -> None:
+    """UserError unless every array of `tree` (restored from step_dir, jax or numpy arrays, the whole
+    state or a part such as {"params": ...}) matches the digest saved with it. All processes call it."""
+    try:
+        want = read_manifest(step_dir).get("arrays") or {}
+    except (OSError, ValueError, AttributeError):
+        want = {}
+    bad = digest.mismatches(want, digest.digests(tree)) if want else []
+    if bad:
+        raise UserError(f"checkpoint {step_dir} is damaged: array {bad[0]} differs from the digest saved with it "
+                        f"({len(bad)} array(s) in all)")
+
+
 def restore_state(step_dir: Path, trainer):
     """Reads the saved arrays straight into the trainer's shardings (any mesh, any device count):
     the state as saved, with the whole parameter tree (`trainer.adopt` splits off the frozen part)."""
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore((step_dir / "state").absolute(), trainer.abstract_saved_state())
+        state = ckptr.restore((step_dir / "state").absolute(), trainer.abstract_saved_state())
+    check_restored(step_dir, state)
+    return state
 
 
 def restore_params(step_dir: Path, abstract_params):
@@ -147,7 +166,9 @@ def restore_params(step_dir: Path, abstract_params):
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
     with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore((step_dir / "state").absolute(), args=args)["params"]
+        params = ckptr.restore((step_dir / "state").absolute(), args=args)["params"]
+    check_restored(step_dir, {"params": params})
+    return params
 
 
 def state_equal(a, b) -> bool:

@@ -42,6 +42,7 @@ def load_params(step_dir: Path) -> tuple[Config, dict]:
     with ocp.PyTreeCheckpointer() as ckptr:
         state = ckptr.restore((step_dir / "state").absolute(), args=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+    ckpt.check_restored(step_dir, state)
     return cfg, state["params"]
 
 
@@ -116,4 +117,5 @@ def load_run(run_dir: str, step: int | None = None, mesh: Mesh | None = None) ->
     with ocp.PyTreeCheckpointer() as ckptr:
         state = ckptr.restore((path / "state").absolute(), args=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+    ckpt.check_restored(path, state)
     return Run(cfg, state["params"], tokenizer, int(meta["step"]), path, mesh)
