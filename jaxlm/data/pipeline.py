@@ -64,23 +64,28 @@ class Windows:
 class PackedRows:
     """Whole documents packed into rows of seq_len (next-fit, in corpus order) with segment ids
     (1, 2, ... per document; 0 = padding) and positions restarting at 0 in each document.
-    A document longer than a row is cut into pieces of seq_len+1 tokens sharing one boundary
-    token, each its own segment. Padding has loss_mask 0."""
+    The inputs are the documents' own tokens, each exactly once, <|endoftext|> included (so an
+    objective that reads the sequence itself, like MDLM, sees where documents end); a token's
+    target is the next token of its document, and a document's last token has none (loss_mask 0).
+    A document longer than a row is cut into pieces of seq_len tokens, each its own segment.
+    Padding has loss_mask 0."""
 
     def __init__(self, stream: TokenStream, seq_len: int):
         self.stream, self.seq_len = stream, seq_len
         ends = np.append(stream.doc_starts[1:], len(stream))
-        starts, pairs, rows, fill = [], [], [], seq_len  # fill = seq_len forces a new first row
+        starts, lengths, last, rows, fill = [], [], [], [], seq_len  # fill = seq_len forces a new first row
         for doc_start, doc_end in zip(stream.doc_starts.tolist(), ends.tolist()):
-            for piece in range(doc_start, doc_end - 1, seq_len):
-                n = min(seq_len, doc_end - 1 - piece)  # (input, target) pairs in this piece
+            for piece in range(doc_start, doc_end, seq_len):
+                n = min(seq_len, doc_end - piece)  # tokens in this piece
                 if fill + n > seq_len:
                     rows.append(len(starts))
                     fill = 0
                 starts.append(piece)
-                pairs.append(n)
+                lengths.append(n)
+                last.append(piece + n == doc_end)
                 fill += n
-        self.starts, self.pairs = np.asarray(starts, np.int64), np.asarray(pairs, np.int64)
+        self.starts, self.lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+        self.ends_document = np.asarray(last, bool)  # the piece holds its document's last token
         self.row_ptr = np.asarray(rows + [len(starts)], np.int64)
 
     def __len__(self) -> int:
@@ -91,17 +96,18 @@ class PackedRows:
         row = {k: np.zeros(T, np.int32) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
         fill = 0
         for seg, j in enumerate(range(self.row_ptr[i], self.row_ptr[i + 1]), start=1):
-            n = int(self.pairs[j])
-            tokens = self.stream.read(int(self.starts[j]), n + 1)
-            sl = slice(fill, fill + n)
-            row["inputs"][sl], row["targets"][sl] = tokens[:-1], tokens[1:]
-            row["loss_mask"][sl], row["segment_ids"][sl], row["positions"][sl] = 1, seg, np.arange(n)
+            n = int(self.lengths[j])
+            scored = n - 1 if self.ends_document[j] else n  # pairs whose target is in the document
+            tokens = self.stream.read(int(self.starts[j]), scored + 1)
+            row["inputs"][fill: fill + n] = tokens[:n]
+            row["targets"][fill: fill + scored], row["loss_mask"][fill: fill + scored] = tokens[1:], 1
+            row["segment_ids"][fill: fill + n], row["positions"][fill: fill + n] = seg, np.arange(n)
             fill += n
         return row
 
     def efficiency(self) -> float:
         """Fraction of row slots that hold tokens (the rest is padding)."""
-        return float(self.pairs.sum()) / max(len(self) * self.seq_len, 1)
+        return float(self.lengths.sum()) / max(len(self) * self.seq_len, 1)
 
 
 def row_dataset(stream: TokenStream, seq_len: int, packing: bool, seed: int | None, what: str) -> grain.MapDataset:

@@ -66,8 +66,8 @@ class MLP(nnx.Module):
         self.w_up_DF = weight(rngs, (D, d_ff), ("embed", "mlp"), D, pdt)
         self.w_down_FD = weight(rngs, (d_ff, D), ("mlp", "embed"), d_ff, pdt)
 
-    def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
-        """Same calling convention as the MoE block: (output, aux metrics); `rng` is unused."""
+    def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None, valid_BT=None) -> tuple[jax.Array, dict]:
+        """Same calling convention as the MoE block: (output, aux metrics); `rng`, `valid_BT` unused."""
         cast = lambda w: w[...].astype(self.compute_dtype)
         proj = lambda x, w: project(x, cast(w), impl=self.projection_impl)
         up_BTF = proj(x_BTD, self.w_up_DF)

@@ -27,7 +27,7 @@ from jaxlm.data.sources import build_data, data_fingerprint
 from jaxlm.parallel.mesh import data_parallel_size, make_mesh
 from jaxlm.parallel.sharding import resolve_rules
 from jaxlm.train.guard import FiniteCheck, RunDirLock
-from jaxlm.train.metrics import MetricsLogger, peak_flops
+from jaxlm.train.metrics import MetricsLogger, TokenCount, peak_flops
 from jaxlm.train.step import Trainer, make_trainer
 
 
@@ -216,7 +216,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
 
         def save(step: int, eval_loss: float | None) -> None:
             checks.check_state(step, state)  # never a non-finite checkpoint
-            meta = {**ckpt.make_meta(cfg, step, tokens_seen, batches.get_state(), tokenizer, fingerprint),
+            meta = {**ckpt.make_meta(cfg, step, tokens.seen, batches.get_state(), tokenizer, fingerprint),
                     "determinism": deterministic, "eval_loss": eval_loss, "early_stop": stopper.state()}
             writer.save(step, state, meta)
 
@@ -229,6 +229,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
         checks = FiniteCheck(last_good)
 
         flops = train_flops_per_step(cfg)
+        tokens = TokenCount(tokens_seen)  # real tokens: packed rows' padding does not count
         peak = peak_flops(cfg)
         logger = MetricsLogger(run_dir, t.steps, start, t.progress)
         try:
@@ -240,7 +241,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
                 checks.push(done, metrics)  # checks the previous step: this one is queued, the host need not wait
                 if writer is not None:
                     writer.poll()  # a failed background save stops the run now, not at the next save
-                tokens_seen += tokens_per_step
+                tokens.add(metrics.pop("tokens", tokens_per_step))
                 logger.advance()
                 is_last = done == t.steps
                 stop = preemption.should_stop()
@@ -250,10 +251,11 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
                 if is_log:
                     metrics = jax.device_get(metrics)
                     now = time.perf_counter()
+                    real = tokens.lap()  # since the previous log
                     if clock is not None:  # the first step (compilation) is not timed
                         step_time = (now - clock) / (done - clock_step)
-                        metrics.update(step_time=step_time, tokens_per_s=tokens_per_step / step_time,
-                                       mfu=flops / step_time / peak)
+                        metrics.update(step_time=step_time, tokens_per_s=real / (now - clock),
+                                       mfu=flops / tokens_per_step * real / (now - clock) / peak)
                     clock, clock_step = now, done
                     if is_eval:  # before the save, which keeps the best checkpoints by eval loss
                         metrics.update(evaluate(trainer, state["params"], eval_batches))

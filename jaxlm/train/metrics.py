@@ -70,6 +70,29 @@ class MetricsLogger:
             self.jsonl.close()
 
 
+class TokenCount:
+    """Tokens trained on, padding excluded. A step's count may be a device scalar (the train
+    step's `tokens` metric): it is summed only when read, so counting never makes the host wait."""
+
+    def __init__(self, seen: int):
+        self._seen, self._lap, self._pending = seen, seen, []
+
+    def add(self, n) -> None:
+        self._pending.append(n)
+
+    @property
+    def seen(self) -> int:
+        if self._pending:
+            self._seen += sum(int(n) for n in jax.device_get(self._pending))
+            self._pending = []
+        return self._seen
+
+    def lap(self) -> int:
+        """Tokens since the previous lap (or the start)."""
+        before, self._lap = self._lap, self.seen
+        return self._lap - before
+
+
 def _plain(v):
     v = np.asarray(v)
     return v.item() if v.size == 1 else v.tolist()
