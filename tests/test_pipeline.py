@@ -106,6 +106,27 @@ def test_mixture_follows_its_weights():
     assert abs(share - 0.75) < 0.02
 
 
+def test_mixture_proportions_are_the_weights_to_a_thousandth():
+    """0.7/0.3 is exactly 7 rows in every 10 (grain's mix made it 233:100); any weights are met to
+    1e-3 over whole cycles, and every source's rows come in its own order, none skipped."""
+    def shares(weights, n):
+        streams = [TokenStream([np.full(4000, k, np.uint16)], np.array([0])) for k in range(len(weights))]
+        mixed = mixture([row_dataset(s, T, False, None, "s") for s in streams], weights)
+        rows = [mixed[i] for i in range(n)]
+        picks = [int(r["inputs"][0]) for r in rows]
+        for k in range(len(weights)):  # source k's rows are its windows 0, 1, 2, ... in order
+            got = [r["inputs"] for r, p in zip(rows, picks) if p == k]
+            want = [row_dataset(streams[k], T, False, None, "s")[j]["inputs"] for j in range(len(got))]
+            np.testing.assert_array_equal(got, want)
+        return [picks.count(k) for k in range(len(weights))]
+
+    assert shares([0.7, 0.3], 10) == [7, 3] and shares([0.7, 0.3], 1000) == [700, 300]
+    for weights in ([1.0, 1.9999], [0.2, 0.3, 0.5], [5.0, 1.0, 1.0]):
+        got = shares(weights, 3000)
+        for g, w in zip(got, weights):
+            assert abs(g / 3000 - w / sum(weights)) <= 1e-3, (weights, got)
+
+
 def test_restored_iterator_continues_with_identical_batches(corpus):
     ds = row_dataset(stream_of(corpus), T, packing=True, seed=0, what="test")
     it = BatchIterator(ds, 4, 0, 1)

@@ -10,6 +10,8 @@ A global batch b holds rows [b*G, (b+1)*G); process p of P reads only rows [p*G/
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 
 import grain
@@ -122,9 +124,35 @@ def row_dataset(stream: TokenStream, seq_len: int, packing: bool, seed: int | No
     return ds.repeat(None)
 
 
+class Mixture:
+    """Rows of endless datasets interleaved in a fixed cycle whose counts are the weights' shares
+    to 1e-3 (rounded to thousandths, then reduced: 0.7/0.3 is exactly 7:3), spread evenly over
+    the cycle (each row goes to the source furthest behind its share). grain's own mix scales the
+    smallest weight to 100 and truncates the rest (0.7/0.3 became 233:100)."""
+
+    def __init__(self, datasets: list, weights: list[float]):
+        total = sum(weights)
+        counts = [max(1, round(1000 * w / total)) for w in weights]
+        g = math.gcd(*counts)
+        self.datasets, self.counts = datasets, [c // g for c in counts]
+        n, taken, self.cycle = sum(self.counts), [0] * len(counts), []  # cycle: (source, its row in the cycle)
+        for r in range(n):
+            k = max(range(len(counts)), key=lambda i: (r + 1) * self.counts[i] / n - taken[i])
+            self.cycle.append((k, taken[k]))
+            taken[k] += 1
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, i: int):
+        lap, r = divmod(i, len(self.cycle))
+        k, j = self.cycle[r]
+        return self.datasets[k][lap * self.counts[k] + j]
+
+
 def mixture(datasets: list[grain.MapDataset], weights: list[float]) -> grain.MapDataset:
     """Interleaves endless datasets so that row proportions follow the weights."""
-    return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights=weights)
+    return datasets[0] if len(datasets) == 1 else grain.MapDataset.source(Mixture(datasets, weights))
 
 
 class BatchIterator:
