@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxlm.model.kernels import project
 from jaxlm.model.ops import dtype_of
-from jaxlm.parallel.sharding import constrain
+from jaxlm.parallel.sharding import constrain, unshard
 
 
 def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], fan_in: int, dtype) -> nnx.Param:
@@ -44,7 +44,10 @@ class Embed(nnx.Module):
         self.projection_impl = projection_impl
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-        x_BTD = jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(self.compute_dtype)
+        # the rows come out split like the tokens (batch) only from a table whose embed dim is
+        # whole (fsdp's gather); from an fsdp-split table XLA would replicate them to reshard
+        table_VD = unshard(self.table_VD[...], ("vocab", "embed"), ("embed",))
+        x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(self.compute_dtype)
         return constrain(x_BTD, ("batch", "length", "embed"))
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
