@@ -99,6 +99,29 @@ def test_greedy_speculative_decoding_gives_exactly_the_targets_greedy_output(dra
         assert stats.acceptance_rate < 0.5
 
 
+def test_speculative_decoding_keeps_no_model_alive_and_reuses_the_round_of_equal_programs():
+    """The compiled round is cached by what it compiles (graphs, mesh, lookahead, sampling): a
+    second pair of decoders of the same configs reuses it, and no decoder (with its device
+    weights) outlives its last reference."""
+    import gc
+    import weakref
+
+    from jaxlm.inference.speculative import make_round, speculative_generate
+
+    greedy = Sampling(temperature=0.0)
+    cfg, params, _ = make("dense", seed=0, n_layers=1)
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    refs, outputs = [], []
+    for _ in range(2):
+        target, draft = Decoder(cfg, params, mesh), Decoder(cfg, params, mesh)
+        outputs.append(speculative_generate(target, draft, PROMPTS, 4, 2, greedy)[0])
+        refs += [weakref.ref(target), weakref.ref(draft), weakref.ref(target.params["embed"]["table_VD"])]
+        del target, draft
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
+    assert outputs[0] == outputs[1] and make_round.cache_info().hits >= 1
+
+
 def test_speculative_sampling_draws_the_first_two_tokens_from_the_targets_distribution():
     """Vocabulary of 8, 6000 rows of one prompt, temperature 0.8 and top-p 0.95: the joint
     distribution of the first two tokens of a round (the second only when the first draft was

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxlm.model.kernels import project
 from jaxlm.model.ops import dtype_of
-from jaxlm.parallel.sharding import constrain
+from jaxlm.parallel.sharding import constrain, unshard
 
 
 def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], fan_in: int, dtype) -> nnx.Param:
@@ -44,7 +44,10 @@ class Embed(nnx.Module):
         self.projection_impl = projection_impl
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-        x_BTD = jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(self.compute_dtype)
+        # the rows come out split like the tokens (batch) only from a table whose embed dim is
+        # whole (fsdp's gather); from an fsdp-split table XLA would replicate them to reshard
+        table_VD = unshard(self.table_VD[...], ("vocab", "embed"), ("embed",))
+        x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(self.compute_dtype)
         return constrain(x_BTD, ("batch", "length", "embed"))
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
@@ -66,8 +69,8 @@ class MLP(nnx.Module):
         self.w_up_DF = weight(rngs, (D, d_ff), ("embed", "mlp"), D, pdt)
         self.w_down_FD = weight(rngs, (d_ff, D), ("mlp", "embed"), d_ff, pdt)
 
-    def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
-        """Same calling convention as the MoE block: (output, aux metrics); `rng` is unused."""
+    def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None, valid_BT=None) -> tuple[jax.Array, dict]:
+        """Same calling convention as the MoE block: (output, aux metrics); `rng`, `valid_BT` unused."""
         cast = lambda w: w[...].astype(self.compute_dtype)
         proj = lambda x, w: project(x, cast(w), impl=self.projection_impl)
         up_BTF = proj(x_BTD, self.w_up_DF)

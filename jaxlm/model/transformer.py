@@ -70,8 +70,11 @@ class Block(nnx.Module):
             out, cache = self.attn.cached(h, positions_BT, mask, cache)
             return out
 
+        # real tokens (segment id 0 is a packed row's padding): MoE routes only these
+        valid_BT = None if mask.segment_ids_BT is None else mask.segment_ids_BT > 0
+
         def ffn(h):
-            y_BTD, aux = self.ffn(h, rng=rng)
+            y_BTD, aux = self.ffn(h, rng=rng, valid_BT=valid_BT)
             return drop(y_BTD, keys[1]), aux
 
         if self.norm_kind == "pre":
