@@ -39,6 +39,7 @@ MOE = ["moe.n_experts=4", "moe.top_k=2", "moe.d_ff=64"]
 MODELS = {
     "dense_gqa": [],
     "dense_tied": ["model.tie_embeddings=true"],
+    "dense_shared": ["model.share_blocks=2"],  # MobileLLM: blocks A B applied A A B B; exports repeat them
     "mixtral": MOE,
     "shared_and_leading_dense": MOE + ["model.n_layers=3", "moe.n_shared=1", "moe.first_dense=1"],
 }
@@ -119,8 +120,9 @@ def test_transformers_logits_match_jaxlm_within_1e4(make_run, tmp_path, name):
         assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     expected = {"dense_gqa": "LlamaForCausalLM", "dense_tied": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
-                "shared_and_leading_dense": "Qwen2MoeForCausalLM"}[name]
+                "shared_and_leading_dense": "Qwen2MoeForCausalLM", "dense_shared": "LlamaForCausalLM"}[name]
     assert type(model).__name__ == expected
+    assert model.config.num_hidden_layers == 2 * (1 + (name == "dense_shared")) + (name == "shared_and_leading_dense")
     tokens = np.random.default_rng(0).integers(0, 257, (2, 40))
     with torch.no_grad():
         got = model(torch.tensor(tokens)).logits.numpy()
@@ -192,7 +194,7 @@ def llama_cpp_greedy(gguf: Path, n_vocab: int, kv: str = "f32") -> tuple[list[in
 
 
 @pytest.mark.parametrize("name,dtype", [("dense_gqa", "f32"), ("dense_gqa", "f16"), ("mixtral", "f32"),
-                                        ("dense_tied", "f16")])
+                                        ("dense_tied", "f16"), ("dense_shared", "f32")])
 def test_llama_cpp_greedy_continuation_equals_jaxlm(make_run, tmp_path, name, dtype):
     llama_cpp()
     run_dir = make_run(name)
@@ -244,7 +246,7 @@ def test_llama_cpp_q4_greedy_continuation_equals_jaxlm_int4_until_a_near_tie(mak
 # ----------------------------------------------------------------------------- import
 
 
-@pytest.mark.parametrize("name", ["dense_tied", "shared_and_leading_dense"])
+@pytest.mark.parametrize("name", ["dense_tied", "shared_and_leading_dense", "dense_shared"])
 def test_import_of_export_is_bit_exact_on_a_sharded_mesh(make_run, tmp_path, name):
     run_dir = make_run(name)
     export(run_dir, "hf", tmp_path / "hf")

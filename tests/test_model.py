@@ -118,3 +118,44 @@ def test_scan_and_unrolled_layers_and_remat_agree():
     base = forward(ModelConfig(**SMALL), tokens)
     for kw in ({"scan_layers": False}, {"remat": "full"}, {"remat": "dots_saveable"}):
         np.testing.assert_allclose(forward(ModelConfig(**SMALL, **kw), tokens), base, atol=1e-5)
+
+
+@pytest.mark.parametrize("moe", [MoEConfig(), MoEConfig(n_experts=4, top_k=2, d_ff=24, first_dense=1)],
+                         ids=["dense", "moe"])
+def test_shared_blocks_equal_an_unshared_model_whose_repeated_layers_hold_the_same_weights(moe):
+    """share_blocks=2 over blocks (A, B) computes layers A A B B: the logits (and MoE aux losses) of
+    a 4-layer model holding (A, A, B, B); decoding over a KV cache (one per application) gives them too."""
+    import dataclasses
+
+    from jaxlm.config import Config, MeshConfig
+    from jaxlm.inference.decode import Decoder
+    from jaxlm.parallel.mesh import make_mesh
+
+    shared_cfg = ModelConfig(**SMALL, share_blocks=2)
+    deep_cfg = ModelConfig(**{**SMALL, "n_layers": 4})
+    deep_moe = dataclasses.replace(moe, first_dense=2 * moe.first_dense)
+    shared_def, params = nnx.split(Transformer(shared_cfg, moe, nnx.Rngs(0)))
+    deep_def, other = nnx.split(Transformer(deep_cfg, deep_moe, nnx.Rngs(1)))
+    params, other = nnx.to_pure_dict(params), nnx.to_pure_dict(other)
+    repeated = {**params, "segments": jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), params["segments"])}
+    run_shared = jax.jit(lambda p, t: nnx.merge(shared_def, p)(t))
+    run_deep = jax.jit(lambda p, t: nnx.merge(deep_def, p)(t))
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 50)
+    (got, got_aux), (want, want_aux) = run_shared(params, tokens), run_deep(repeated, tokens)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    for k in want_aux:
+        np.testing.assert_allclose(float(jnp.sum(got_aux[k])), float(jnp.sum(want_aux[k])), rtol=1e-6)
+    assert not np.allclose(got, run_deep(other, tokens)[0], atol=1e-3)  # other weights: other logits
+
+    if moe.n_experts:  # the decode path below does not depend on the kind of feed-forward
+        return
+    cfg = Config(model=shared_cfg, moe=moe, mesh=MeshConfig(data=1))
+    dec = Decoder(cfg, params, make_mesh(cfg.mesh, jax.devices()[:1]))
+    positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+    forward = jax.jit(dec.forward)
+    logits, caches = forward(dec.params, tokens[:, :7], positions[:, :7], dec.new_caches(2, 16))
+    steps = [logits]
+    for t in range(7, 12):
+        logits, caches = forward(dec.params, tokens[:, t:t + 1], positions[:, t:t + 1], caches)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), got, atol=2e-5, rtol=0)

@@ -44,7 +44,7 @@ def validate(cfg: Config) -> None:
         "checkpoint.keep_every": (c.keep_every, 0, " (0 = none kept forever)"),
         "checkpoint.keep_best": (c.keep_best, 0, " (0 = none)"),
         "train.early_stop_patience": (cfg.train.early_stop_patience, 0, " (0 = never)"),
-        "optim.warmup_steps": (o.warmup_steps, 0, ""),
+        "optim.warmup_steps": (o.warmup_steps, 0, ""), "model.share_blocks": (m.share_blocks, 1, " (1 = no sharing)"),
     }
     for key, (value, minimum, meaning) in at_least.items():
         if value < minimum:

@@ -78,7 +78,7 @@ def write_gguf(path: Path, cfg: ModelConfig, moe: MoEConfig, params: dict, tok, 
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
-    w.add_block_count(cfg.n_layers)
+    w.add_block_count(cfg.n_layers * cfg.share_blocks)  # a shared block is written once per application
     w.add_feed_forward_length((moe.d_ff or cfg.d_ff) if moe.n_experts else cfg.d_ff)
     w.add_head_count(cfg.n_heads)
     w.add_head_count_kv(cfg.n_kv_heads)
