@@ -120,24 +120,34 @@ def test_scan_and_unrolled_layers_and_remat_agree():
         np.testing.assert_allclose(forward(ModelConfig(**SMALL, **kw), tokens), base, atol=1e-5)
 
 
-@pytest.mark.parametrize("moe", [MoEConfig(), MoEConfig(n_experts=4, top_k=2, d_ff=24, first_dense=1)],
-                         ids=["dense", "moe"])
-def test_shared_blocks_equal_an_unshared_model_whose_repeated_layers_hold_the_same_weights(moe):
-    """share_blocks=2 over blocks (A, B) computes layers A A B B: the logits (and MoE aux losses) of
-    a 4-layer model holding (A, A, B, B); decoding over a KV cache (one per application) gives them too."""
-    import dataclasses
+# (shared model's MoE section, the unshared 4-layer model's, which of its blocks each unshared segment repeats)
+SHARING = {
+    "dense": (MoEConfig(), MoEConfig(), [(0, 0)]),  # blocks A, B (a unit of one block, scanned): A A B B
+    # a unit of two blocks (dense D, MoE M) applied once: D D M M = 2 dense layers, then 2 MoE layers
+    "moe_unit_of_two": (MoEConfig(n_experts=4, top_k=2, d_ff=24, every=2),
+                        MoEConfig(n_experts=4, top_k=2, d_ff=24, first_dense=2), [(0, 0), (0, 1)]),
+}
 
+
+@pytest.mark.parametrize("case", list(SHARING))
+def test_shared_blocks_equal_an_unshared_model_whose_repeated_layers_hold_the_same_weights(case):
+    """share_blocks=2 applies each block twice in a row (A B -> A A B B): the logits (and MoE aux
+    losses) of a 4-layer model holding those weights; decoding over a KV cache (one per application)
+    gives them too."""
     from jaxlm.config import Config, MeshConfig
     from jaxlm.inference.decode import Decoder
     from jaxlm.parallel.mesh import make_mesh
 
+    moe, deep_moe, sources = SHARING[case]
     shared_cfg = ModelConfig(**SMALL, share_blocks=2)
     deep_cfg = ModelConfig(**{**SMALL, "n_layers": 4})
-    deep_moe = dataclasses.replace(moe, first_dense=2 * moe.first_dense)
     shared_def, params = nnx.split(Transformer(shared_cfg, moe, nnx.Rngs(0)))
     deep_def, other = nnx.split(Transformer(deep_cfg, deep_moe, nnx.Rngs(1)))
     params, other = nnx.to_pure_dict(params), nnx.to_pure_dict(other)
-    repeated = {**params, "segments": jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), params["segments"])}
+    block = lambda segment, j: params["segments"][segment]["units"]["blocks"][j]
+    repeated = {**params, "segments": {i: {"units": {"blocks": {0: jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0),
+                                                                                 block(*source))}}}
+                                       for i, source in enumerate(sources)}}
     run_shared = jax.jit(lambda p, t: nnx.merge(shared_def, p)(t))
     run_deep = jax.jit(lambda p, t: nnx.merge(deep_def, p)(t))
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 50)
