@@ -19,6 +19,7 @@ from jaxlm.config.cli import keys
     ("checkpoint.keep=0", "checkpoint.keep=0 must be >= 1"),
     ("checkpoint.keep_every=-2", "checkpoint.keep_every=-2 must be >= 0"),
     ("optim.warmup_steps=-1", "optim.warmup_steps=-1 must be >= 0"),
+    ("model.share_blocks=0", "model.share_blocks=0 must be >= 1 (1 = no sharing)"),
     ("optim.beta1=1", "optim.beta1=1.0 must be in [0, 1)"),
     ("optim.beta2=-0.1", "optim.beta2=-0.1 must be in [0, 1)"),
     ("model.norm_eps=-1", "model.norm_eps=-1.0 must be > 0"),

@@ -122,7 +122,8 @@ def from_hf(t: HFTensor, x: np.ndarray, canonical_shape: tuple) -> np.ndarray:
 def config_json(arch: str, cfg: ModelConfig, moe: MoEConfig, dtype: str, eot: int | None, tokenizer: str) -> dict:
     c = {
         "architectures": [arch], "model_type": MODEL_TYPES[arch], "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers * cfg.share_blocks,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
@@ -142,7 +143,7 @@ def config_json(arch: str, cfg: ModelConfig, moe: MoEConfig, dtype: str, eot: in
         c.update(num_experts=moe.n_experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=F,
                  shared_expert_intermediate_size=moe.n_shared * F or 1, norm_topk_prob=True, decoder_sparse_step=1,
                  mlp_only_layers=dense, qkv_bias=True, use_sliding_window=False, sliding_window=None,
-                 max_window_layers=cfg.n_layers, router_aux_loss_coef=moe.aux_loss_coef, output_router_logits=False)
+                 max_window_layers=cfg.n_layers * cfg.share_blocks, router_aux_loss_coef=moe.aux_loss_coef, output_router_logits=False)
     return c
 
 

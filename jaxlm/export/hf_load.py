@@ -29,7 +29,7 @@ from jaxlm.export.compat import LLAMA, MIXTRAL, QWEN2_MOE
 from jaxlm.model.build import abstract_params
 
 # keys that define the function the parameters compute: the run's config must agree with the import
-SAME_MODEL = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "norm", "mlp", "position",
+SAME_MODEL = ("vocab_size", "d_model", "n_layers", "share_blocks", "n_heads", "n_kv_heads", "norm", "mlp", "position",
               "rope_theta", "tie_embeddings", "norm_eps", "causal")
 SAME_MOE = ("n_experts", "top_k", "every", "first_dense", "n_shared", "router")
 

@@ -37,14 +37,14 @@ def decode_config(cfg: Config, platform: str) -> Config:
 
 
 def place_params(params: dict, abstract: nnx.State, mesh: Mesh, rules: dict) -> dict:
-    """Parameters onto the mesh by their logical axes; a quantized weight's values and scales
-    each get the spec of their own shape (a scale's reduced dimensions stay whole)."""
+    """Parameters onto the mesh by their logical axes; a quantized weight's codes and scales by
+    the axes it carries (jaxlm/compress/quantize.py), each by the spec of its own shape."""
     out = jax.tree.map(lambda x: x, params)
     for path, var in nnx.to_flat_state(abstract):
-        axes = var.get_metadata().get("axes", ())
         node = out
         for key in path[:-1]:
             node = node[key]
+        axes = getattr(node[path[-1]], "axes", None) or var.get_metadata().get("axes", ())
         put = lambda a: jax.device_put(a, NamedSharding(mesh, spec_for(a.shape, axes, mesh, rules)))
         node[path[-1]] = jax.tree.map(put, node[path[-1]])
     return out

@@ -44,16 +44,21 @@ class Embed(nnx.Module):
         self.projection_impl = projection_impl
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-        # the rows come out split like the tokens (batch) only from a table whose embed dim is
-        # whole (fsdp's gather); from an fsdp-split table XLA would replicate them to reshard
-        table_VD = unshard(self.table_VD[...], ("vocab", "embed"), ("embed",))
-        x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(self.compute_dtype)
+        table = self.table_VD[...]
+        if hasattr(table, "project"):  # quantized (jaxlm/compress/quantize.py): stored as the tied head's [D, V]
+            x_BTD = table.gather_rows(tokens_BT).astype(self.compute_dtype)
+        else:
+            # the rows come out split like the tokens (batch) only from a table whose embed dim is
+            # whole (fsdp's gather); from an fsdp-split table XLA would replicate them to reshard
+            table_VD = unshard(table, ("vocab", "embed"), ("embed",))
+            x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(self.compute_dtype)
         return constrain(x_BTD, ("batch", "length", "embed"))
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         """Tied output projection: logits against the embedding table."""
-        table = self.table_VD[...].astype(self.compute_dtype)
-        return project(x_BTD, table.T, impl=self.projection_impl) / math.sqrt(x_BTD.shape[-1])
+        table = self.table_VD[...]
+        w_DV = table if hasattr(table, "project") else table.astype(self.compute_dtype).T
+        return project(x_BTD, w_DV, impl=self.projection_impl) / math.sqrt(x_BTD.shape[-1])
 
 
 class MLP(nnx.Module):
