@@ -48,7 +48,7 @@ def test_distillation_loss_is_zero_when_the_student_is_the_teacher(teacher):
     cfg = student(teacher, "distill.weight=1.0")
     trainer = make_trainer(cfg, make_mesh(cfg.mesh))
     batch = jax.device_put(Batch.from_tokens(TOKENS), trainer.batch_sharding)
-    loss, grads = trainer.loss_and_grads(trainer.frozen, batch)  # the student's params := the teacher's
+    loss, grads = trainer.loss_and_grads(trainer.objective_frozen, batch)  # the student's params := the teacher's
     assert abs(float(loss)) < 1e-6
     assert float(optax.tree.norm(grads)) < 1e-5
     other, _ = trainer.loss_and_grads(trainer.init_state()["params"], batch)
@@ -99,9 +99,10 @@ def test_the_teacher_is_restored_params_only_with_its_own_shardings_on_the_stude
     saved = ckpt.restore_state(step_dir, make_trainer(teacher_cfg, make_mesh(teacher_cfg.mesh)))["params"]
     abstract = nnx.state(nnx.eval_shape(lambda: build_model(teacher_cfg, 0)))
     want = param_shardings(abstract, trainer.mesh, resolve_rules(cfg.mesh.rules))
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), trainer.frozen, saved)
-    jax.tree.map(lambda a, s: assert_sharded(a, s), trainer.frozen, want)
-    assert trainer.frozen["embed"]["table_VD"].shape == (257, 32)  # the teacher's width, not the student's
+    teacher_params = trainer.objective_frozen
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), teacher_params, saved)
+    jax.tree.map(lambda a, s: assert_sharded(a, s), trainer.objective_frozen, want)
+    assert trainer.objective_frozen["embed"]["table_VD"].shape == (257, 32)  # the teacher's width, not the student's
 
 
 def assert_sharded(array, sharding):

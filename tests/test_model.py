@@ -161,9 +161,6 @@ def test_remat_policies_save_what_they_name():
     assert (2, 2, 16, 32) in dots and len(full) < len(dots) < len(none)
 
 
-        np.testing.assert_allclose(forward(ModelConfig(**SMALL, **kw), tokens), base, atol=1e-5)
-
-
 # (shared model's MoE section, the unshared 4-layer model's, which of its blocks each unshared segment repeats)
 SHARING = {
     "dense": (MoEConfig(), MoEConfig(), [(0, 0)]),  # blocks A, B (a unit of one block, scanned): A A B B
