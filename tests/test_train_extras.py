@@ -39,7 +39,9 @@ def test_start_up_block_names_parameters_data_devices_mesh_kernels_and_the_peak(
                        "objective next_token, optimizer adamw"
     assert lines[1] == "  data     the embedded default corpus (the Python standard library's source files); " \
                        "tokenizer bytes"
-    assert lines[2] == "  devices  8 x cpu (cpu), 1 process; mesh data 8"
+    state = 3 * 4 * n  # f32 parameters and AdamW's two moments, each whole on every device of a data mesh
+    assert lines[2] == f"  devices  8 x cpu (cpu), 1 process; mesh data 8, parameters and optimizer state " \
+                       f"{state / 2**20:.1f} MiB per device"
     assert lines[3] == "  kernels  attention cpu, projections cpu, layers scanned"
     cache = run_dir.parent / "cache" / "peak_flops.json"
     assert lines[4].startswith("  MFU peak ") and lines[4].endswith(f"a float32 matmul measured now, cached in {cache}")
