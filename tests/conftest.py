@@ -18,8 +18,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-# The token cache of raw-text training (data/token_cache.py) lives in a per-session temporary
-# directory, shared by the xdist workers and CLI subprocesses, never in the user's ~/.cache.
+# jaxlm's cache (token streams of raw-text training, measured MFU peaks) lives in a per-session
+# temporary directory, shared by the xdist workers and CLI subprocesses, never in the user's ~/.cache.
 if "JAXLM_CACHE" not in os.environ:
     import atexit
     import shutil

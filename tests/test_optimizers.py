@@ -147,6 +147,27 @@ def test_train_step_on_an_fsdp_mesh_applies_the_optimizer_by_hand(name):
                  jax.device_get(new["params"]), params, want)
 
 
+@pytest.mark.parametrize("name", ["adamw", "lion", "sgd"])
+def test_state_sharded_by_path_as_optax_tree_map_params_shards_it_where_that_works(name):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxlm.parallel.sharding import param_shardings, resolve_rules
+    from jaxlm.train.optim import opt_state_shardings
+
+    cfg = load_config(None, MOE + [f"optim.name={name}", "mesh.data=1", "mesh.fsdp=8"])
+    mesh = make_mesh(cfg.mesh)
+    abstract = nnx.eval_shape(lambda: build_model(cfg, 0))
+    shardings = param_shardings(nnx.state(abstract), mesh, resolve_rules(cfg.mesh.rules))
+    params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(nnx.state(abstract)))
+    tx, _ = make_optimizer(cfg.optim, 10)
+    state = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    want = optax.tree_utils.tree_map_params(tx, lambda _, s: s, state, shardings,
+                                            transform_non_params=lambda _: replicated)
+    assert opt_state_shardings(state, params, shardings, replicated) == want
+    assert any(s.spec != PartitionSpec() for s in jax.tree.leaves(want))  # something is sharded
+
+
 def test_resume_refuses_another_optimizer():
     saved = to_dict(load_config(None, ["optim.name=adamw"]))
     changed = resume.incompatible_keys(saved, load_config(None, ["optim.name=muon"]), None, None)

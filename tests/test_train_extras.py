@@ -24,7 +24,7 @@ def run(tmp_path_factory):
     pytest.importorskip("wandb")
     tmp = tmp_path_factory.mktemp("extras")
     result = run_cli("train", *ARGS, f"train.run_dir={tmp / 'run'}", "train.wandb.project=jaxlm-tests",
-                     "train.wandb.mode=offline", env_extra={"JAXLM_CACHE_DIR": str(tmp / "cache"),
+                     "train.wandb.mode=offline", env_extra={"JAXLM_CACHE": str(tmp / "cache"),
                                                             "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr
     return tmp / "run", result.stderr
@@ -39,14 +39,16 @@ def test_start_up_block_names_parameters_data_devices_mesh_kernels_and_the_peak(
                        "objective next_token, optimizer adamw"
     assert lines[1] == "  data     the embedded default corpus (the Python standard library's source files); " \
                        "tokenizer bytes"
-    assert lines[2] == "  devices  8 x cpu (cpu), 1 process; mesh data 8"
+    state = 3 * 4 * n  # f32 parameters and AdamW's two moments, each whole on every device of a data mesh
+    assert lines[2] == f"  devices  8 x cpu (cpu), 1 process; mesh data 8, parameters and optimizer state " \
+                       f"{state / 2**20:.1f} MiB per device"
     assert lines[3] == "  kernels  attention cpu, projections cpu, layers scanned"
     cache = run_dir.parent / "cache" / "peak_flops.json"
     assert lines[4].startswith("  MFU peak ") and lines[4].endswith(f"a float32 matmul measured now, cached in {cache}")
 
 
 def test_measured_peak_is_cached_per_host_so_runs_report_the_same_mfu(monkeypatch, tmp_path):
-    monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path))
     measured = iter([3e9, 5e9])
     monkeypatch.setattr(metrics, "measure_peak_flops", lambda dtype: next(measured))
     cfg = load_config(None)

@@ -29,15 +29,21 @@ FORMAT = 1
 ARRAYS = ("train", "train_starts", "val", "val_starts")
 
 
-def cache_dir() -> str | None:
-    """Where token streams are cached; None when JAXLM_CACHE=off."""
+def cache_root() -> str | None:
+    """jaxlm's cache directory (token streams, measured MFU peaks); None when JAXLM_CACHE=off."""
     root = os.environ.get("JAXLM_CACHE")
     if root is not None and root.strip().lower() in ("off", "0", "false", "none", ""):
         return None
     if root is None:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(base, "jaxlm")
-    return os.path.join(root, "tokens")
+    return root
+
+
+def cache_dir() -> str | None:
+    """Where token streams are cached; None when JAXLM_CACHE=off."""
+    root = cache_root()
+    return None if root is None else os.path.join(root, "tokens")
 
 
 def cache_key(parts: dict) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxlm.tools import devices
 from jaxlm.config import Config, to_dict
+from jaxlm.data.token_cache import cache_root
 
 
 class MetricsLogger:
@@ -215,14 +216,17 @@ def mfu_peak(cfg: Config) -> tuple[float, str]:
     return per * count, f"{_flops(per)} {where}, a {cfg.model.compute_dtype} matmul {how}"
 
 
-def peak_cache_path() -> Path:
-    return Path(os.environ.get("JAXLM_CACHE_DIR", "~/.cache/jaxlm")).expanduser() / "peak_flops.json"
+def peak_cache_path() -> Path | None:
+    root = cache_root()
+    return None if root is None else Path(root) / "peak_flops.json"
 
 
 def cached_peak(device, dtype: str) -> tuple[float, str]:
     """The measured matmul peak of this host's `device` kind in `dtype`, from the cache or measured
     now and written there (atomically: several processes of one host may race)."""
     path = peak_cache_path()
+    if path is None:
+        return measure_peak_flops(dtype=jnp.dtype(dtype)), "measured now (JAXLM_CACHE=off)"
     key = f"{socket.gethostname()}|{device.platform}|{device.device_kind}|{dtype}"
     try:
         cache = json.loads(path.read_text())

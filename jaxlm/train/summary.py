@@ -3,6 +3,8 @@ with which kernels, and where MFU's peak comes from."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 from jax.sharding import Mesh
 
@@ -24,6 +26,12 @@ def describe_mesh(mesh: Mesh) -> str:
     return " x ".join(used) if used else "one device"
 
 
+def state_bytes_per_device(trainer) -> int:
+    """Bytes of parameters and optimizer state one device holds (what fsdp divides)."""
+    leaves = jax.tree.leaves(trainer.abstract_state())
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+
+
 def startup_block(cfg: Config, trainer, params, peak_source: str) -> str:
     """Five lines; `trainer.cfg` has the kernels resolved for the mesh's platform."""
     m, moe, t = trainer.cfg.model, cfg.moe, cfg.train
@@ -38,7 +46,8 @@ def startup_block(cfg: Config, trainer, params, peak_source: str) -> str:
         f"optimizer {cfg.optim.name}",
         f"  data     {describe_data(cfg.data)}; tokenizer {cfg.data.tokenizer}",
         f"  devices  {trainer.mesh.devices.size} x {device.device_kind} ({device.platform}), {processes} "
-        f"process{'es' if processes > 1 else ''}; mesh {describe_mesh(trainer.mesh)}",
+        f"process{'es' if processes > 1 else ''}; mesh {describe_mesh(trainer.mesh)}, parameters and optimizer "
+        f"state {state_bytes_per_device(trainer) / 2**20:.1f} MiB per device",
         f"  kernels  attention {m.attention_impl}, projections {m.projection_impl}{gmm}, layers "
         f"{'scanned' if m.scan_layers else 'unrolled'}",
         f"  MFU peak {peak_source}",
