@@ -99,10 +99,7 @@ class CheckpointWriter:
     def _failed(self, e: BaseException) -> RunFailed:
         """One line: which save failed and why, the free space there, and what was kept."""
         step, self.unchecked = self.unchecked, None
-        cause = _root_cause(e)
-        os_code = re.search(r"os_error_code='(\d+)'", str(cause))  # how tensorstore gives the OS's reason
-        reason = (f"{cause.strerror or cause}" if isinstance(cause, OSError) else os.strerror(int(os_code[1]))
-                  if os_code else f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}")
+        reason = _reason(_root_cause(e))
         where = self.directory
         while not where.exists() and where != where.parent:
             where = where.parent
@@ -124,6 +121,17 @@ def _root_cause(e: BaseException) -> BaseException:
         seen.append(e)
         e = e.__cause__ or e.__context__
     return seen[-1]
+
+
+def _reason(cause: BaseException) -> str:
+    """The system's words for a failed write where there are some (an OSError, or the
+    os_error_code tensorstore puts in its message), else the error's first line."""
+    if isinstance(cause, OSError):
+        return f"{cause.strerror or cause}"
+    code = re.search(r"os_error_code='(\d+)'", str(cause))
+    if code:
+        return os.strerror(int(code[1]))
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}"
 
 
 class _DropOrbaxErrors(logging.Filter):
