@@ -3,8 +3,9 @@ time, must end exactly where an uninterrupted run ends.
 
 Both runs: the tiny model, `--steps` steps (200), a checkpoint every `--every` (10), processes on
 127.0.0.1 joined by jax.distributed (as launch/multihost_cpu.sh starts them). The driver kills
-`--kills` times (seeded): at a random step, or as soon as a save is in flight (an orbax temporary
-directory exists); it kills process 0, process 1 or both, and a surviving peer a moment later (as
+`--kills` times (seeded): at once after a restart (the job has just restored its checkpoint), as
+soon as a save is in flight (an orbax temporary directory exists), or at a random step; it kills
+process 0, process 1 or both, and a surviving peer a moment later (as
 a job scheduler tears down the rest of a job), then restarts the job, which resumes from its newest
 valid checkpoint. At the end it checks:
   - the final state (params and optimizer state) equals the uninterrupted run's, bit for bit
@@ -93,16 +94,19 @@ class Job:
         return "\n".join(f"--- {log.name}\n" + log.read_text()[-2500:] for log in self.logs)
 
 
-def last_step(run_dir: Path) -> int:
+def last_step(run_dir: Path, since: float = 0.0) -> int:
+    """The last step in metrics.jsonl logged at or after `since` (a launch's start), else 0: a
+    resumed run drops the records past its checkpoint only after it says it resumed."""
     try:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     except FileNotFoundError:
         return 0
     for line in reversed(lines):  # a killed writer may leave half a line
         try:
-            return json.loads(line)["step"]
+            record = json.loads(line)
         except ValueError:
             continue
+        return record["step"] if record.get("time", since) >= since else 0
     return 0
 
 
@@ -140,13 +144,14 @@ def reference_run(run_dir: Path, args: list[str], cache: Path, tries: int = 3) -
     raise SystemExit(f"the reference run crashed {tries} times; see {run_dir.parent / 'logs'}")
 
 
-def kill_once(job: Job, run_dir: Path, rng: random.Random, start: int, steps: int) -> dict:
-    """Waits for this kill's moment, kills; returns what happened."""
-    during_save = rng.random() < 0.4
+def kill_once(job: Job, run_dir: Path, rng: random.Random, start: int, steps: int, since: float) -> dict:
+    """Waits for this kill's moment, kills; returns what happened. Moments: at once (the job has
+    just restored its checkpoint), while a save is in flight, or after a random number of steps."""
+    moment = rng.choices(["startup", "save", "step"], weights=[1, 4, 5])[0]
     target = min(start + rng.randint(1, 25), steps - 1)
     victims = rng.choice([[0], [1], [0, 1]])
     deadline = time.time() + LAUNCH_TIMEOUT
-    while True:
+    while moment != "startup" or not committed(run_dir):
         if len(job.alive()) < 2:
             for i in job.alive():
                 job.kill(i)
@@ -154,12 +159,14 @@ def kill_once(job: Job, run_dir: Path, rng: random.Random, start: int, steps: in
             raise Crashed(f"exit codes {[p.poll() for p in job.procs]}")
         if time.time() > deadline:
             raise SystemExit(f"no progress in {LAUNCH_TIMEOUT}s\n{job.tail()}")
-        step = last_step(run_dir)
+        step = last_step(run_dir, since) or start
         if not committed(run_dir):  # killed in its first save, a run is refused, not restarted (resume.py)
             pass
-        elif (saving(run_dir) and step > start) if during_save else step >= target:
+        elif moment == "save" and saving(run_dir) and step > start:
             break
-        if during_save and step >= steps - 2:  # no save left to catch: kill now
+        elif moment == "step" and step >= target:
+            break
+        elif moment == "save" and step >= steps - 2:  # no save left to catch: kill now
             break
         time.sleep(0.002)
     in_save = saving(run_dir)
@@ -169,8 +176,8 @@ def kill_once(job: Job, run_dir: Path, rng: random.Random, start: int, steps: in
         time.sleep(rng.uniform(0, 1.5))
         job.kill(1 - victims[0])
     job.wait()
-    return {"killed": "both" if len(victims) == 2 else f"p{victims[0]}", "at_step": last_step(run_dir),
-            "in_save": in_save}
+    return {"killed": "both" if len(victims) == 2 else f"p{victims[0]}", "moment": moment,
+            "at_step": last_step(run_dir, since) or start, "in_save": in_save}
 
 
 def read_state(step_dir: Path) -> dict:
@@ -217,13 +224,17 @@ def check(run_dir: Path, reference: Path, steps: int) -> list[str]:
 def chaos(kills: int, steps: int, every: int, seed: int, work: Path, max_crashes: int = 5) -> dict:
     args, cache = overrides(steps, every), work / "jax_cache"
     t0 = time.time()
-    reference_run(work / "reference", args, cache)
+    if (work / "reference" / "checkpoints" / str(steps)).is_dir():  # a finished one in --dir: reused
+        print(f"reusing the uninterrupted run in {work / 'reference'}", flush=True)
+    else:
+        reference_run(work / "reference", args, cache)
     reference_s = time.time() - t0
     rng, run_dir, history, crashes = random.Random(seed), work / "run", [], []
     t0 = time.time()
     launch = 0
     while True:
         last = kills == len(history)
+        since = time.time()
         job = Job(run_dir, args, cache, f"launch{launch}")
         launch += 1
         try:
@@ -234,7 +245,7 @@ def chaos(kills: int, steps: int, every: int, seed: int, work: Path, max_crashes
                 if job.wait() != [0, 0]:
                     raise Crashed(f"exit codes {[p.returncode for p in job.procs]}")
                 break
-            history.append(kill_once(job, run_dir, rng, start, steps))
+            history.append(kill_once(job, run_dir, rng, start, steps, since))
         except Crashed as e:
             crashes.append(f"launch {launch - 1}: {str(e).splitlines()[0]}")
             print(f"launch {launch - 1} crashed on its own ({str(e).splitlines()[0]}); restarting", flush=True)
@@ -242,8 +253,8 @@ def chaos(kills: int, steps: int, every: int, seed: int, work: Path, max_crashes
                 raise SystemExit(f"{len(crashes)} launches crashed on their own; see {work / 'logs'}") from None
             continue
         h = history[-1]
-        print(f"kill {len(history)}: {h['killed']} at step {h['at_step']}{' during a save' if h['in_save'] else ''}",
-              flush=True)
+        print(f"kill {len(history)}: {h['killed']} at step {h['at_step']} ({h['moment']}"
+              f"{', a save in flight' if h['in_save'] else ''})", flush=True)
     chaos_s = time.time() - t0
     problems = check(run_dir, work / "reference", steps)
     lost = [h["lost"] for h in history]

@@ -199,9 +199,17 @@ def test_a_flipped_bit_in_a_data_file_fails_the_restore_and_resume_falls_back(ba
     state, meta = resume.restore_for_training(cfg, trainer, run_dir, None, ckpt.tokenizer_identity("bytes"))
     assert meta["step"] == 36
     (warning,) = [line for line in capfd.readouterr().err.splitlines() if "is invalid" in line]
-    assert "step 40" in warning and "differs from the digest saved with it" in warning
+    assert "step 40" in warning and "differs from the digest" in warning
+    damaged = run_dir / ckpt.SET_ASIDE / "40"
     with pytest.raises(UserError, match="is damaged: array .* differs from the digest"):
-        ckpt.restore_params(run_dir / ckpt.SET_ASIDE / "40", trainer.abstract_state()["params"])
+        ckpt.restore_state(damaged, trainer)
+    # a params-only restore (a teacher) checks the arrays it reads: here a params digest recorded wrong
+    step36 = run_dir / "checkpoints" / "36"
+    manifest = json.loads((step36 / ckpt.MANIFEST).read_text())
+    manifest["arrays"]["params.embed.table_VD"] ^= 1
+    (step36 / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="array params.embed.table_VD differs from the digest"):
+        ckpt.restore_params(step36, trainer.abstract_state()["params"])
 
 
 def test_a_changed_metadata_file_of_the_same_size_is_a_checksum_mismatch(base_run, tmp_path):
