@@ -8,7 +8,8 @@ and `jaxlm eval`.
   speculative.py  draft-then-verify decoding with the exact modified rejection sampling
   quantize.py     int8 weight-only, per-output-channel symmetric scales
   cli_generate.py `jaxlm generate`, dispatched by the checkpoint's train.objective
-  cli_eval.py     `jaxlm eval`: loss, perplexity and bits per byte as JSON
+  cli_eval.py     `jaxlm eval --data`: loss, perplexity and bits per byte as JSON (the verb lives in
+                  jaxlm/eval/cli.py, with lm-eval tasks)
 
 Batches of prompts are right-padded: row b's prompt sits at positions 0..L_b-1 and its cache
 slot s holds position s, so each row decodes at its own position (the attention mask compares
