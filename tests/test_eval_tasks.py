@@ -36,7 +36,7 @@ def test_next_line_labels_the_line_that_follows_its_context(shakespeare_path):
 
 def test_jaxlm_tasks_writes_task_files_that_read_back(shakespeare_path, tmp_path, capsys):
     assert cli.main(["tasks", str(tmp_path), "--text", str(shakespeare_path), "--n", "30", "--seed", "2"]) == 0
-    for name, split in (("next_line", "validation"), ("arithmetic", "test")):
+    for name, split in (("next_line", "validation"), ("integer_arithmetic", "test")):
         config = yaml.safe_load((tmp_path / name / f"{name}.yaml").read_text())
         assert config["task"] == name and config["dataset_path"] == "json"
         rows = [json.loads(line) for line in open(config["dataset_kwargs"]["data_files"][split])]

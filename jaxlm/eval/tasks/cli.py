@@ -1,11 +1,12 @@
 """`jaxlm tasks OUT_DIR [--text FILE]`: jaxlm's own lm-eval tasks as files, made offline.
 
-  arithmetic   generate_until, exact match: `37+5=` -> `42` (3 few-shot examples by default)
-  next_line    multiple choice (acc, acc_norm): which line of --text comes next; asked about the
-               last --holdout of the text (what a run trained on that one file with
-               data.val_fraction=0.05 never saw), few-shot examples from the rest
+  integer_arithmetic  generate_until, exact match: `37+5=` -> `42` (3 few-shot examples by default;
+                      not `arithmetic`, which is a tag of lm-eval's own tasks)
+  next_line           multiple choice (acc, acc_norm): which line of --text comes next; asked about
+                      the last --holdout of the text (what a run trained on that one file with
+                      data.val_fraction=0.05 never saw), few-shot examples from the rest
 
-Then: jaxlm eval RUN --tasks arithmetic,next_line --include-path OUT_DIR
+Then: jaxlm eval RUN --tasks integer_arithmetic,next_line --include-path OUT_DIR
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     fewshot = next_line.records(text, FEWSHOT_POOL, args.seed, region=(0.0, 1 - args.holdout)) if text else None
     arith_test = arithmetic.records(args.n, args.seed)
     arith_train = arithmetic.records(FEWSHOT_POOL, args.seed + 1, exclude={r["question"] for r in arith_test})
-    written = [write_task(out, "arithmetic", ARITHMETIC, {"train": arith_train, "test": arith_test})]
+    written = [write_task(out, "integer_arithmetic", ARITHMETIC, {"train": arith_train, "test": arith_test})]
     if text is not None:
         written.append(write_task(out, "next_line", NEXT_LINE, {"train": fewshot, "validation": test}))
     for path in written:
