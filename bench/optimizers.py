@@ -14,7 +14,6 @@ the evaluation loss after the last step (4 validation batches).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path

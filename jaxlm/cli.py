@@ -27,7 +27,8 @@ VERBS = {
     "export": ("jaxlm.export.cli", "export a checkpoint to Hugging Face (safetensors) or llama.cpp (GGUF)"),
     "import": ("jaxlm.export.importer", "import Hugging Face weights into a run directory to fine-tune"),
     "generate": ("jaxlm.inference.cli_generate", "generate text from a checkpoint (KV cache, sampling, speculative)"),
-    "eval": ("jaxlm.inference.cli_eval", "loss, perplexity and bits per byte of a checkpoint on a text or corpus"),
+    "eval": ("jaxlm.eval.cli", "loss, perplexity and bits per byte on a text, or lm-eval task scores"),
+    "tasks": ("jaxlm.eval.tasks.cli", "write jaxlm's own lm-eval task files (TinyShakespeare choice, arithmetic)"),
 }
 
 

@@ -1,6 +1,5 @@
 """Dropout, keep-best checkpoints and early stopping (small-data training)."""
 
-import json
 import signal
 import time
 from pathlib import Path
@@ -8,7 +7,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jaxlm import checkpoint as ckpt
 from jaxlm.config import CheckpointConfig, load_config

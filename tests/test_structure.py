@@ -24,7 +24,7 @@ LAYERS = [
     ["jaxlm.tokenizer"],
     ["jaxlm.model", "jaxlm.tools.accounting", "jaxlm.tools.devices"],  # accounting: FLOPs of a model config
     ["jaxlm.compress"],  # quantized weights (and pruning): transforms of a model's parameters
-    ["jaxlm.data"],
+    ["jaxlm.data", "jaxlm.eval.tasks"],  # eval.tasks: offline task records (arithmetic too for RL); no JAX, no lm-eval
     ["jaxlm.checkpoint"],  # run directories: layout, manifest, orbax, resume, loading a run
     ["jaxlm.objectives"],  # losses over (model, batch, key, frozen); a teacher is read from a run
     ["jaxlm.export.params", "jaxlm.export.compat", "jaxlm.export.hf", "jaxlm.export.hf_load",
@@ -32,6 +32,7 @@ LAYERS = [
      "jaxlm.export.gguf", "jaxlm.export.atomic"],  # file formats, no verbs
     ["jaxlm.train"],
     ["jaxlm.inference"],
+    ["jaxlm.eval"],  # lm-evaluation-harness over the scorer and the decoder; `jaxlm eval`
     ["jaxlm.export", "jaxlm.tools"],  # the verbs that write other formats; compile, plot
     ["jaxlm.cli", "jaxlm"],
 ]

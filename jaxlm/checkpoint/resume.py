@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from jaxlm.checkpoint.layout import CHECKPOINTS, SET_ASIDE, read_meta, step_dirs
 from jaxlm.checkpoint.manager import TMP_SUFFIX, restore_state
@@ -131,6 +130,8 @@ def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None
                     changed = changed_sources(meta.get("data_fingerprint"), data_fingerprint)
                 if not bad and not changed:
                     state = trainer.adopt(restore_state(path, trainer))
+            except UserError as e:  # ours: one line already (a damaged array names itself)
+                reason = f"restore failed: {e}"
             except Exception as e:  # noqa: BLE001 - any read failure means: try the previous step
                 reason = f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             if not all_processes_agree(reason is None):

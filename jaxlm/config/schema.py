@@ -11,7 +11,6 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml

@@ -1,7 +1,11 @@
 """`jaxlm eval RUN_DIR --data PATH`: loss, perplexity and bits per byte of a checkpoint, as JSON.
 
-PATH is a text file, a directory or glob of text files, or a corpus made by `jaxlm prepare`
-(its validation split unless --split says otherwise). The text is tokenized with the run's
+PATH is a text file, a directory or glob of text files, or a corpus made by `jaxlm prepare`.
+--split val scores what training held out: a prepared corpus's validation split, or the part of
+the text the run's data.val_fraction sets aside (split as training split it); train the rest; all
+everything. The default is val when PATH is a prepared corpus or the run's own data (the same
+files, by the content fingerprint the checkpoint recorded), else all; the JSON says which text was
+scored ("split", "scored"). The text is tokenized with the run's
 tokenizer and cut into the rows the run trained on (non-overlapping windows of data.seq_len, or
 packed documents with data.packing), covering every token after the first exactly once; the
 loss is the run's objective's eval sums (the trainer's jitted eval step). Bits per byte divide
@@ -10,10 +14,8 @@ the summed loss in bits by the UTF-8 bytes of the scored tokens (special tokens 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
-import json
 import math
 import os
 
@@ -22,26 +24,34 @@ import numpy as np
 from jaxlm import checkpoint as ckpt
 from jaxlm.errors import UserError
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a run directory (with checkpoints/) written by `jaxlm train`")
-    parser.add_argument("--data", required=True, help="a text file, directory or glob, or a prepared corpus")
-    parser.add_argument("--split", choices=["train", "val"], default="val",
-                        help="which split of a prepared corpus (default val); text is scored whole")
-    parser.add_argument("--step", type=ckpt.step_arg,
-                        help="the checkpoint step to load, or 'best' (lowest eval loss); default: the newest valid one")
-    parser.add_argument("--max-tokens", type=int, default=0, help="score about this many tokens at most (0 = all)")
-    from jaxlm.compress.schemes import SCHEMES
-
-    parser.add_argument("--quantize", choices=list(SCHEMES), metavar="SCHEME",
-                        help=f"score with weight-only quantized weights: {', '.join(SCHEMES)}")
+SPLITS = ("val", "train", "all")
 
 
-def token_stream(path: str, split: str, cfg, tokenizer):
+def is_run_data(path: str, cfg, meta: dict) -> bool:
+    """Whether PATH holds the same files as one of the run's data sources (by the content
+    fingerprint the checkpoint recorded, so another path to the same files counts)."""
+    from jaxlm.data.sources import data_fingerprint
+
+    recorded = {d.get("sha256") for d in meta.get("data_fingerprint") or []}
+    mine = data_fingerprint(dataclasses.replace(cfg.data, path=path, mixture=[]))[0]["sha256"]
+    return mine in recorded
+
+
+def token_streams(path: str, split: str, cfg, tokenizer) -> tuple[list, str]:
+    """(the token streams to score, a sentence saying which text they are)."""
     from jaxlm.data.sources import is_prepared, load_streams
 
-    train, val = load_streams(path, dataclasses.replace(cfg.data, val_fraction=0.0), tokenizer)
-    return (val if split == "val" else train) if is_prepared(path) else train
+    if is_prepared(path):
+        train, val = load_streams(path, cfg.data, tokenizer)
+        what = {"val": "the validation split", "train": "the training split", "all": "both splits"}[split]
+        return {"val": [val], "train": [train], "all": [train, val]}[split], f"{what} of the prepared corpus {path}"
+    if split == "all":
+        return [load_streams(path, dataclasses.replace(cfg.data, val_fraction=0.0), tokenizer)[0]], f"all of {path}"
+    train, val = load_streams(path, cfg.data, tokenizer)
+    f = cfg.data.val_fraction
+    if split == "val":
+        return [val], f"the part of {path} held out for validation by the run's data.val_fraction={f}"
+    return [train], f"the part of {path} trained on (all but the run's data.val_fraction={f})"
 
 
 def rows(stream, seq_len: int, packing: bool) -> list[dict]:
@@ -79,29 +89,37 @@ def quantized_eval_step(trainer, params: dict, scheme: str):
     return params, lambda p, batch: step(p, batch, trainer.frozen)
 
 
-def evaluate(run_dir: str, data: str, split: str = "val", step: int | None = None, max_tokens: int = 0,
+def evaluate(run_dir: str, data: str, split: str | None = None, step: int | None = None, max_tokens: int = 0,
              quantize: str | None = None) -> dict:
     from jaxlm.data.batch import Batch
     from jaxlm.data.pipeline import to_global
+    from jaxlm.data.sources import is_prepared
     from jaxlm.parallel.mesh import data_parallel_size
     from jaxlm.checkpoint.runs import inference_mesh, load_run
     from jaxlm.train.step import make_trainer
 
     if max_tokens < 0:
         raise UserError(f"--max-tokens {max_tokens} must be >= 0 (0 = all)")
+    if split is not None and split not in SPLITS:
+        raise UserError(f"--split {split}: expected one of {', '.join(SPLITS)}")
     if not os.path.exists(data) and not glob.glob(data):
         raise UserError(f"--data {data}: no such file, directory or glob; expected text or a prepared corpus")
     from jaxlm.config import Config, from_dict
 
     path = ckpt.find_step(run_dir, step)
-    cfg = from_dict(Config, ckpt.read_meta(path)["config"], prefix="")
+    meta = ckpt.read_meta(path)
+    cfg = from_dict(Config, meta["config"], prefix="")
+    if split is None:
+        split = "val" if is_prepared(data) or is_run_data(data, cfg, meta) else "all"
     mesh = inference_mesh(cfg.mesh)
     run = load_run(run_dir, step, mesh)
     trainer = make_trainer(cfg, mesh)
-    stream = token_stream(data, split, cfg, run.tokenizer)
-    if len(stream) < 2:
-        raise UserError(f"--data {data} has {len(stream)} tokens; at least 2 are needed to score one")
-    all_rows = rows(stream, cfg.data.seq_len, cfg.data.packing)
+    streams, scored = token_streams(data, split, cfg, run.tokenizer)
+    if sum(len(s) for s in streams) < 2:
+        raise UserError(f"--data {data} --split {split} has {sum(len(s) for s in streams)} tokens ({scored}); at "
+                        "least 2 are needed to score one" + ("; --split all scores the whole text" if split != "all"
+                                                              else ""))
+    all_rows = [row for s in streams if len(s) >= 2 for row in rows(s, cfg.data.seq_len, cfg.data.packing)]
     if max_tokens:
         all_rows = all_rows[: max(1, -(-max_tokens // cfg.data.seq_len))]
     dp = data_parallel_size(mesh, trainer.rules)
@@ -121,12 +139,8 @@ def evaluate(run_dir: str, data: str, split: str = "val", step: int | None = Non
         count += float(sums["count"])
         n_bytes += float(np.sum(token_bytes[batch.targets] * batch.loss_mask))
     loss = loss_sum / max(count, 1.0)
-    return {"run": run_dir, "step": run.step, "data": data, **({"quantize": quantize} if quantize else {}),
+    return {"run": run_dir, "step": run.step, "data": data, "split": split, "scored": scored,
+            **({"quantize": quantize} if quantize else {}),
             "tokens": int(count), "bytes": int(n_bytes),
             "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "bits_per_byte": loss_sum / math.log(2) / n_bytes if n_bytes else None}
-
-
-def main(args: argparse.Namespace) -> int:
-    print(json.dumps(evaluate(args.run_dir, args.data, args.split, args.step, args.max_tokens, args.quantize)))
-    return 0

@@ -116,12 +116,14 @@ class Decoder:
 
 
 class Outputs:
-    """Generated tokens per row; a row ends at the stop token (not kept) or at `limit` tokens."""
+    """Generated tokens per row; a row ends at the stop token (not kept), at `limit` tokens, or
+    when `until(row, its tokens)` says so (stop strings: the caller cuts the text)."""
 
-    def __init__(self, rows: int, limit: int, stop_id: int | None):
+    def __init__(self, rows: int, limit: int, stop_id: int | None,
+                 until: Callable[[int, list[int]], bool] | None = None):
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.done = np.zeros(rows, bool)
-        self.limit, self.stop_id = limit, stop_id
+        self.limit, self.stop_id, self.until = limit, stop_id, until
 
     def add(self, row: int, new: list[int]) -> list[int]:
         """Appends to an unfinished row; returns what was kept."""
@@ -135,6 +137,8 @@ class Outputs:
             kept.append(int(t))
             self.done[row] = len(self.tokens[row]) + len(kept) >= self.limit
         self.tokens[row] += kept
+        if kept and self.until is not None and self.until(row, self.tokens[row]):
+            self.done[row] = True
         return kept
 
 
@@ -160,14 +164,15 @@ def check_room(dec: Decoder, prompts: list[list[int]], max_new: int) -> int:
 
 def generate(dec: Decoder, prompts: list[list[int]], max_new: int, sampling: Sampling, seed: int = 0,
              stop_id: int | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
-             ) -> list[list[int]]:
-    """Continues each prompt by up to `max_new` tokens (fewer at `stop_id` or max_seq_len).
+             until: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """Continues each prompt by up to `max_new` tokens (fewer at `stop_id`, where `until(row, its
+    tokens)` is true, or at max_seq_len); decoding ends when every row has ended.
 
     `on_tokens(row, tokens)` sees each row's new tokens as they come (streaming). The step after
     the one being read is already queued on the device, so reading a token costs no idle time.
     """
     max_new = check_room(dec, prompts, max_new)
-    out = Outputs(len(prompts), max_new, stop_id)
+    out = Outputs(len(prompts), max_new, stop_id, until)
     if max_new == 0:
         return out.tokens
     caches = dec.new_caches(len(prompts), bucket(max(len(p) for p in prompts) + max_new))

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxlm.errors import ConfigError, UserError
+from jaxlm.errors import ConfigError
 from jaxlm.parallel.sharding import MESH_AXES
 
 if TYPE_CHECKING:  # the config is above this package: only its type is named here
