@@ -17,12 +17,7 @@ if TYPE_CHECKING:  # config.py imports this module
 def validate(cfg: Config) -> None:
     """Checks that need several keys together. Device-dependent checks live in the mesh code."""
     m, o, t, d, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.checkpoint
-    for section in dataclasses.fields(cfg):
-        values = getattr(cfg, section.name)
-        for field in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
-            value = getattr(values, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{section.name}.{field.name}={value} must be a finite number")
+    _check_finite(cfg, "")
     if "://" in t.run_dir:
         raise ConfigError(f"train.run_dir={t.run_dir} is a URL; jaxlm writes run directories with plain file I/O, "
                           "so mount the bucket (e.g. gcsfuse) and give its local path")
@@ -61,12 +56,7 @@ def validate(cfg: Config) -> None:
     for key, rate in (("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout)):
         if not 0 <= rate < 1:
             raise ConfigError(f"{key}={rate} must be in [0, 1)")
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
-    if m.n_heads % m.n_kv_heads:
-        raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
-    if m.position == "rope" and m.head_dim % 2:
-        raise ConfigError(f"head_dim={m.head_dim} (model.d_model/model.n_heads) must be even for RoPE")
+    _validate_heads(cfg)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if o.lr <= 0:
@@ -87,14 +77,7 @@ def validate(cfg: Config) -> None:
     for i, src in enumerate(d.mixture):
         if src.weight <= 0:
             raise ConfigError(f"data.mixture[{i}].weight={src.weight} must be > 0")
-    e = cfg.moe
-    if e.n_experts:
-        if not 1 <= e.top_k <= e.n_experts:
-            raise ConfigError(f"moe.top_k={e.top_k} must be between 1 and moe.n_experts={e.n_experts}")
-        if e.every < 1:
-            raise ConfigError(f"moe.every={e.every} must be >= 1")
-        if e.capacity_factor <= 0:
-            raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be > 0")
+    _validate_moe(cfg)
     _validate_objective(cfg)
     for name in ("data", "fsdp", "expert", "tensor"):
         for key in (name, f"dcn_{name}"):
@@ -104,6 +87,58 @@ def validate(cfg: Config) -> None:
     from jaxlm.parallel.sharding import resolve_rules
 
     resolve_rules(cfg.mesh.rules)  # names: logical axes onto mesh axes
+
+
+def _check_finite(section, prefix: str) -> None:
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{field.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{field.name}={value} must be a finite number")
+
+
+def _validate_heads(cfg: Config) -> None:
+    m = cfg.model
+    if m.d_head < 0:
+        raise ConfigError(f"model.d_head={m.d_head} must be >= 0 (0 = d_model / n_heads)")
+    if not m.d_head and m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} "
+                          "(or set model.d_head)")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
+    if m.position == "rope" and m.head_dim % 2:
+        raise ConfigError(f"head_dim={m.head_dim} (model.d_head, or model.d_model/model.n_heads) must be even for RoPE")
+    _validate_rope_scaling(cfg)
+
+
+def _validate_moe(cfg: Config) -> None:
+    e = cfg.moe
+    if e.n_experts:
+        if not 1 <= e.top_k <= e.n_experts:
+            raise ConfigError(f"moe.top_k={e.top_k} must be between 1 and moe.n_experts={e.n_experts}")
+        if e.every < 1:
+            raise ConfigError(f"moe.every={e.every} must be >= 1")
+        if e.capacity_factor <= 0:
+            raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be > 0")
+    if e.shared_gate and not (e.n_experts and e.n_shared):
+        raise ConfigError("moe.shared_gate=true gates the shared experts, but there are none: set moe.n_shared "
+                          "(and moe.n_experts) or moe.shared_gate=false")
+
+
+def _validate_rope_scaling(cfg: Config) -> None:
+    r = cfg.model.rope_scaling
+    if r.type == "none":
+        return
+    if cfg.model.position != "rope":
+        raise ConfigError(f"model.rope_scaling.type={r.type} scales RoPE, but model.position={cfg.model.position}")
+    if r.factor < 1:
+        raise ConfigError(f"model.rope_scaling.factor={r.factor} must be >= 1")
+    if not 0 < r.low_freq_factor < r.high_freq_factor:
+        raise ConfigError(f"model.rope_scaling.low_freq_factor={r.low_freq_factor} must be > 0 and below "
+                          f"model.rope_scaling.high_freq_factor={r.high_freq_factor}")
+    if r.original_max_seq_len <= 0:
+        raise ConfigError(f"model.rope_scaling.original_max_seq_len={r.original_max_seq_len} must be positive")
 
 
 def _validate_objective(cfg: Config) -> None:

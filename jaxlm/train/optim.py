@@ -7,7 +7,7 @@ import optax
 
 from jaxlm.config import OptimConfig
 
-NO_DECAY_LEAVES = ("scale",)  # RMSNorm gains
+NO_DECAY_LEAVES = ("scale", "bq_Hd", "bk_Kd", "bv_Kd")  # RMSNorm gains, attention biases
 EMBEDDING_LEAVES = ("table_VD",)
 
 
@@ -29,7 +29,7 @@ def make_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params, decay_embeddings: bool):
-    """True for leaves that get weight decay: matrices, not norm gains, embeddings by option."""
+    """True for leaves that get weight decay: matrices, not norm gains or biases, embeddings by option."""
 
     def decayed(path, _):
         name = str(getattr(path[-1], "key", path[-1]))
