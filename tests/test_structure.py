@@ -26,7 +26,8 @@ LAYERS = [
     ["jaxlm.data"],
     ["jaxlm.checkpoint"],  # run directories: layout, manifest, orbax, resume, loading a run
     ["jaxlm.objectives"],  # losses over (model, batch, key, frozen); a teacher is read from a run
-    ["jaxlm.export.params", "jaxlm.export.compat", "jaxlm.export.hf", "jaxlm.export.hf_load",
+    ["jaxlm.export.params", "jaxlm.export.compat", "jaxlm.export.hf", "jaxlm.export.hf_config", "jaxlm.export.hf_load",
+     "jaxlm.export.safetensors_read",
      "jaxlm.export.tokenizer_files", "jaxlm.export.gguf", "jaxlm.export.atomic"],  # file formats, no verbs
     ["jaxlm.train"],
     ["jaxlm.inference"],
