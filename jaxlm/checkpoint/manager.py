@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from jaxlm.checkpoint.layout import human_bytes, newest_valid
+from jaxlm.checkpoint.layout import WEIGHTS_ONLY, human_bytes, newest_valid, read_meta
 from jaxlm.checkpoint.manifest import write_manifest
 from jaxlm.config import CheckpointConfig
 from jaxlm.errors import RunFailed
@@ -132,9 +132,18 @@ def _quiet_orbax_errors() -> None:
 
 
 def restore_state(step_dir: Path, trainer):
-    """Reads the saved arrays straight into the trainer's shardings (any mesh, any device count)."""
+    """Reads the saved arrays straight into the trainer's shardings (any mesh, any device count).
+    A weights-only step (an import's step 0, runs.write_step0) gets the optimizer's initial state,
+    which is what a full save at step 0 would have held."""
+    target = trainer.abstract_state()
+    weights_only = read_meta(step_dir).get(WEIGHTS_ONLY, False)
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore((step_dir / "state").absolute(), trainer.abstract_state())
+        state = ckptr.restore((step_dir / "state").absolute(),
+                              {k: v for k, v in target.items() if k != "opt_state"} if weights_only else target)
+    if weights_only:
+        init = jax.jit(trainer.spec.optimizer.init, out_shardings=trainer.state_shardings["opt_state"])
+        state = {**state, "opt_state": init(state["params"])}
+    return state
 
 
 def restore_params(step_dir: Path, abstract_params):

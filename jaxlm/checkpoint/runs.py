@@ -47,17 +47,19 @@ def load_params(step_dir: Path) -> tuple[Config, dict]:
 
 
 def write_step0(run_dir: Path, cfg: Config, params: dict, trainer) -> None:
-    """run_dir/config.yaml and checkpoints/0 (params, fresh optimizer state) that `jaxlm train`
-    resumes from, so training starts from `params`. `params` carry the trainer's shardings."""
+    """run_dir/config.yaml and checkpoints/0 that `jaxlm train` resumes from, so training starts
+    from `params` (which carry the trainer's shardings). Weights only: the optimizer's initial
+    state is made when training starts (restore_state), so neither this write nor the disk holds
+    AdamW's two moments (2x the parameters)."""
     from jaxlm.data.pipeline import BatchIterator
     from jaxlm.data.sources import data_fingerprint
 
-    opt_init = jax.jit(trainer.spec.optimizer.init, out_shardings=trainer.state_shardings["opt_state"])
     step = jax.device_put(jnp.zeros((), jnp.int32), trainer.state_shardings["step"])
-    state = {"step": step, "params": params, "opt_state": opt_init(params)}
+    state = {"step": step, "params": params}
     fresh_data = BatchIterator(None, cfg.train.global_batch).get_state()
     meta = ckpt.make_meta(cfg, 0, 0, fresh_data, ckpt.tokenizer_identity(cfg.data.tokenizer),
                           data_fingerprint(cfg.data))
+    meta[ckpt.WEIGHTS_ONLY] = True
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = ckpt.CheckpointWriter(run_dir / ckpt.CHECKPOINTS, cfg.checkpoint)
     try:
