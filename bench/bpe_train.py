@@ -21,7 +21,10 @@ from pathlib import Path
 
 from jaxlm.tokenizer.bpe import count_pretokens, merge_pretokens, train_bpe
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import bench_data  # noqa: E402
 EOT = "<|endoftext|>"
 
 
@@ -58,7 +61,7 @@ def timed(path: Path, vocab_size: int, workers: int | None, repeats: int) -> Non
 
 def synthetic_corpus(path: Path, min_bytes: int = 100_000_000, seed: int = 0) -> None:
     rng = random.Random(seed)
-    lines = (DATA / "tinyshakespeare" / "input.txt").read_text().splitlines()
+    lines = bench_data("tinyshakespeare/input.txt").read_text().splitlines()
     stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
     py = [p.read_bytes().decode("utf-8", errors="replace") for p in stdlib if "site-packages" not in p.parts]
     written = 0
@@ -76,8 +79,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
     args = ap.parse_args()
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    timed(DATA / "cs336_fixtures" / "corpus.en", 500, args.workers, repeats=5)
-    timed(DATA / "tinyshakespeare" / "input.txt", 10_000, args.workers, repeats=1)
+    timed(bench_data("cs336_fixtures/corpus.en"), 500, args.workers, repeats=5)
+    timed(bench_data("tinyshakespeare/input.txt"), 10_000, args.workers, repeats=1)
     if args.big:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "synthetic.txt"

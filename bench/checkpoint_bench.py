@@ -3,9 +3,12 @@ asynchronous (and, for comparison, synchronous) saves, and the most steps a SIGK
 
 For configs/bench.yaml (7.4M params) and configs/ckpt-100m.yaml (97.5M params), on one device
 with random-token batches (the 100M model at global_batch 1 so a CPU step stays short):
-  save        blocking part of an async save (the stall the loop sees: device -> host copy and
-              orbax bookkeeping) and the time until committed (written, manifest, renamed)
-  restore     manifest check (sizes + crc32 of every file) and orbax restore into the shardings
+  save        blocking part of an async save (the stall the loop sees: device -> host copy, the
+              arrays' digests dispatched, orbax bookkeeping) and the time until committed
+              (written, manifest: sizes + metadata crc32s + digests, renamed)
+  resume      manifest check (sizes + crc32 of the metadata files) and orbax restore into the
+              shardings, with the restored arrays checked against their digests; and the full
+              check on request (`verify(arrays=True)`: every array read to the host and digested)
   overhead    wall time of N steps with no saves, with an async save every E steps, and with a
               sync save every E steps, interleaved in rounds so a load change hits them alike
   lost        on SIGKILL, the steps since the newest committed checkpoint: at most
@@ -37,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import checkpoint as ckpt
+from jaxlm.checkpoint import digest, manifest
 from jaxlm.config import CheckpointConfig, load_config
 from jaxlm.data.batch import Batch
 from jaxlm.parallel.mesh import make_mesh
@@ -61,7 +65,7 @@ def setup(path: Path, overrides: list[str]):
 
 
 def save_restore(cfg, trainer, state, directory: Path, repeats: int) -> dict:
-    out = {k: [] for k in ("blocking", "commit", "verify", "restore")}
+    out = {k: [] for k in ("blocking", "commit", "verify", "restore", "full", "crc_all", "digest")}
     for i in range(repeats):
         shutil.rmtree(directory, ignore_errors=True)
         writer = ckpt.CheckpointWriter(directory, CheckpointConfig(every=1, keep=1))
@@ -79,10 +83,22 @@ def save_restore(cfg, trainer, state, directory: Path, repeats: int) -> dict:
         t3 = time.perf_counter()
         restored = jax.block_until_ready(ckpt.restore_state(step_dir, trainer))
         t4 = time.perf_counter()
+        assert ckpt.verify(step_dir, arrays=True) is None
+        t5 = time.perf_counter()
+        # the peers, same run: the old design's seal (crc32 of every file on process 0, paid again
+        # by every resume) against the new one's digest pass over the state on the device
+        for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+            manifest._crc32(path)
+        t6 = time.perf_counter()
+        digest.digests(restored)
+        t7 = time.perf_counter()
+        out["crc_all"].append(t6 - t5)
+        out["digest"].append(t7 - t6)
         out["blocking"].append(t1 - t0)
         out["commit"].append(t2 - t0)
         out["verify"].append(t3 - t2)
         out["restore"].append(t4 - t3)
+        out["full"].append(t5 - t4)
         size = ckpt.dir_size(step_dir)
         del restored
     res = {k: statistics.median(v) for k, v in out.items()}
@@ -162,7 +178,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8, help="steps per overhead measurement")
     ap.add_argument("--every", type=int, default=4, help="save every this many steps in the overhead runs")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="overhead rounds (0: save and resume only)")
     ap.add_argument("--repeats", type=int, default=3, help="save/restore repetitions (median)")
     ap.add_argument("--kill-trials", type=int, default=0)
     ap.add_argument("--kill-every", type=int, default=10, help="checkpoint.every for the SIGKILL trials")
@@ -178,17 +194,24 @@ def main() -> None:
         cfg, trainer, batch, state = setup(path, overrides)
         n = sum(x.size for x in jax.tree.leaves(state["params"]))
         sr = save_restore(cfg, trainer, state, work / "sr", args.repeats)
+        print(f"\n== {name}: {n / 1e6:.1f}M params, B={cfg.train.global_batch} T={cfg.data.seq_len}")
+        print(f"checkpoint size        {sr['size'] / 2**20:9.1f} MiB (params + AdamW mu, nu)")
+        print(f"save, blocking         {sr['blocking']:9.3f} s  (training resumes after this)")
+        print(f"save, until committed  {sr['commit']:9.3f} s  ({sr['size'] / 2**20 / sr['commit']:.0f} MiB/s)")
+        print(f"resume: verify         {sr['verify']:9.3f} s  (sizes + crc32 of the metadata files)")
+        print(f"resume: read           {sr['restore']:9.3f} s  (into the target shardings, digests checked)")
+        print(f"resume, total          {sr['verify'] + sr['restore']:9.3f} s")
+        print(f"full check on request  {sr['full']:9.3f} s  (every array read to the host and digested)")
+        print(f"peers, same run: crc32 of every file {sr['crc_all']:.3f} s (the old seal on process 0, and again "
+              f"on every resume); digest of the state on the device {sr['digest']:.3f} s (the new seal, and "
+              "the check after a restore)")
+        if not args.rounds:
+            continue
         oh = overhead(trainer, batch, state, work / "oh", args.steps, args.every, args.rounds)
         E = cfg.checkpoint.every or 100
         m = int(sr["commit"] // oh["none"])
         per_save = lambda mode: oh[f"extra_{mode}"] * args.steps / (args.steps // args.every)  # noqa: E731
         saves = f"{args.steps // args.every} saves in {args.steps} steps"
-        print(f"\n== {name}: {n / 1e6:.1f}M params, B={cfg.train.global_batch} T={cfg.data.seq_len}")
-        print(f"checkpoint size        {sr['size'] / 2**20:9.1f} MiB (params + AdamW mu, nu)")
-        print(f"save, blocking         {sr['blocking']:9.3f} s  (training resumes after this)")
-        print(f"save, until committed  {sr['commit']:9.3f} s  ({sr['size'] / 2**20 / sr['commit']:.0f} MiB/s)")
-        print(f"restore: verify        {sr['verify']:9.3f} s  (sizes + crc32 of every file)")
-        print(f"restore: read          {sr['restore']:9.3f} s  (into the target shardings)")
         print(f"loop stall per save    {oh['stall_async']:9.3f} s async, {oh['stall_sync']:.3f} s sync "
               f"(time inside save(), median)")
         print(f"step time, no saves    {oh['none']:9.3f} s")

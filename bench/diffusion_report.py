@@ -23,7 +23,8 @@ import jax
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's jaxlm, not an installed one
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+sys.path.insert(0, str(REPO / "bench"))
+from data import bench_data  # noqa: E402
 
 
 def run(config: str, out: Path, name: str, steps: int, *overrides: str) -> tuple[dict, Path]:
@@ -33,7 +34,7 @@ def run(config: str, out: Path, name: str, steps: int, *overrides: str) -> tuple
 
     run_dir = out / name
     cfg = load_config(REPO / "configs" / config, [
-        f"data.path={SHAKESPEARE}", f"train.steps={steps}", f"train.eval_every={steps}", "train.eval_batches=8",
+        f"data.path={bench_data('tinyshakespeare/input.txt')}", f"train.steps={steps}", f"train.eval_every={steps}", "train.eval_batches=8",
         "train.progress=false", f"train.run_dir={run_dir}", f"checkpoint.every={steps}", "checkpoint.async_save=false",
         "mesh.data=1", *overrides])
     t0 = time.perf_counter()
@@ -65,8 +66,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/diffusion_report", help="where the runs go")
     args = ap.parse_args()
     out = Path(args.out)
-    if not SHAKESPEARE.is_file():
-        raise SystemExit(f"needs {SHAKESPEARE}")
+    bench_data("tinyshakespeare/input.txt")  # or a one-line exit saying where to put it
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; TinyShakespeare, byte tokens, "
           f"d_model 128, 4 layers, batch 16 x 128, {args.steps} steps each", flush=True)
 

@@ -75,7 +75,7 @@ def make_run(run_dir: Path) -> None:
 
     cfg = load_config(CONFIG, [f"train.run_dir={run_dir}", "mesh.data=1", "checkpoint.async_save=false"])
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:1]))
-    write_step0(run_dir, cfg, trainer.init_state()["params"], trainer)
+    write_step0(run_dir, cfg, trainer.jit_init_params(), trainer)
 
 
 PEER = """

@@ -33,7 +33,12 @@ from jaxlm.inference.decode import Decoder, generate
 from jaxlm.inference.sampling import Sampling
 from jaxlm.model.build import build_model
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import bench_data  # noqa: E402
+
+SHAKESPEARE = bench_data("tinyshakespeare/input.txt", required=False)
 RANDOM_MODEL = ModelConfig(vocab_size=257, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=704,
                            max_seq_len=1024)
 GREEDY = Sampling(temperature=0.0)
@@ -53,7 +58,7 @@ def timed(fns: dict, repeats: int) -> dict:
 
 
 def text_tokens(n: int, offset: int = 0) -> list[int]:
-    data = SHAKESPEARE.read_bytes() if SHAKESPEARE.is_file() else bytes(range(32, 127)) * 64
+    data = SHAKESPEARE.read_bytes() if SHAKESPEARE else bytes(range(32, 127)) * 64
     return list(data[offset: offset + n])
 
 

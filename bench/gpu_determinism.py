@@ -30,7 +30,9 @@ import gpu_throughput  # noqa: E402
 from harness import machine_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+from data import bench_data  # noqa: E402
+
+DEFAULT_DATA = bench_data("tinyshakespeare/input.txt", required=False)
 WIDE = ["model.d_model=384", "model.n_layers=6", "model.n_heads=6", "model.n_kv_heads=2", "model.d_ff=1024"]
 SMOKE = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
          "data.seq_len=32", "train.global_batch=4"]
@@ -147,7 +149,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the results as JSON to this file")
     args = ap.parse_args()
 
-    if "runs" in args.parts and not args.data.is_file():
+    if "runs" in args.parts and (args.data is None or not args.data.is_file()):
         sys.exit(f"gpu_determinism: {args.data} is not a file; pass the path of TinyShakespeare's input.txt")
     shape = SMOKE if args.smoke else WIDE
     if args.smoke:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import time_jaxlm  # noqa: E402  (same timing as the throughput benchmark)
+from data import bench_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
-    ap.add_argument("--input", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"))
+    ap.add_argument("--input", default=bench_data("tinyshakespeare/input.txt", required=False),
+                    help="a text file (default: $JAXLM_BENCH_DATA/tinyshakespeare/input.txt)")
     ap.add_argument("--batches", type=int, default=200)
     args = ap.parse_args()
 

@@ -3,7 +3,7 @@
 Builds two corpora in a temporary directory -- JSONL records of TinyShakespeare passages
 (shuffled, about --mb MB) and the Python standard library's .py files as a directory of text
 documents -- prepares each with 1 and 2 workers, and prints input MB/s (target >= 10 MB/s on 2
-cores). The default tokenizer is GPT-2 built from ../shared/data/cs336_fixtures (the same ranks
+cores). The default tokenizer is GPT-2 built from $JAXLM_BENCH_DATA/cs336_fixtures (bench/data.py) (the same ranks
 as tiktoken's gpt2), so tiktoken does the encoding. For reference it also prints tiktoken's
 single-thread encode_ordinary speed on the same text.
 """
@@ -22,12 +22,15 @@ from pathlib import Path
 from jaxlm.data.prepare import prepare
 from jaxlm.tokenizer.tokenizer import load_gpt2_files, load_tokenizer, save_tokenizer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import bench_data  # noqa: E402
 
 
 def jsonl_corpus(path: Path, mb: float, seed: int = 0) -> None:
     rng = random.Random(seed)
-    text = (DATA / "tinyshakespeare" / "input.txt").read_text()
+    text = bench_data("tinyshakespeare/input.txt").read_text()
     passages = [p for p in text.split("\n\n") if p.strip()]
     written = 0
     with open(path, "w", encoding="utf-8") as f:
@@ -63,7 +66,7 @@ def size_mb(path: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=50, help="size of the JSONL corpus")
-    ap.add_argument("--tokenizer", help="tokenizer spec (default: GPT-2 from the shared fixture files)")
+    ap.add_argument("--tokenizer", help="tokenizer spec (default: GPT-2 from $JAXLM_BENCH_DATA/cs336_fixtures)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,12 +74,12 @@ def main() -> None:
         spec = args.tokenizer
         if spec is None:
             spec = str(tmp / "gpt2")
-            fix = DATA / "cs336_fixtures"
+            fix = bench_data("cs336_fixtures/gpt2_vocab.json").parent
             save_tokenizer(load_gpt2_files(str(fix / "gpt2_vocab.json"), str(fix / "gpt2_merges.txt")), spec)
         tok = load_tokenizer(spec)
         jsonl_corpus(tmp / "records.jsonl", args.mb)
         stdlib_corpus(tmp / "stdlib")
-        sample = (DATA / "tinyshakespeare" / "input.txt").read_text() * 4
+        sample = bench_data("tinyshakespeare/input.txt").read_text() * 4
         t0, c0 = time.perf_counter(), time.process_time()
         tok.encode_ordinary(sample)
         mb = len(sample.encode()) / 1e6

@@ -19,7 +19,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+sys.path.insert(0, str(REPO / "bench"))
+from data import bench_data  # noqa: E402
+
+SHAKESPEARE = bench_data("tinyshakespeare/input.txt", required=False)
 NANOGPT = {  # config name -> the figure the issue reported for nanoGPT
     "shakespeare-char": "nanoGPT (H100, dropout 0.2): best val 1.4694 at step 1750 of a 127 s run",
     "shakespeare-char-cpu": "nanoGPT (README, laptop CPU): val 1.88 after ~3 minutes",
@@ -37,7 +40,7 @@ def main() -> int:
     from jaxlm.train.loop import train
 
     overrides = list(args.overrides)
-    if not any(o.startswith("data.path=") for o in overrides) and SHAKESPEARE.is_file():
+    if not any(o.startswith("data.path=") for o in overrides) and SHAKESPEARE:
         overrides.append(f"data.path={SHAKESPEARE}")
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(args.config, overrides + [f"train.run_dir={run_dir}", "train.progress=false"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 
 from jaxlm import __version__
@@ -43,6 +44,15 @@ def os_error_line(e: OSError) -> str:
     return f"{where}: {e.strerror}" if where and e.strerror else str(e).splitlines()[0]
 
 
+def quiet_broken_pipe() -> int:
+    """The reader of stdout closed it (`jaxlm checkpoint ls RUN | head -3`): it took what it wanted,
+    so stop quietly with success, as `ls | head` does. stdout goes to /dev/null so Python's flush
+    at exit does not raise again (the recipe in Python's `signal` documentation)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = OneLineParser(prog="jaxlm", description="Train transformer language models with JAX.")
@@ -67,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     except TypeError:  # verbs with sub-commands cannot be parsed intermixed
         args = verb_parser.parse_args(argv[1:])
     try:
-        return module.main(args) or 0
+        code = module.main(args) or 0
+        sys.stdout.flush()  # inside the try: a reader that left (`| head`) is seen here, not at exit
+        return code
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except UserError as e:
         print(f"jaxlm {verb}: error: {e}", file=sys.stderr)
         return e.exit_code

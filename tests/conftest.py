@@ -18,6 +18,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# The token cache of raw-text training (data/token_cache.py) lives in a per-session temporary
+# directory, shared by the xdist workers and CLI subprocesses, never in the user's ~/.cache.
+if "JAXLM_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAXLM_CACHE"] = tempfile.mkdtemp(prefix="jaxlm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAXLM_CACHE"], True)
+
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -178,6 +178,61 @@ def test_damaged_newest_checkpoints_fall_back_to_previous_with_one_warning_each(
     assert [(s, ckpt.verify(p)) for s, p in ckpt.step_dirs(ck)] == [(44, None), (42, None), (36, None)]
 
 
+def flip_a_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_bit_in_a_data_file_fails_the_restore_and_resume_falls_back(base_run, tmp_path, capfd):
+    """Same size, one bit: the sizes pass, the arrays' digests (checked on the restored arrays, no
+    file read twice) do not; a full `verify(arrays=True)` names the array too."""
+    run_dir = copy_run(base_run, tmp_path)
+    step40 = run_dir / "checkpoints" / "40"
+    flip_a_byte(max((step40 / "state").rglob("d/*"), key=lambda p: p.stat().st_size))
+    assert ckpt.verify(step40) is None  # sizes and metadata crc32s only: the data is checked when read
+    assert "differs from its digest" in ckpt.verify(step40, arrays=True)
+
+    cfg = config(*RUN, "train.steps=44", f"train.run_dir={run_dir}")
+    trainer = make_trainer(cfg, make_mesh(cfg.mesh))
+    capfd.readouterr()
+    state, meta = resume.restore_for_training(cfg, trainer, run_dir, None, ckpt.tokenizer_identity("bytes"))
+    assert meta["step"] == 36
+    (warning,) = [line for line in capfd.readouterr().err.splitlines() if "is invalid" in line]
+    assert "step 40" in warning and "differs from the digest saved with it" in warning
+    with pytest.raises(UserError, match="is damaged: array .* differs from the digest"):
+        ckpt.restore_params(run_dir / ckpt.SET_ASIDE / "40", trainer.abstract_state()["params"])
+
+
+def test_a_changed_metadata_file_of_the_same_size_is_a_checksum_mismatch(base_run, tmp_path):
+    step = Path(shutil.copytree(base_run / "checkpoints" / "40", tmp_path / "40"))
+    flip_a_byte(step / "meta" / "metadata")
+    assert ckpt.verify(step) == "file meta/metadata checksum mismatch"
+    assert ckpt.verify(step, checksums=False) is None  # --quick: sizes only
+
+
+def test_the_seal_reads_no_data_file_and_digests_do_not_depend_on_the_layout(base_run, tmp_path, monkeypatch):
+    """Saving reads back only the metadata files; the digests of the same state saved from 8
+    devices (fsdp=8) and from one device are equal, and equal numpy's on the host."""
+    from jaxlm.checkpoint import digest, manifest
+
+    read = []
+    crc32 = manifest._crc32
+    monkeypatch.setattr(manifest, "_crc32", lambda p: (read.append((p, p.stat().st_size)), crc32(p))[1])
+    cfg = config(*RUN)
+    one = make_trainer(cfg, make_mesh(config(*RUN, "mesh.fsdp=1").mesh, jax.devices()[:1]))
+    state = ckpt.restore_state(base_run / "checkpoints" / "40", one)
+    writer = ckpt.CheckpointWriter(tmp_path / "checkpoints", CheckpointConfig(every=1))
+    writer.save(40, state, ckpt.read_meta(base_run / "checkpoints" / "40"))
+    writer.close()
+    assert read and not [p for p, _ in read if p.parent.name == "d"]
+    assert sum(size for _, size in read) < 0.1 * ckpt.dir_size(tmp_path / "checkpoints" / "40")
+    arrays = manifest.read_manifest(tmp_path / "checkpoints" / "40")["arrays"]
+    assert arrays == manifest.read_manifest(base_run / "checkpoints" / "40")["arrays"]
+    assert arrays == digest.digests(jax.device_get(state))
+    assert len(arrays) == len(jax.tree.leaves(state))
+
+
 def test_a_manifest_of_the_wrong_shape_marks_the_step_damaged(base_run, tmp_path):
     """Valid JSON that is not a manifest (a list, files not a mapping, no files at all) is a damaged
     step, as unreadable JSON is, not a TypeError in every verb that lists or restores it."""

@@ -32,7 +32,8 @@ def test_h100_peak_is_989_dense_bf16_teraflops():
     assert devices.by_name("NVIDIA H100 80GB HBM3") is h100
 
 
-def test_mfu_peak_comes_from_the_table_on_a_known_device_and_is_measured_elsewhere(monkeypatch):
+def test_mfu_peak_comes_from_the_table_on_a_known_device_and_is_measured_elsewhere(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))  # measured peaks are cached per host: not the user's
     bf16 = load_config(None, ["model.compute_dtype=bfloat16"])
     monkeypatch.setattr(metrics, "measure_peak_flops", lambda dtype: {"bfloat16": 1e9, "float32": 2e9}[str(dtype)])
     # this machine: CPU, unknown -> measured in the compute dtype, counted once per host

@@ -36,9 +36,11 @@ def test_masking_rate_matches_one_minus_alpha_t(schedule):
     x0 = jnp.zeros((3, 50_000), jnp.int32)
     x_t, masked = diffusion.mask_tokens(jax.random.key(0), x0, jnp.broadcast_to(t_B[:, None], x0.shape), schedule, MASK)
     rate = np.asarray(masked.mean(axis=1))
-    np.testing.assert_allclose(rate, 1 - np.asarray(diffusion.alpha(schedule, t_B)), atol=0.01)
-    if schedule == "linear":
-        np.testing.assert_allclose(rate, [0.1, 0.5, 0.9], atol=0.01)  # linear: the rate is t itself
+    t = np.array([0.1, 0.5, 0.9])
+    # 1 - alpha_t by the formulas: linear alpha = 1 - t; MDLM's log-linear alpha = exp(-sigma) with
+    # sigma = -log(1 - (1 - 1e-3) t), so 1 - alpha = (1 - 1e-3) t; cosine alpha = cos(pi t / 2)
+    want = {"linear": t, "loglinear": (1 - 1e-3) * t, "cosine": 1 - np.cos(np.pi * t / 2)}
+    np.testing.assert_allclose(rate, want[schedule], atol=0.01)  # 3 sigma of 50k draws is < 0.007
     assert np.array_equal(np.asarray(x_t == MASK), np.asarray(masked))
 
 
@@ -264,6 +266,26 @@ def test_mdlm_ancestral_steps_at_temperature_zero_reveal_argmaxes_and_the_last_s
         np.testing.assert_array_equal(after[revealed], argmax[revealed])
         assert np.all(revealed[before != MASK])  # revealed tokens stay revealed
     np.testing.assert_array_equal(sample.tokens[0], argmax)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_mdlm_ancestral_reveals_follow_the_schedule_over_many_seeds(schedule):
+    """A position masked at t = 1 is still masked at s with probability 1 - alpha_s (the reveal
+    probability (alpha_s - alpha_t) / (1 - alpha_t) per step compounds to that). Over 4 steps,
+    64 rows x 32 positions x 8 seeds, the masked fraction after each step must be 1 - alpha at
+    s = 3/4, 1/2, 1/4, 0 by the formula (linear: s; cosine: 1 - cos(pi s / 2)); revealing all at
+    once, or in equal parts under cosine, is far off."""
+    P, L, steps, rows = len(PROMPT), 32, 4, 64
+    logits = per_position_logits(3, [1.0] * (P + L))
+    s = np.array([0.75, 0.5, 0.25, 0.0])
+    want = s if schedule == "linear" else 1 - np.cos(np.pi * s / 2)
+    masked = np.zeros(steps)
+    for seed in range(8):
+        sample = sample_mdlm(FixedLogits(logits), PROMPT, L, steps, seed=seed, schedule=schedule, temperature=0.0,
+                             rows=rows, history=True)
+        masked += [np.mean(h[:, P:] == MASK) for h in sample.history]
+    got = masked / 8
+    np.testing.assert_allclose(got, want, atol=0.015)  # 16k positions: 3 sigma is about 0.011
 
 
 def test_block_plan_spends_exactly_the_steps_asked_when_there_are_enough():

@@ -1,7 +1,10 @@
 """Distillation (train.objective=distill): the teacher restored onto the student's mesh, the loss,
 its pull toward the teacher, and one-line refusals of teachers that cannot teach."""
 
+from types import SimpleNamespace
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -50,6 +53,42 @@ def test_distillation_loss_is_zero_when_the_student_is_the_teacher(teacher):
     assert float(optax.tree.norm(grads)) < 1e-5
     other, _ = trainer.loss_and_grads(trainer.init_state()["params"], batch)
     assert float(other) > 1e-3  # a student other than the teacher pays
+
+
+class FixedLogits(nnx.Module):
+    """A model whose logits over a 3-token vocabulary are the same at every position."""
+
+    def __init__(self, logits):
+        self.logits = nnx.Param(jnp.asarray(logits, jnp.float32))
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, rng=None):
+        return jnp.broadcast_to(self.logits[...], (*tokens_BT.shape, 3)), {}
+
+
+def test_the_distillation_loss_equals_a_hand_computed_value_on_a_3_token_vocabulary():
+    """Teacher logits (2, 0, -1), student (0, 1, 0), tau = 2, weight 0.5, 4 tokens (targets 1 2 0 1):
+    loss = 0.5 tau^2 sum KL(p_teacher || q_student) + 0.5 sum CE. Swapping the KL's direction or
+    dropping tau^2 changes it."""
+    from jaxlm.objectives.distill import Distill, soft_kl_sum
+
+    p = np.exp([1.0, 0.0, -0.5]) / np.exp([1.0, 0.0, -0.5]).sum()  # softmax(teacher / 2)
+    q = np.exp([0.0, 0.5, 0.0]) / np.exp([0.0, 0.5, 0.0]).sum()  # softmax(student / 2)
+    kl = float(np.sum(p * np.log(p / q)))  # 0.2728 (the other direction: 0.2589)
+    log_softmax_student = np.array([0.0, 1.0, 0.0]) - np.log(np.exp([0.0, 1.0, 0.0]).sum())
+    ce = -sum(log_softmax_student[t] for t in (1, 2, 0, 1))
+    teacher_logits, student_logits = jnp.array([[[2.0, 0.0, -1.0]] * 4]), jnp.array([[[0.0, 1.0, 0.0]] * 4])
+    assert float(soft_kl_sum(teacher_logits, student_logits, jnp.ones((1, 4)), 2.0)) == pytest.approx(4 * kl, rel=1e-5)
+    assert float(soft_kl_sum(teacher_logits, student_logits, jnp.array([[1, 0, 1, 0]]), 2.0)) == pytest.approx(
+        2 * kl, rel=1e-5)
+
+    objective = Distill.__new__(Distill)  # the loss alone: no teacher run to read
+    objective.cfg = SimpleNamespace(distill=SimpleNamespace(weight=0.5, temperature=2.0))
+    objective.teacher_graphdef, frozen = nnx.split(FixedLogits([2.0, 0.0, -1.0]))
+    batch = Batch.from_tokens(np.array([[0, 1, 2, 0, 1]], np.int32))  # targets 1 2 0 1
+    total, metrics, _ = objective.loss(FixedLogits([0.0, 1.0, 0.0]), batch, None, frozen)
+    assert float(metrics["kl"]) == pytest.approx(4 * kl, rel=1e-5)
+    assert float(metrics["ce"]) == pytest.approx(ce, rel=1e-5)
+    assert float(total) == pytest.approx(0.5 * 2.0**2 * 4 * kl + 0.5 * ce, rel=1e-5)
 
 
 def test_the_teacher_is_restored_params_only_with_its_own_shardings_on_the_student_mesh(teacher):

@@ -211,18 +211,25 @@ def test_llama_cpp_greedy_continuation_equals_jaxlm(make_run, tmp_path, name, dt
     assert got[:tie] == want[:tie], f"first {tie} greedy tokens differ; top-2 gaps {[round(g, 4) for g in gaps[:tie]]}"
 
 
-def test_llama_cpp_q8_0_logits_close_to_f32(make_run, tmp_path):
+def test_llama_cpp_q8_0_logits_are_close_to_jaxlms(make_run, tmp_path):
+    """llama.cpp on the Q8_0 export (blocks of 32 weights, one f16 scale each) against jaxlm's own
+    f32 logits on the same tokens (llama.cpp's Q8_0 continuation, teacher-forced through jaxlm):
+    within 3% of the largest logit, and its greedy token is jaxlm's argmax wherever no near tie
+    could flip it."""
     llama_cpp()
     run_dir = make_run("dense_gqa")
-    ids32, logits32 = llama_cpp_greedy(export(run_dir, "gguf", tmp_path / "f32.gguf", dtype="f32"), 257)
     ids8, logits8 = llama_cpp_greedy(export(run_dir, "gguf", tmp_path / "q8.gguf", dtype="q8_0"), 257)
-    q8_size, f32_size = (tmp_path / "q8.gguf").stat().st_size, (tmp_path / "f32.gguf").stat().st_size
-    assert q8_size < 0.4 * f32_size  # 8.5 bits per weight (norms stay f32)
-    # compare where both saw the same tokens: up to the first differing greedy choice
-    same = next((i for i, (a, b) in enumerate(zip(ids32, ids8)) if a != b), N_NEW) + 1
-    err = np.abs(logits8[:same] - logits32[:same]).max()
-    assert err < 0.03 * np.abs(logits32).max(), err
-    assert same > 8
+    export(run_dir, "gguf", tmp_path / "f32.gguf", dtype="f32")
+    assert (tmp_path / "q8.gguf").stat().st_size < 0.4 * (tmp_path / "f32.gguf").stat().st_size  # 8.5 bits a weight
+    _, _, logits = forward(run_dir)
+    want = logits(np.array([PROMPT + ids8[:-1]], np.int32))[0, len(PROMPT) - 1:]  # the logits of each step
+    err_per_step = np.abs(logits8 - want).max(-1)
+    assert err_per_step.max() < 0.03 * np.abs(want).max(), (err_per_step.max(), np.abs(want).max())
+    # llama.cpp's greedy token is jaxlm's argmax at every step whose top-2 gap exceeds twice the error
+    top2 = np.sort(want, axis=-1)[:, -2:]
+    determined = top2[:, 1] - top2[:, 0] > 2 * err_per_step
+    assert determined.sum() >= N_NEW // 2, determined
+    np.testing.assert_array_equal(np.array(ids8)[determined], want.argmax(-1)[determined])
 
 
 # ----------------------------------------------------------------------------- import

@@ -113,8 +113,51 @@ def test_initial_loss_is_near_uniform_and_weights_have_fan_in_scale():
     assert abs(float(loss) - (np.log(50) + s2 / 2)) < 0.15
 
 
-def test_scan_and_unrolled_layers_and_remat_agree():
+def loss_and_grads(cfg, tokens):
+    graphdef, params = nnx.split(Transformer(cfg, MoEConfig(), nnx.Rngs(0)))
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens)[0] ** 2) / tokens.size  # noqa: E731
+    return loss, params, jax.value_and_grad(loss)(params)
+
+
+def saved_residuals(cfg, tokens) -> list[tuple[int, ...]]:
+    """Shapes of the residuals the layer scan saves for the backward pass (jax's own listing)."""
+    import contextlib
+    import io
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    loss, params, _ = loss_and_grads(cfg, tokens)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(loss, params)
+    return [tuple(int(n) for n in m.group(1).split(",")) for line in out.getvalue().splitlines()
+            if "output of scan" in line and (m := re.match(r"\w+\[([\d,]+)\]", line))]
+
+
+def test_scan_unrolled_and_remat_agree_in_outputs_and_gradients():
     tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 50)
     base = forward(ModelConfig(**SMALL), tokens)
+    _, _, (loss, grads) = loss_and_grads(ModelConfig(**SMALL), tokens)
     for kw in ({"scan_layers": False}, {"remat": "full"}, {"remat": "dots_saveable"}):
-        np.testing.assert_allclose(forward(ModelConfig(**SMALL, **kw), tokens), base, atol=1e-5)
+        cfg = ModelConfig(**SMALL, **kw)
+        np.testing.assert_allclose(forward(cfg, tokens), base, atol=1e-5)
+        _, _, (other_loss, other_grads) = loss_and_grads(cfg, tokens)  # remat changes only the backward pass
+        assert float(other_loss) == pytest.approx(float(loss), rel=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), other_grads, grads)
+
+
+def test_remat_policies_save_what_they_name():
+    """B=2, T=16, D=32, d_ff=40, 2 layers. No remat: the scan keeps the MLP's elementwise hidden
+    units [L, B, T, F]; `full` keeps only each layer's input [L, B, T, D] (everything else is
+    recomputed); `dots_saveable` keeps the matmul outputs (the gate and up projections,
+    [L, B*T, F]) but no elementwise intermediate."""
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 50)
+    none, full, dots = (saved_residuals(ModelConfig(**SMALL, remat=r), tokens)
+                        for r in ("none", "full", "dots_saveable"))
+    assert (2, 2, 16, 40) in none
+    assert set(full) == {(2, 16, 32), (2, 2, 16, 32)}  # the carry and the stacked layer inputs
+    assert sorted(s for s in dots if 40 in s) == [(2, 32, 40), (2, 32, 40)]
+    assert (2, 2, 16, 32) in dots and len(full) < len(dots) < len(none)
+
+

@@ -144,6 +144,26 @@ def test_first_choices_claim_capacity_before_second_choices():
     assert float(aux["moe_dropped_frac"]) == pytest.approx(4 / 16)
 
 
+def test_aux_loss_is_switchs_definition_on_hand_picked_routings():
+    """Switch Transformer's balancing loss, E * sum_e f_e P_e (f_e: the share of routed token-slots
+    that go to e, P_e: e's mean router probability), with numbers worked out by hand:
+    top-1, 2 experts, 4 tokens with probabilities (3/4, 1/4) x3 and (1/4, 3/4): f = (3/4, 1/4),
+    P = (5/8, 3/8), loss = 2 (15/32 + 3/32) = 9/8. Top-2 of 4 experts, 2 tokens choosing {0, 1}
+    and {2, 3} with probabilities (1/3, 1/3, 1/6, 1/6) and its mirror: f = P = 1/4 each, loss 1
+    (perfect balance is 1 whatever top_k). Both tokens choosing {0, 1}: f = (1/2, 1/2, 0, 0),
+    P_0 = P_1 = 1/3, loss = 4 (1/6 + 1/6) = 4/3."""
+    ln3, ln2 = math.log(3), math.log(2)
+    top1 = jnp.array([[[ln3, 0.0], [ln3, 0.0], [0.0, ln3], [ln3, 0.0]]])
+    _, _, aux = route(top1, MoEConfig(n_experts=2, top_k=1), None)
+    assert float(aux["moe_aux_loss"]) == pytest.approx(9 / 8, rel=1e-6)
+    balanced = jnp.array([[[ln2, ln2, 0.0, 0.0], [0.0, 0.0, ln2, ln2]]])
+    _, _, aux = route(balanced, MoEConfig(n_experts=4, top_k=2), None)
+    assert float(aux["moe_aux_loss"]) == pytest.approx(1.0, rel=1e-6)
+    skewed = jnp.array([[[ln2, ln2, 0.0, 0.0], [ln2, ln2, 0.0, 0.0]]])
+    _, _, aux = route(skewed, MoEConfig(n_experts=4, top_k=2), None)
+    assert float(aux["moe_aux_loss"]) == pytest.approx(4 / 3, rel=1e-6)
+
+
 def test_router_aux_and_z_loss_equal_hand_computed_values():
     # all-zero logits, 4 experts, top-1: every token picks expert 0 (ties go to the lowest index),
     # f = (1, 0, 0, 0), P = 1/4 each -> aux = 4 * 1/4 = 1; z = log(4)^2

@@ -3,9 +3,10 @@
 Conventions the README follows (the runner relies on them):
 - Only ```bash blocks run, in order, one bash process per block (`set -euo pipefail`), all in the
   same copy, so files made by one block (a tokenizer, prepared data) serve the next.
-- A block with a line `# not run in CI: <reason>` is skipped (installs, downloads, GPUs, pods,
-  the test suite itself). An unmarked block that runs `pip install` fails the test instead of
-  touching this environment.
+- A block right after a line `<!-- readme-test: skip (<reason>) -->` is skipped (installs,
+  downloads, GPUs, pods, the test suite itself); the marker is an HTML comment, so a reader of the
+  rendered README never sees it. An unmarked block that runs `pip install` fails the test instead
+  of touching this environment.
 - Training runs briefly: every `jaxlm train`, `python -m jaxlm.cli train`, `launch/local.sh` and
   `launch/multihost_cpu.sh` command gets `train.steps=2 train.eval_batches=1 train.progress=false`
   appended; a command that sets `train.steps=S` itself gets 2 + 2 i steps instead, i (from 1) the
@@ -37,7 +38,7 @@ SHARED = REPO.parent / "shared"
 PROVIDED = {"input.txt": "data/tinyshakespeare/input.txt",  # TinyShakespeare
             "vocab.json": "data/cs336_fixtures/gpt2_vocab.json",  # GPT-2's tokenizer files
             "merges.txt": "data/cs336_fixtures/gpt2_merges.txt"}
-SKIP_MARK = re.compile(r"^\s*# not run in CI: \S")
+SKIP_MARK = re.compile(r"^<!-- readme-test: skip \((.+?)\) -->[ \t]*$")
 TRAIN_COMMAND = re.compile(r"\bjaxlm(?:\.cli)? train\b|\blaunch/(?:local|multihost_cpu)\.sh\b")
 TRAIN_STEPS = re.compile(r"\btrain\.steps=(\d+)")
 BASE_STEPS = 2
@@ -47,7 +48,13 @@ TIME_LIMIT_S = 900  # the whole README; a guard against hangs (the README of iss
 
 def bash_blocks(markdown: str) -> list[str]:
     """The bodies of the ```bash fenced blocks, in order."""
-    return re.findall(r"^```bash[ \t]*\n(.*?)^```[ \t]*$", markdown, flags=re.M | re.S)
+    return [body for _, body in marked_blocks(markdown)]
+
+
+def marked_blocks(markdown: str) -> list[tuple[str | None, str]]:
+    """(skip reason or None, body) of each ```bash block: the reason from a marker on the line before."""
+    found = re.findall(r"^(?:(<!--.*?-->)[ \t]*\n)?```bash[ \t]*\n(.*?)^```[ \t]*$", markdown, flags=re.M | re.S)
+    return [((m := SKIP_MARK.match(marker)) and m.group(1), body) for marker, body in found]
 
 
 def logical_lines(block: str) -> list[str]:
@@ -92,15 +99,14 @@ def rewrite(block: str, steps: dict[int, int]) -> str:
 
 def plan(markdown: str) -> list[tuple[int, str | None, str]]:
     """[(block number from 1, skip reason or None, script)] for every bash block."""
-    blocks = bash_blocks(markdown)
-    steps = steps_for(blocks)
+    marked = marked_blocks(markdown)
+    steps = steps_for([block for _, block in marked])
     result = []
-    for n, block in enumerate(blocks, 1):
-        mark = next((line for line in block.splitlines() if SKIP_MARK.match(line)), None)
-        if mark:
-            result.append((n, mark.split("# not run in CI:", 1)[1].strip(), block))
+    for n, (reason, block) in enumerate(marked, 1):
+        if reason:
+            result.append((n, reason, block))
         elif re.search(r"\bpip install\b", block):
-            raise AssertionError(f"README bash block {n} runs `pip install`; mark it `# not run in CI: <reason>`")
+            raise AssertionError(f"README bash block {n} runs `pip install`; mark it `<!-- readme-test: skip (reason) -->`")
         else:
             result.append((n, None, rewrite(block, steps)))
     return result
@@ -163,15 +169,17 @@ def _children_cpu() -> float:
 EXAMPLE = """\
 Intro.
 
+<!-- readme-test: skip (installs) -->
 ```bash
-# not run in CI: installs
 pip install -e .
 ```
 
+<!-- readme-test: skip (needs a GPU) -->
 ```bash
-# not run in CI: needs a GPU
 jaxlm train configs/gpu-124m.yaml
 ```
+
+<!-- a comment that is not a marker -->
 
 ```bash
 jaxlm train configs/tiny.yaml data.path=input.txt   # trains 300 steps
@@ -189,6 +197,7 @@ print("not bash")
 
 def test_plan_skips_marked_blocks_and_shortens_training_keeping_the_order_of_explicit_steps():
     (n1, skip1, _), (n2, skip2, _), (n3, skip3, script) = plan(EXAMPLE)
+    assert "<!--" not in script
     assert (n1, skip1) == (1, "installs") and (n2, skip2) == (2, "needs a GPU") and (n3, skip3) == (3, None)
     assert script.splitlines() == [
         f"jaxlm train configs/tiny.yaml data.path=input.txt train.steps=2 {FAST}",

@@ -27,7 +27,14 @@ def test_training_on_shakespeare_lowers_train_and_eval_loss(tmp_path, shakespear
     assert len(evals) == 2 and evals[1] < evals[0] < first["loss"]
     assert np.isclose(history[-1]["eval_ppl"], np.exp(evals[-1]))
     assert all(np.isfinite(h["grad_norm"]) for h in history)
-    assert all(0 < h["mfu"] and h["tokens_per_s"] > 0 for h in history if "mfu" in h)
+    # MFU by PaLM's count (matmul FLOPs 6 N + attention 12 L H Q T per token, fwd + bwd) over the
+    # configured peak of 1e11 FLOP/s per device, x 8 devices
+    L, D, H, K, Q, F, V, T, B = 2, 64, 4, 2, 16, 172, 257, 64, 16
+    n_matmul = L * (D * Q * (2 * H + 2 * K) + 3 * D * F) + D * V
+    flops = B * T * (6 * n_matmul + 12 * L * H * Q * T)
+    timed = [h for h in history if "mfu" in h]
+    assert timed and all(h["tokens_per_s"] == pytest.approx(B * T / h["step_time"], rel=1e-9) for h in timed)
+    assert all(h["mfu"] == pytest.approx(flops / h["step_time"] / (1e11 * 8), rel=1e-9) for h in timed)
     assert (tmp_path / "shakespeare" / "metrics.jsonl").read_text().count("\n") == len(history)
     assert (tmp_path / "shakespeare" / "config.yaml").is_file()
     assert list((tmp_path / "shakespeare" / "tensorboard").iterdir())

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                     "summary of the newest valid checkpoint's config. Reads only files; needs no "
                                     "devices.")
     ls.add_argument("run_dir", help="a run directory (with checkpoints/) or a checkpoints directory")
-    ls.add_argument("--quick", action="store_true", help="check file sizes only, not checksums")
+    ls.add_argument("--quick", action="store_true",
+                    help="check file sizes only: no checksums, no reading of the saved arrays")
 
 
 def config_summary(meta: dict) -> str:
@@ -47,7 +48,7 @@ def ls(run_dir: Path, quick: bool) -> int:
     rows, newest_meta, n_valid = [], None, 0
     best = ckpt.best_step(directory, checksums=not quick)
     for step, path in steps:
-        reason = ckpt.verify(path, checksums=not quick)
+        reason = ckpt.verify(path, checksums=not quick, arrays=not quick)
         meta = {}
         try:
             meta = ckpt.read_meta(path)

@@ -1,4 +1,5 @@
-"""Saving checkpoints: orbax's CheckpointManager (async, sharded), each step sealed with a manifest.
+"""Saving checkpoints: orbax's CheckpointManager (async, sharded), each step sealed with a manifest
+(file sizes, metadata crc32s and the arrays' digests computed on the devices at save: `manifest.py`).
 
 Restore walks the steps newest first and warns once per invalid step (`resume.py`). Steps newer
 than the restored one (invalid, or superseded by an explicit --resume of an older step) move to
@@ -17,24 +18,29 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from jaxlm.checkpoint import digest
 from jaxlm.checkpoint.layout import WEIGHTS_ONLY, human_bytes, newest_valid, read_meta
-from jaxlm.checkpoint.manifest import write_manifest
+from jaxlm.checkpoint.manifest import read_manifest, write_manifest
 from jaxlm.config import CheckpointConfig
-from jaxlm.errors import RunFailed
+from jaxlm.errors import RunFailed, UserError
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 class CheckpointWriter:
-    """Asynchronous saves into `directory`; keeps the newest `keep` plus every `keep_every`-th."""
+    """Asynchronous saves into `directory`; keeps the newest `keep` plus every `keep_every`-th, the
+    `keep_best` lowest in eval loss, and `keep_steps` (a WSD run's last step before its decay)."""
 
-    def __init__(self, directory: Path, c: CheckpointConfig):
+    def __init__(self, directory: Path, c: CheckpointConfig, keep_steps: list[int] = ()):
         self.directory, self.async_save = Path(directory).absolute(), c.async_save
         self.pending: int | None = None
+        self.digests: dict = {}  # of the save in flight, dispatched on the devices by save()
         self.unchecked: int | None = None  # a save whose outcome is not yet known
         _quiet_orbax_errors()
         keep: list = [ocm.LatestN(max(c.keep, 1))]
         if c.keep_every:
             keep.append(ocm.EveryNSteps(c.keep_every))
+        if keep_steps:
+            keep.append(ocm.CustomSteps(list(keep_steps)))
         if c.keep_best:  # lowest eval loss: sorted descending, the last n are kept
             keep.append(ocm.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=c.keep_best,
                                   keep_checkpoints_without_metrics=False))
@@ -51,7 +57,7 @@ class CheckpointWriter:
         """Runs on the primary process once every process has written, before orbax's rename."""
         step = self.pending
         tmp = self.directory / f"{step}{TMP_SUFFIX}"
-        write_manifest(tmp if tmp.is_dir() else self.directory / str(step))
+        write_manifest(tmp if tmp.is_dir() else self.directory / str(step), digest.finish(self.digests))
 
     def save(self, step: int, state, meta: dict) -> bool:
         """Starts saving; returns once the arrays are copied off the devices. False if it exists."""
@@ -60,6 +66,7 @@ class CheckpointWriter:
         self.wait()  # one save in flight: `pending` names it
         self.pending = self.unchecked = step
         try:
+            self.digests = digest.start(state)  # before the next step donates the state's buffers
             metrics = None if meta.get("eval_loss") is None else {"eval_loss": meta["eval_loss"]}
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
@@ -131,18 +138,32 @@ def _quiet_orbax_errors() -> None:
 # ----------------------------------------------------------------------------- reading back
 
 
+def check_restored(step_dir: Path, tree) -> None:
+    """UserError unless every array of `tree` (restored from step_dir, jax or numpy arrays, the whole
+    state or a part such as {"params": ...}) matches the digest saved with it. All processes call it."""
+    try:
+        want = read_manifest(step_dir).get("arrays") or {}
+    except (OSError, ValueError, AttributeError):
+        want = {}
+    bad = digest.mismatches(want, digest.digests(tree)) if want else []
+    if bad:
+        raise UserError(f"checkpoint {step_dir} is damaged: array {bad[0]} differs from the digest saved with it "
+                        f"({len(bad)} array(s) in all)")
+
+
 def restore_state(step_dir: Path, trainer):
-    """Reads the saved arrays straight into the trainer's shardings (any mesh, any device count).
+    """Reads the saved arrays straight into the trainer's shardings (any mesh, any device count):
+    the state as saved, with the whole parameter tree (`trainer.adopt` splits off the frozen part).
     A weights-only step (an import's step 0, runs.write_step0) gets the optimizer's initial state,
     which is what a full save at step 0 would have held."""
-    target = trainer.abstract_state()
+    target = trainer.abstract_saved_state()
     weights_only = read_meta(step_dir).get(WEIGHTS_ONLY, False)
     with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore((step_dir / "state").absolute(),
                               {k: v for k, v in target.items() if k != "opt_state"} if weights_only else target)
+    check_restored(step_dir, state)
     if weights_only:
-        init = jax.jit(trainer.spec.optimizer.init, out_shardings=trainer.state_shardings["opt_state"])
-        state = {**state, "opt_state": init(state["params"])}
+        state = trainer.saved_state(trainer.state_from_params(state["params"]))
     return state
 
 
@@ -152,7 +173,9 @@ def restore_params(step_dir: Path, abstract_params):
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
     with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore((step_dir / "state").absolute(), args=args)["params"]
+        params = ckptr.restore((step_dir / "state").absolute(), args=args)["params"]
+    check_restored(step_dir, {"params": params})
+    return params
 
 
 def state_equal(a, b) -> bool:

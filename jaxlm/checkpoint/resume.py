@@ -23,8 +23,8 @@ from jaxlm.parallel.mesh import all_processes_agree
 
 # Config keys that may not change on resume: they define the parameters (shapes, tree), the
 # function they compute, or the data order that the saved iterator index points into.
-# Everything else (train.steps, optim schedule/values, eval and log cadence, mesh, checkpoint,
-# microbatches, remat, compute dtype, run_dir) may change.
+# Everything else (train.steps, optim schedule/values but not optim.name, eval and log cadence, mesh,
+# checkpoint, microbatches, remat, compute dtype, run_dir) may change.
 LOCKED_SECTIONS = {"model", "moe", "data"}
 UNLOCKED = {
     "model.max_seq_len", "model.compute_dtype", "model.remat",  # RoPE has no learned positions
@@ -32,7 +32,9 @@ UNLOCKED = {
     "model.dropout", "model.attention_dropout",
     "moe.noise_std", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.impl", "moe.capacity_factor",
 }
-LOCKED_TRAIN = {"train.seed", "train.global_batch"}  # rng stream; iterator state is a batch index
+# rng stream; iterator state is a batch index; what is trained sizes the optimizer state
+LOCKED_TRAIN = {"train.seed", "train.global_batch", "train.freeze", "train.freeze_layers"}
+LOCKED_OPTIM = {"optim.name"}  # each optimizer has its own state tree
 
 
 
@@ -51,7 +53,7 @@ def incompatible_keys(saved: dict, cfg: Config, saved_tok: dict | None, tok: dic
     old, new = _flatten(saved), _flatten(to_dict(cfg))
     out = []
     for key, value in new.items():
-        locked = (key.split(".")[0] in LOCKED_SECTIONS and key not in UNLOCKED) or key in LOCKED_TRAIN
+        locked = (key.split(".")[0] in LOCKED_SECTIONS and key not in UNLOCKED) or key in LOCKED_TRAIN | LOCKED_OPTIM
         if locked and key in old and old[key] != value:
             out.append(f"{key} ({old[key]!r} -> {value!r})")
     # clipping on/off adds or removes a node of the optimizer state
@@ -108,6 +110,8 @@ def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None
     """
     candidates, explicit = _candidates(run_dir, resume)
     where = candidates[0][1].parent if candidates else run_dir / CHECKPOINTS
+    if not explicit:
+        candidates = wsd_branch(candidates, cfg)
     # a save killed before orbax's rename leaves only its temporary directory: nothing to restore,
     # but a sign that this run_dir holds a run, which a start from step 0 would overwrite
     tried = [(int(p.name.split(".")[0]), f"an unfinished save, {p.name}") for p in unfinished_saves(where)]
@@ -126,7 +130,7 @@ def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None
                 if not cfg.train.allow_data_change:
                     changed = changed_sources(meta.get("data_fingerprint"), data_fingerprint)
                 if not bad and not changed:
-                    state = restore_state(path, trainer)
+                    state = trainer.adopt(restore_state(path, trainer))
             except Exception as e:  # noqa: BLE001 - any read failure means: try the previous step
                 reason = f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             if not all_processes_agree(reason is None):
@@ -149,6 +153,43 @@ def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None
     listing = "; ".join(f"step {s}: {r}" for s, r in sorted(tried, reverse=True))
     raise UserError(f"{run_dir}: no checkpoint in {where} can be resumed from ({listing}); nothing was changed. "
                     f"To start again from step 0, move {where} away (or delete it), or use a new train.run_dir")
+
+
+def extension_branch(saved: dict, cfg: Config) -> int | None:
+    """The step where a WSD run extended to `cfg` (train.steps raised, the schedule otherwise the
+    same) branches off: the old schedule's last step before its decay. None when not such a run."""
+    from jaxlm.config.checks import wsd_decay_steps
+
+    o, old_o, old_steps = cfg.optim, saved.get("optim") or {}, (saved.get("train") or {}).get("steps")
+    same = all(old_o.get(k) == getattr(o, k) for k in ("schedule", "lr", "min_lr", "warmup_steps", "decay_fraction"))
+    if o.schedule != "wsd" or not same or not isinstance(old_steps, int) or old_steps >= cfg.train.steps:
+        return None
+    return old_steps - wsd_decay_steps(o.decay_fraction, old_steps)
+
+
+def wsd_branch(candidates: list[tuple[int, Path]], cfg: Config) -> list[tuple[int, Path]]:
+    """The candidates an extended WSD run resumes from: the checkpoint where the old decay began
+    (kept for this), so the run equals one that had the longer schedule from the start."""
+    if not candidates:
+        return candidates
+    newest = candidates[0][0]
+    try:
+        saved = read_meta(candidates[0][1]).get("config") or {}
+    except (OSError, ValueError):
+        return candidates  # damaged: the usual checks say why
+    branch = extension_branch(saved, cfg)
+    if branch is None or newest <= branch:
+        return candidates
+    old_steps = saved["train"]["steps"]
+    if branch not in [s for s, _ in candidates]:
+        warn(f"train.steps grew from {old_steps} to {cfg.train.steps} (schedule wsd), but there is no checkpoint at "
+             f"step {branch}, where the old decay began: resuming at step {newest}, so the learning rate jumps back "
+             "up to the stable phase")
+        return candidates
+    warn(f"train.steps grew from {old_steps} to {cfg.train.steps} (schedule wsd): resuming from step {branch}, where the "
+         "old schedule's decay began, so this run equals one with the longer schedule from the start; the decayed "
+         "steps after it are set aside")
+    return [(s, p) for s, p in candidates if s <= branch]
 
 
 def _set_aside(run_dir: Path, restored: int) -> None:

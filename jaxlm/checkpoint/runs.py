@@ -43,14 +43,15 @@ def load_params(step_dir: Path) -> tuple[Config, dict]:
     with ocp.PyTreeCheckpointer() as ckptr:
         state = ckptr.restore((step_dir / "state").absolute(), args=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+    ckpt.check_restored(step_dir, state)
     return cfg, state["params"]
 
 
 def write_step0(run_dir: Path, cfg: Config, params: dict, trainer) -> None:
     """run_dir/config.yaml and checkpoints/0 that `jaxlm train` resumes from, so training starts
-    from `params` (which carry the trainer's shardings). Weights only: the optimizer's initial
-    state is made when training starts (restore_state), so neither this write nor the disk holds
-    AdamW's two moments (2x the parameters)."""
+    from `params` (the whole tree, in `trainer.param_shardings`). Weights only: the optimizer's
+    initial state is made when training starts (restore_state), so neither this write nor the disk
+    holds AdamW's two moments (2x the parameters)."""
     from jaxlm.data.pipeline import BatchIterator
     from jaxlm.data.sources import data_fingerprint
 
@@ -121,4 +122,5 @@ def load_run(run_dir: str, step: int | None = None, mesh: Mesh | None = None) ->
     with ocp.PyTreeCheckpointer() as ckptr:
         state = ckptr.restore((path / "state").absolute(), args=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+    ckpt.check_restored(path, state)
     return Run(cfg, state["params"], tokenizer, int(meta["step"]), path, mesh)

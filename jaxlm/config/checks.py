@@ -16,13 +16,27 @@ if TYPE_CHECKING:  # config.py imports this module
 
 def validate(cfg: Config) -> None:
     """Checks that need several keys together. Device-dependent checks live in the mesh code."""
-    m, o, t, d, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.checkpoint
     _check_finite(cfg, "")
-    if "://" in t.run_dir:
-        raise ConfigError(f"train.run_dir={t.run_dir} is a URL; jaxlm writes run directories with plain file I/O, "
-                          "so mount the bucket (e.g. gcsfuse) and give its local path")
-    if cfg.moe.n_experts < 0:
-        raise ConfigError(f"moe.n_experts={cfg.moe.n_experts} must be >= 0 (0 = a dense model)")
+    _check_ranges(cfg)
+    _check_model(cfg)
+    _check_optim_and_train(cfg)
+    _check_data_and_moe(cfg)
+    _validate_objective(cfg)
+    _check_mesh(cfg)
+
+
+def _check_finite(section, prefix: str) -> None:
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{field.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{field.name}={value} must be a finite number")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Single keys with a lower bound or an interval."""
+    m, o, t, d, c = cfg.model, cfg.optim, cfg.train, cfg.data, cfg.checkpoint
     positive = {
         "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff,
@@ -39,67 +53,29 @@ def validate(cfg: Config) -> None:
         "checkpoint.keep_every": (c.keep_every, 0, " (0 = none kept forever)"),
         "checkpoint.keep_best": (c.keep_best, 0, " (0 = none)"),
         "train.early_stop_patience": (cfg.train.early_stop_patience, 0, " (0 = never)"),
-        "optim.warmup_steps": (o.warmup_steps, 0, ""),
+        "optim.warmup_steps": (o.warmup_steps, 0, ""), "moe.n_experts": (cfg.moe.n_experts, 0, " (0 = a dense model)"),
+        "train.freeze_layers": (t.freeze_layers, 0, ""),
+        "train.profile.start_step": (t.profile.start_step, 0, ""),
+        "train.profile.steps": (t.profile.steps, 0, " (0 = no trace)"),
     }
     for key, (value, minimum, meaning) in at_least.items():
         if value < minimum:
             raise ConfigError(f"{key}={value} must be >= {minimum}{meaning}")
-    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+    in_unit = {"optim.beta1": o.beta1, "optim.beta2": o.beta2, "optim.momentum": o.momentum or 0.0, "model.dropout": m.dropout,
+               "model.attention_dropout": m.attention_dropout, "data.val_fraction": d.val_fraction}
+    for key, value in in_unit.items():
         if not 0 <= value < 1:
             raise ConfigError(f"{key}={value} must be in [0, 1)")
-    for key, value in (("model.norm_eps", m.norm_eps), ("optim.eps", o.eps)):
+    for key, value in (("model.norm_eps", m.norm_eps), ("optim.eps", o.eps), ("optim.lr", o.lr)):
         if not value > 0:
             raise ConfigError(f"{key}={value} must be > 0")
     for key, value in (("optim.weight_decay", o.weight_decay), ("optim.clip_norm", o.clip_norm)):
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
-    for key, rate in (("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout)):
-        if not 0 <= rate < 1:
-            raise ConfigError(f"{key}={rate} must be in [0, 1)")
-    _validate_heads(cfg)
-    if d.seq_len > m.max_seq_len:
-        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if o.lr <= 0:
-        raise ConfigError(f"optim.lr={o.lr} must be > 0")
-    if not 0 <= o.min_lr <= o.lr:
-        raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
-    if not 0 < o.decay_fraction <= 1:
-        raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
-    if t.global_batch % t.microbatches:
-        raise ConfigError(
-            f"train.global_batch={t.global_batch} must be divisible by train.microbatches={t.microbatches}")
-    if t.init_from is not None and not Path(t.init_from, "config.json").is_file():
-        raise ConfigError(f"train.init_from={t.init_from!r} is not a Hugging Face model directory (no config.json)")
-    if not 0 <= d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    if d.path is not None and d.mixture:
-        raise ConfigError("data.path and data.mixture are both set; use data.mixture alone for several sources")
-    for i, src in enumerate(d.mixture):
-        if src.weight <= 0:
-            raise ConfigError(f"data.mixture[{i}].weight={src.weight} must be > 0")
-    _validate_moe(cfg)
-    _validate_objective(cfg)
-    for name in ("data", "fsdp", "expert", "tensor"):
-        for key in (name, f"dcn_{name}"):
-            size = getattr(cfg.mesh, key)
-            if size == 0 or size < -1:
-                raise ConfigError(f"mesh.{key}={size} must be a positive size or -1 (fill)")
-    from jaxlm.parallel.sharding import resolve_rules
-
-    resolve_rules(cfg.mesh.rules)  # names: logical axes onto mesh axes
 
 
-def _check_finite(section, prefix: str) -> None:
-    for field in dataclasses.fields(section):
-        value = getattr(section, field.name)
-        if dataclasses.is_dataclass(value):
-            _check_finite(value, f"{prefix}{field.name}.")
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{prefix}{field.name}={value} must be a finite number")
-
-
-def _validate_heads(cfg: Config) -> None:
-    m = cfg.model
+def _check_model(cfg: Config) -> None:
+    m, d = cfg.model, cfg.data
     if m.d_head < 0:
         raise ConfigError(f"model.d_head={m.d_head} must be >= 0 (0 = d_model / n_heads)")
     if not m.d_head and m.d_model % m.n_heads:
@@ -109,24 +85,12 @@ def _validate_heads(cfg: Config) -> None:
         raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
     if m.position == "rope" and m.head_dim % 2:
         raise ConfigError(f"head_dim={m.head_dim} (model.d_head, or model.d_model/model.n_heads) must be even for RoPE")
-    _validate_rope_scaling(cfg)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _check_rope_scaling(cfg)
 
 
-def _validate_moe(cfg: Config) -> None:
-    e = cfg.moe
-    if e.n_experts:
-        if not 1 <= e.top_k <= e.n_experts:
-            raise ConfigError(f"moe.top_k={e.top_k} must be between 1 and moe.n_experts={e.n_experts}")
-        if e.every < 1:
-            raise ConfigError(f"moe.every={e.every} must be >= 1")
-        if e.capacity_factor <= 0:
-            raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be > 0")
-    if e.shared_gate and not (e.n_experts and e.n_shared):
-        raise ConfigError("moe.shared_gate=true gates the shared experts, but there are none: set moe.n_shared "
-                          "(and moe.n_experts) or moe.shared_gate=false")
-
-
-def _validate_rope_scaling(cfg: Config) -> None:
+def _check_rope_scaling(cfg: Config) -> None:
     r = cfg.model.rope_scaling
     if r.type == "none":
         return
@@ -139,6 +103,63 @@ def _validate_rope_scaling(cfg: Config) -> None:
                           f"model.rope_scaling.high_freq_factor={r.high_freq_factor}")
     if r.original_max_seq_len <= 0:
         raise ConfigError(f"model.rope_scaling.original_max_seq_len={r.original_max_seq_len} must be positive")
+
+
+def _check_optim_and_train(cfg: Config) -> None:
+    o, t = cfg.optim, cfg.train
+    if "://" in t.run_dir:
+        raise ConfigError(f"train.run_dir={t.run_dir} is a URL; jaxlm writes run directories with plain file I/O, "
+                          "so mount the bucket (e.g. gcsfuse) and give its local path")
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    if o.schedule == "wsd" and o.warmup_steps + wsd_decay_steps(o.decay_fraction, t.steps) > t.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} plus the WSD decay ({wsd_decay_steps(o.decay_fraction, t.steps)} "
+                          f"steps: optim.decay_fraction={o.decay_fraction} of train.steps={t.steps}) exceed "
+                          "train.steps; lower one of them")
+    if t.global_batch % t.microbatches:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} must be divisible by train.microbatches={t.microbatches}")
+    if t.init_from is not None and not Path(t.init_from, "config.json").is_file():
+        raise ConfigError(f"train.init_from={t.init_from!r} is not a Hugging Face model directory (no config.json)")
+    if t.freeze_layers > cfg.model.n_layers:
+        raise ConfigError(f"train.freeze_layers={t.freeze_layers} exceeds model.n_layers={cfg.model.n_layers}")
+
+
+def wsd_decay_steps(decay_fraction: float, steps: int) -> int:
+    """The steps of WSD's final decay: the last `decay_fraction` of the run, at least one."""
+    return max(int(round(decay_fraction * steps)), 1)
+
+
+def _check_data_and_moe(cfg: Config) -> None:
+    d, e = cfg.data, cfg.moe
+    if d.path is not None and d.mixture:
+        raise ConfigError("data.path and data.mixture are both set; use data.mixture alone for several sources")
+    for i, src in enumerate(d.mixture):
+        if src.weight <= 0:
+            raise ConfigError(f"data.mixture[{i}].weight={src.weight} must be > 0")
+    if e.n_experts:
+        if not 1 <= e.top_k <= e.n_experts:
+            raise ConfigError(f"moe.top_k={e.top_k} must be between 1 and moe.n_experts={e.n_experts}")
+        if e.every < 1:
+            raise ConfigError(f"moe.every={e.every} must be >= 1")
+        if e.capacity_factor <= 0:
+            raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be > 0")
+    if e.shared_gate and not (e.n_experts and e.n_shared):
+        raise ConfigError("moe.shared_gate=true gates the shared experts, but there are none: set moe.n_shared "
+                          "(and moe.n_experts) or moe.shared_gate=false")
+
+
+def _check_mesh(cfg: Config) -> None:
+    for name in ("data", "fsdp", "expert", "tensor"):
+        for key in (name, f"dcn_{name}"):
+            size = getattr(cfg.mesh, key)
+            if size == 0 or size < -1:
+                raise ConfigError(f"mesh.{key}={size} must be a positive size or -1 (fill)")
+    from jaxlm.parallel.sharding import resolve_rules
+
+    resolve_rules(cfg.mesh.rules)  # names: logical axes onto mesh axes
 
 
 def _validate_objective(cfg: Config) -> None:
@@ -165,8 +186,10 @@ def _validate_objective(cfg: Config) -> None:
 
 
 def check_data_paths(cfg: Config) -> None:
-    """That the data exists: checked by the code that reads it (training), not by `load_config`,
-    so that verbs which only look at the config (accounting, compile) work without it."""
+    """That the data exists (and wandb is installed when train.wandb asks for it): checked by
+    training before it writes anything, not by `load_config`, so that verbs which only look at the
+    config (accounting, compile) work without them."""
+    _check_wandb_installed(cfg)
     d = cfg.data
     named = [("data.path", d.path)] if d.path is not None else []
     named += [(f"data.mixture[{i}].path", src.path) for i, src in enumerate(d.mixture)]
@@ -179,3 +202,11 @@ def _path_exists(path: str) -> bool:
     import glob
 
     return Path(path).exists() or bool(glob.glob(path))
+
+
+def _check_wandb_installed(cfg: Config) -> None:
+    import importlib.util
+
+    if cfg.train.wandb.project is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb.project={cfg.train.wandb.project!r} needs the wandb package, which is not "
+                          "installed: pip install -e '.[wandb]' (or pip install wandb)")

@@ -122,15 +122,20 @@ class MeshConfig:
 
 @dataclass
 class OptimConfig:
+    name: Doc[Literal["adamw", "lion", "adafactor", "muon", "sgd"],
+              "optimizer (optax): muon orthogonalises the hidden matrices' updates and runs AdamW on embeddings, "
+              "the output head and norm gains"] = "adamw"
     lr: Doc[float, "peak learning rate (> 0)"] = 1e-3
     min_lr: Doc[float, "final learning rate of the cosine and WSD schedules"] = 1e-4
     schedule: Doc[Literal["cosine", "wsd", "constant"], "learning-rate schedule after warmup"] = "cosine"
     warmup_steps: Doc[int, "linear warmup from 0 to lr (>= 0)"] = 100
     decay_fraction: Doc[float, "WSD: final fraction of steps spent decaying"] = 0.2
-    beta1: Doc[float, "AdamW first-moment decay, in [0, 1)"] = 0.9
-    beta2: Doc[float, "AdamW second-moment decay, in [0, 1)"] = 0.95
+    beta1: Doc[float, "AdamW and Lion first-moment decay (also muon's AdamW part), in [0, 1)"] = 0.9
+    beta2: Doc[float, "AdamW second-moment decay, Lion's momentum decay (also muon's AdamW part), in [0, 1)"] = 0.95
     eps: Doc[float, "AdamW epsilon"] = 1e-8
-    weight_decay: Doc[float, "AdamW decoupled weight decay (not on norm gains)"] = 0.1
+    momentum: Doc[Optional[float], "sgd and muon momentum; null = the usual one (sgd 0.9, muon 0.95)"] = None
+    weight_decay: Doc[float, "decoupled weight decay, scaled by the learning rate (sgd: L2 added to the gradient); "
+                             "not on norm gains nor, by default, embeddings"] = 0.1
     decay_embeddings: Doc[bool, "also decay the embedding table"] = False
     clip_norm: Doc[float, "clip gradients to this global norm; 0 disables clipping"] = 1.0
 
@@ -143,15 +148,36 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    path: Doc[Optional[str], "a text file, directory, glob, or a directory made by `jaxlm prepare`; "
+    path: Doc[Optional[str], "text, .jsonl, .parquet (.gz/.zst compressed text and JSONL too), a directory "
+              "(recursive) or glob of them, a saved Hugging Face dataset, or a directory made by `jaxlm prepare`; "
               "null = the embedded default corpus"] = None
     mixture: Doc[list[SourceConfig], "several sources with weights, [{path, weight}, ...] (instead of path)"] = \
         field(default_factory=list)
     packing: Doc[bool, "pack whole documents into rows (segment ids, positions restart) vs plain windows"] = False
-    tokenizer: Doc[str, "'bytes', a tokenizer directory, or a tiktoken encoding name"] = "bytes"
+    tokenizer: Doc[str, "'bytes', a tokenizer directory, a Hugging Face tokenizer.json (or a model directory "
+                   "holding one), or a tiktoken encoding name"] = "bytes"
+    text_field: Doc[str, "the field (JSONL) or column (parquet, saved datasets) that holds each document"] = "text"
     seq_len: Doc[int, "tokens per training row"] = 128
     val_fraction: Doc[float, "share of raw text held out for evaluation (prepared data has its own split)"] = 0.05
     seed: Doc[int, "seed of the row shuffle"] = 0
+
+
+@dataclass
+class ProfileConfig:
+    """A jax.profiler trace of a few steps into RUN_DIR/profile (TensorBoard's profile tab, Perfetto)."""
+
+    start_step: Doc[int, "trace the steps after this one (step 1 compiles, so start later)"] = 5
+    steps: Doc[int, "how many steps to trace; 0 = no trace"] = 0
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases, beside metrics.jsonl and TensorBoard (pip install -e '.[wandb]')."""
+
+    project: Doc[Optional[str], "the wandb project; null = no wandb"] = None
+    name: Doc[Optional[str], "the run's name; null = the run directory's name"] = None
+    mode: Doc[Literal["online", "offline", "disabled"],
+              "offline: write RUN_DIR/wandb only (no network; `wandb sync` uploads later)"] = "online"
 
 
 @dataclass
@@ -177,6 +203,11 @@ class TrainConfig:
     allow_data_change: Doc[bool, "resume even though the data files changed since the checkpoint"] = False
     init_from: Doc[Optional[str], "a Hugging Face model directory (Llama, Mistral, Mixtral, Qwen2/3, "
                    "Qwen2/3-MoE) whose weights start the run when run_dir has no checkpoint"] = None
+    freeze: Doc[list[str], "parameters not trained: regular expressions searched in their paths (e.g. "
+                "'embed/', 'lm_head'); `jaxlm accounting` lists the paths"] = field(default_factory=list)
+    freeze_layers: Doc[int, "the first N transformer layers are not trained"] = 0
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import os
 import sysconfig
 from pathlib import Path
 
+from jaxlm.data.formats import iter_documents, saved_dataset_files
 from jaxlm.errors import UserError
 
 DEFAULT_CORPUS_BYTES = 4_000_000
@@ -42,16 +43,27 @@ def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[str]:
     return [path.read_text(encoding="utf-8", errors="replace") for path in default_corpus_paths(max_bytes)]
 
 
+def _walk(directory: str) -> list[str]:
+    """The files under `directory` (hidden entries skipped) in path order; a saved Hugging Face
+    dataset inside stands for its Arrow files, in its own (row) order."""
+    groups: list[tuple[str, list[str]]] = []
+    for d, subdirs, names in os.walk(directory):
+        if (arrow := saved_dataset_files(d)) is not None:
+            subdirs[:] = []
+            groups.append((os.path.join(d, ""), arrow))
+            continue
+        subdirs[:] = [s for s in subdirs if not s.startswith(".")]
+        groups += [(os.path.join(d, n), [os.path.join(d, n)]) for n in names if not n.startswith(".")]
+    return [f for _, files in sorted(groups) for f in files]
+
+
 def expand_inputs(inputs: list[str], exclude: str | None = None) -> list[str]:
-    """Files, recursive directories (hidden entries skipped) and globs -> ordered file list."""
+    """Files, recursive directories (hidden entries skipped; a saved Hugging Face dataset is its
+    Arrow files) and globs -> ordered file list."""
     files: list[str] = []
     for spec in inputs:
         if os.path.isdir(spec):
-            found = []
-            for d, subdirs, names in os.walk(spec):
-                subdirs[:] = [s for s in subdirs if not s.startswith(".")]
-                found += [os.path.join(d, n) for n in names if not n.startswith(".")]
-            found.sort()
+            found = _walk(spec)
         elif os.path.isfile(spec):
             found = [spec]
         elif _GLOB_CHARS & set(spec):
@@ -70,12 +82,10 @@ def expand_inputs(inputs: list[str], exclude: str | None = None) -> list[str]:
     return files
 
 
-def read_documents(spec: str) -> list[str]:
-    docs = []
-    for path in expand_inputs([spec]):
-        raw = Path(path).read_bytes()
-        try:
-            docs.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
+def read_documents(spec: str, text_field: str = "text") -> list[str]:
+    """Every document of the files `spec` names (data/formats.py: text, JSONL, parquet, saved
+    datasets, compressed), in order; empty ones are left out."""
+    docs = [doc for path in expand_inputs([spec]) for doc in iter_documents(path, text_field)]
+    if not docs:
+        raise UserError(f"{spec} holds no text (every document is empty)")
     return docs

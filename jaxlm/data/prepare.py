@@ -1,13 +1,15 @@
-"""`jaxlm prepare`: text files, directories, globs and JSONL -> token shards + metadata.json.
+"""`jaxlm prepare`: text files, JSONL, parquet, saved Hugging Face datasets (data/formats.py),
+directories and globs of them -> token shards + metadata.json.
 
 The on-disk format (shards, sidecars, metadata.json) is owned by data/shards.py.
 
-A document is one text file or one JSONL record; document i (in input order, counting every
-JSONL line) goes to val when i >= 1 and ceil(i*f) > ceil((i-1)*f), so about a fraction f of
-the documents, spread evenly, at least one when there are two; a single document is split by
-tokens instead (its last fraction f goes to val). Files are written under a
-temporary name and renamed; a re-run skips shards that are finished; an error removes what
-this run wrote.
+A document is one text file or one record (JSONL line, parquet or Arrow row); document i (in
+input order, counting every record) goes to val when i >= 1 and ceil(i*f) > ceil((i-1)*f), so
+about a fraction f of the documents, spread evenly, at least one when there are two; a single
+document is split by tokens instead (its last fraction f goes to val). Workers read plain text
+and JSONL files themselves, by byte ranges; compressed JSONL and parquet/Arrow rows are read here,
+a task at a time, and sent to them. Files are written under a temporary name and renamed; a
+re-run skips shards that are finished; an error removes what this run wrote.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import collections
 import glob
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -27,6 +30,8 @@ import time
 import numpy as np
 
 from jaxlm.data.corpus import expand_inputs
+from jaxlm.data.formats import (compression, decode_utf8, file_kind, iter_line_blocks, iter_rows, jsonl_texts,
+                                open_binary, read_bytes, read_errors)
 from jaxlm.data.shards import (COMMAND_FILE, SPLITS, ShardWriter, check_token_ids, check_tokenizer,
                                 corpus_metadata, open_prepared, write_json)
 from jaxlm.tokenizer.tokenizer import Tokenizer, load_tokenizer
@@ -38,14 +43,17 @@ _STREAM_BLOCK = 1 << 20
 
 
 def add_arguments(p) -> None:
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="text files, directories, globs, .jsonl files")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="text, .jsonl, .parquet (.gz/.zst compressed text and JSONL too), saved Hugging Face datasets, "
+                        "directories and globs of them")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                    help="directory for the shards and metadata.json (created; an interrupted run there resumes); "
                         "use it as data.path")
-    p.add_argument("--tokenizer", help="'bytes', a tokenizer directory, or a tiktoken name (gpt2, cl100k_base, ...)")
+    p.add_argument("--tokenizer", help="'bytes', a tokenizer directory, a Hugging Face tokenizer.json or model "
+                                       "directory, or a tiktoken name (gpt2, cl100k_base, ...)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
-    p.add_argument("--text-field", default="text", help="the JSONL field holding the text")
+    p.add_argument("--text-field", default="text", help="the JSONL field (parquet/dataset column) holding the text")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores)")
     p.add_argument("--allow-special", action="store_true",
                    help="encode special-token text in documents as special tokens (default: as plain text)")
@@ -87,42 +95,64 @@ def main(args) -> int:
 # ---------------------------------------------------------------- inputs and tasks
 
 
-def _make_tasks(files: list[str]) -> list[list[tuple]]:
-    """Tasks of about _TASK_BYTES: lists of items (path, kind, start, end, first_doc, first_line,
-    n_docs). Each JSONL line is a document; JSONL files are cut at line ends."""
-    tasks, cur, cur_bytes, doc = [], [], 0, 0
+def _jsonl_ranges(path: str, doc: int):
+    """(item, bytes) of an uncompressed JSONL file in byte ranges of about _TASK_BYTES, cut at line
+    ends; the workers read them."""
+    size, line = os.path.getsize(path), 1
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            f.seek(start)
+            block = f.read(_TASK_BYTES)
+            end = start + len(block)
+            if end < size:  # extend to the end of the line
+                rest = f.readline()
+                block += rest
+                end += len(rest)
+            n = block.count(b"\n") + (not block.endswith(b"\n"))
+            yield (path, "jsonl", (start, end), doc, line, n), end - start
+            doc, line, start = doc + n, line + n, end
 
-    def add(item: tuple, nbytes: int) -> None:
-        nonlocal cur, cur_bytes
+
+def _items(files: list[str], text_field: str):
+    """(item, bytes) in input order; an item is (path, kind, where, first_doc, first_line, n_docs):
+    kind text (one document, the whole file), jsonl (a byte range), lines (JSONL bytes read
+    here from a compressed file) or rows (parquet/Arrow texts read here)."""
+    doc = 0
+    for path in files:
+        kind = file_kind(path)
+        if kind == "text":
+            size = os.path.getsize(path)
+            yield (path, "text", (0, size), doc, 1, 1), size
+            doc += 1
+        elif kind == "jsonl" and compression(path) is None:
+            for item, nbytes in _jsonl_ranges(path, doc):
+                yield item, nbytes
+                doc += item[-1]
+        elif kind == "jsonl":
+            for line, block in iter_line_blocks(path, _TASK_BYTES):
+                n = block.count(b"\n") + (not block.endswith(b"\n"))
+                yield (path, "lines", block, doc, line, n), len(block)
+                doc += n
+        else:
+            row = 0
+            for texts in iter_rows(path, text_field):
+                yield (path, "rows", texts, doc, row, len(texts)), sum(len(t) for t in texts if t)
+                doc, row = doc + len(texts), row + len(texts)
+
+
+def _make_tasks(files: list[str], text_field: str = "text"):
+    """Tasks of about _TASK_BYTES (lists of items), made as they are consumed: only the tasks in
+    flight hold text."""
+    cur, cur_bytes = [], 0
+    for item, nbytes in _items(files, text_field):
         if cur and cur_bytes + nbytes > _TASK_BYTES:
-            tasks.append(cur)
+            yield cur
             cur, cur_bytes = [], 0
         cur.append(item)
         cur_bytes += nbytes
-
-    for path in files:
-        size = os.path.getsize(path)
-        if not path.endswith(".jsonl"):
-            add((path, "text", 0, size, doc, 1, 1), size)
-            doc += 1
-            continue
-        line = 1
-        with open(path, "rb") as f:
-            start = 0
-            while start < size:
-                f.seek(start)
-                block = f.read(_TASK_BYTES)
-                end = start + len(block)
-                if end < size:  # extend to the end of the line
-                    rest = f.readline()
-                    block += rest
-                    end += len(rest)
-                n = block.count(b"\n") + (not block.endswith(b"\n"))
-                add((path, "jsonl", start, end, doc, line, n), end - start)
-                doc, line, start = doc + n, line + n, end
     if cur:
-        tasks.append(cur)
-    return tasks
+        yield cur
 
 
 def in_val(i: int, f: float) -> bool:
@@ -142,7 +172,7 @@ def _init_worker(tok: Tokenizer, dtype: str, text_field: str, allow_special: boo
 
 def _encode(text: str) -> np.ndarray:
     tok, allow = _worker_state["tok"], _worker_state["allow"]
-    if allow and tok._prefix_specials:
+    if allow and isinstance(tok, Tokenizer) and tok._prefix_specials:
         return np.asarray(tok.encode(text, allowed_special="all"), np.uint32)
     kw = {"allowed_special": "all"} if allow else {"disallowed_special": ()}
     try:
@@ -151,48 +181,47 @@ def _encode(text: str) -> np.ndarray:
         return tok.encode_to_numpy(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), **kw)
 
 
-def _decode(data: bytes, path: str, offset: int) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: invalid UTF-8 at byte offset {offset + e.start}") from None
+def _read_range(path: str, start: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def _text_ids(path: str, size: int) -> np.ndarray:
+    """The tokens of a whole text file: encoded at once, or streamed where it is large (a
+    compressed file counts as 8 times its size)."""
+    if size * (8 if compression(path) else 1) > _STREAM_ABOVE:
+        return np.concatenate([np.asarray(c, np.uint32) for c in _stream_file(path)] or [np.zeros(0, np.uint32)])
+    return _encode(decode_utf8(read_bytes(path), path))
+
+
+def _texts_ids(texts: list[str | None], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens of the texts concatenated, per-text lengths; -1 marks a skipped one)."""
+    pieces, lengths = [], []
+    for text in texts:
+        ids = _encode(text).astype(dtype) if text else np.zeros(0, dtype)
+        pieces.append(ids)
+        lengths.append(len(ids) if text else -1)
+    return (np.concatenate(pieces) if pieces else np.zeros(0, dtype)), np.array(lengths)
 
 
 def _run_task(task: list[tuple]) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """-> per item: (first_doc, tokens of its documents concatenated, per-document lengths;
-    -1 marks an empty JSONL record, which is skipped)."""
+    -1 marks an empty record, which is skipped)."""
     dtype, field = _worker_state["dtype"], _worker_state["field"]
     out = []
-    for path, kind, start, end, doc, line, _ in task:
-        if kind == "text" and end > _STREAM_ABOVE:
-            ids = np.concatenate([np.asarray(c, np.uint32) for c in _stream_file(path)] or [np.zeros(0, np.uint32)])
-            out.append((doc, ids.astype(dtype), np.array([len(ids)])))
-            continue
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start)
-        text = _decode(data, path, start)
+    for path, kind, where, doc, line, _ in task:
         if kind == "text":
-            ids = _encode(text)
+            ids = _text_ids(path, where[1])
             out.append((doc, ids.astype(dtype), np.array([len(ids)])))
             continue
-        pieces, lengths = [], []
-        for n, raw in enumerate(text.split("\n")[: data.count(b"\n") + (not data.endswith(b"\n"))]):
-            if not raw.strip():
-                lengths.append(-1)
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError as e:
-                raise UserError(f"{path}:{line + n}: invalid JSON ({getattr(e, 'msg', e)})") from None
-            value = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                raise UserError(f"{path}:{line + n}: the record has no string field {field!r}; "
-                                "set --text-field to the field that holds the text")
-            ids = _encode(value) if value else np.zeros(0, np.uint32)
-            pieces.append(ids.astype(dtype))
-            lengths.append(len(ids) if value else -1)
-        out.append((doc, np.concatenate(pieces) if pieces else np.zeros(0, dtype), np.array(lengths)))
+        if kind == "rows":
+            texts = where
+        elif kind == "jsonl":
+            texts = jsonl_texts(_read_range(path, *where), path, line, field, offset=where[0])
+        else:  # lines of a compressed JSONL file
+            texts = jsonl_texts(where, path, line, field)
+        out.append((doc, *_texts_ids(texts, dtype)))
     return out
 
 
@@ -202,16 +231,23 @@ def _stream_file(path: str):
     tok, allow = _worker_state["tok"], _worker_state["allow"]
     decoder = codecs.getincrementaldecoder("utf-8")()
 
+    def blocks():
+        try:
+            with open_binary(path) as f:
+                while block := f.read(_STREAM_BLOCK):
+                    yield block
+        except read_errors() as e:
+            raise UserError(f"{path}: cannot read it: {e}") from None
+
     def texts():
         offset = 0
-        with open(path, "rb") as f:
-            while block := f.read(_STREAM_BLOCK):
-                pending = len(decoder.getstate()[0])
-                try:
-                    yield decoder.decode(block)
-                except UnicodeDecodeError as e:
-                    raise UserError(f"{path}: invalid UTF-8 at byte offset {offset - pending + e.start}") from None
-                offset += len(block)
+        for block in blocks():
+            pending = len(decoder.getstate()[0])
+            try:
+                yield decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: invalid UTF-8 at byte offset {offset - pending + e.start}") from None
+            offset += len(block)
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
@@ -229,14 +265,15 @@ def _pool_context():
 
 def _results(tasks, init_args, workers: int):
     """Task results in task order, at most 2 * workers tasks in flight."""
-    if workers <= 1 or len(tasks) <= 1:
+    tasks = iter(tasks)
+    head = list(itertools.islice(tasks, workers + 1))  # to know whether there is more than one
+    if workers <= 1 or len(head) <= 1:
         _init_worker(*init_args)
-        yield from map(_run_task, tasks)
+        yield from map(_run_task, itertools.chain(head, tasks))
         return
-    with _pool_context().Pool(min(workers, len(tasks)), _init_worker, init_args) as pool:
+    with _pool_context().Pool(min(workers, len(head)), _init_worker, init_args) as pool:
         pending: collections.deque = collections.deque()
-        it = iter(tasks)
-        for task in it:
+        for task in itertools.chain(head, tasks):
             pending.append(pool.apply_async(_run_task, (task,)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
@@ -254,7 +291,7 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
         raise UserError(f"--shard-tokens {shard_tokens} must be positive")
     tok = load_tokenizer(tokenizer)
     if tok.eot_id is None:
-        raise UserError(f"tokenizer {tokenizer!r} has no <|endoftext|> token to put between documents")
+        raise UserError(f"tokenizer {tokenizer!r} has no end-of-text token to put between documents")
     files = expand_inputs(inputs, exclude=out)
     dtype = "uint16" if tok.n_vocab <= 1 << 16 else "uint32"
     settings = {"inputs": [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files],
@@ -286,10 +323,11 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
             created)
         writers = {s: ShardWriter(out, s, dtype, shard_tokens, tok.eot_id, settings_hash, created) for s in SPLITS}
         resume = min(w.next_doc for w in writers.values())
-        all_tasks = _make_tasks(files)
+        all_tasks = _make_tasks(files, text_field)
+        head = list(itertools.islice(all_tasks, 2))  # the first tasks say whether there is one document
         # one document cannot be split by document: its last val_fraction of tokens is validation
-        split_one = val_fraction > 0 and _task_end(all_tasks[-1]) == 1
-        tasks = [t for t in all_tasks if _task_end(t) > resume]
+        split_one = val_fraction > 0 and len(head) == 1 and _task_end(head[0]) == 1
+        tasks = (t for t in itertools.chain(head, all_tasks) if _task_end(t) > resume)
         for result in _results(tasks, (tok, dtype, text_field, allow_special), workers):
             for doc, ids, lengths in result:
                 pos = 0
@@ -324,7 +362,7 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
 def _command(inputs, tokenizer, out, val_fraction, shard_tokens, text_field, allow_special) -> str:
     """The `jaxlm prepare` command line that makes `out`, with absolute paths (any directory can run it)."""
     args = ["jaxlm", "prepare", *map(os.path.abspath, inputs), "--tokenizer",
-            os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else tokenizer, "-o", os.path.abspath(out)]
+            os.path.abspath(tokenizer) if os.path.exists(tokenizer) else tokenizer, "-o", os.path.abspath(out)]
     optional = (("--val-fraction", val_fraction, 0.05), ("--shard-tokens", shard_tokens, 100_000_000),
                 ("--text-field", text_field, "text"))
     for flag, value, default in optional:

@@ -1,8 +1,9 @@
 """From the `data` config to token streams and batch iterators.
 
-A source is raw text (a file, directory or glob, tokenized here with `data.tokenizer`), a
-corpus prepared by `jaxlm prepare` (a directory with metadata.json, memory-mapped), or, with
-neither, the embedded default corpus. `data.mixture` lists several sources with weights.
+A source is raw text (files of data/formats.py, a directory or glob of them, tokenized here
+with `data.tokenizer` once and then read from the token cache, data/token_cache.py), a corpus
+prepared by `jaxlm prepare` (a directory with metadata.json, memory-mapped), or, with neither,
+the embedded default corpus. `data.mixture` lists several sources with weights.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import hashlib
 import os
 
+import jax
 import numpy as np
 
 from jaxlm.config import Config, DataConfig
 from jaxlm.data.corpus import default_corpus, default_corpus_paths, expand_inputs, read_documents
 from jaxlm.data.pipeline import BatchIterator, TokenStream, mixture, row_dataset
 from jaxlm.data.shards import unfinished_prepare
-from jaxlm.tokenizer.tokenizer import EOT, load_tokenizer
+from jaxlm.data.token_cache import cached_streams
+from jaxlm.tokenizer.tokenizer import load_tokenizer
 from jaxlm.errors import UserError, warn
 
 
@@ -37,10 +40,12 @@ def _stream(encoded: list[np.ndarray], dtype) -> TokenStream:
 
 
 def text_streams(docs: list[str], tokenizer, val_fraction: float) -> tuple[TokenStream, TokenStream]:
-    """Tokenizes documents with <|endoftext|> after each and splits them by a hash of each document
-    (`in_val_split`). With too few documents for that (fewer than 2 would go to validation, or
-    none to training) the last val_fraction of the tokens is validation instead."""
-    eot = tokenizer.encode_single_token(EOT)
+    """Tokenizes documents with the tokenizer's end-of-text token after each and splits them by a
+    hash of each document (`in_val_split`). With too few documents for that (fewer than 2 would go
+    to validation, or none to training) the last val_fraction of the tokens is validation instead."""
+    eot = tokenizer.eot_id
+    if eot is None:
+        raise UserError(f"tokenizer {tokenizer.name!r} has no end-of-text token to put between documents")
     encoded = [np.asarray(ids + [eot]) for ids in tokenizer.encode_ordinary_batch(docs, num_threads=2)]
     dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
     val = [in_val_split(d, val_fraction) for d in docs]
@@ -74,8 +79,17 @@ def prepared_streams(path: str, tokenizer) -> tuple[TokenStream, TokenStream]:
 def load_streams(path: str | None, data: DataConfig, tokenizer) -> tuple[TokenStream, TokenStream]:
     if path is not None and (is_prepared(path) or unfinished_prepare(path)):
         return prepared_streams(path, tokenizer)  # an unfinished one raises, saying how to finish it
-    docs = default_corpus() if path is None else read_documents(path)
-    return text_streams(docs, tokenizer, data.val_fraction)
+
+    def build() -> tuple[TokenStream, TokenStream]:
+        docs = default_corpus() if path is None else read_documents(path, data.text_field)
+        return text_streams(docs, tokenizer, data.val_fraction)
+
+    files = _source_files(path)
+    parts = {"files": [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files],
+             "fingerprint": _files_hash(files), "tokenizer": tokenizer.hash, "val_fraction": data.val_fraction,
+             "text_field": data.text_field}
+    about = {"source": path or "the default corpus", "tokenizer": tokenizer.name}
+    return cached_streams(parts, build, writer=jax.process_index() == 0, about=about)
 
 
 def build_data(cfg: Config) -> tuple[BatchIterator, list[dict]]:
@@ -127,16 +141,18 @@ def _source_files(path: str | None) -> list[str]:
 def data_fingerprint(data: DataConfig) -> list[dict]:
     """Per source: a hash of each file's size and its first and last 64 KiB. Cheap at any corpus
     size; it catches a file that was replaced, grown, cut or edited near either end."""
-    out = []
-    for path in [s.path for s in data.mixture] or [data.path]:
-        h = hashlib.sha256()
-        for f in _source_files(path):
-            size = os.path.getsize(f)
-            h.update(size.to_bytes(8, "little"))
-            with open(f, "rb") as fh:
-                h.update(fh.read(_EDGE))
-                if size > _EDGE:
-                    fh.seek(max(size - _EDGE, _EDGE))
-                    h.update(fh.read())
-        out.append({"source": path or "the default corpus", "sha256": h.hexdigest()})
-    return out
+    return [{"source": path or "the default corpus", "sha256": _files_hash(_source_files(path))}
+            for path in [s.path for s in data.mixture] or [data.path]]
+
+
+def _files_hash(files: list[str]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        size = os.path.getsize(f)
+        h.update(size.to_bytes(8, "little"))
+        with open(f, "rb") as fh:
+            h.update(fh.read(_EDGE))
+            if size > _EDGE:
+                fh.seek(max(size - _EDGE, _EDGE))
+                h.update(fh.read())
+    return h.hexdigest()

@@ -24,8 +24,8 @@ from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.errors import warn
 from jaxlm.export import params as P
 from jaxlm.export.compat import GGUF_ARCHS, architecture
+from jaxlm.export.tokenizer_files import gguf_vocab
 from jaxlm.model.layers import rope_frequencies
-from jaxlm.export.tokenizer_files import gguf_pre, merges, vocabulary
 
 QTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
@@ -136,25 +136,22 @@ def write_gguf(path: Path, cfg: ModelConfig, moe: MoEConfig, params: dict, tok, 
 
 
 def _add_tokenizer(w, tok, n_vocab: int) -> None:
-    import gguf
-
-    tokens, specials = vocabulary(tok, n_vocab)
-    real = set(tok.mergeable_ranks.values())
-    types = [gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL if i in real
-             else gguf.TokenType.UNUSED for i in range(n_vocab)]
-    pre = gguf_pre(tok)
-    if pre is None:
+    v = gguf_vocab(tok, n_vocab)
+    if v.model == "gpt2" and v.pre is None:
         warn(f"llama.cpp has no pre-tokenizer for {tok.name}'s pattern; 'gpt-2' is written, so llama.cpp may "
              "split raw text differently (token ids given directly are unaffected)")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre or "gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    # llama.cpp requires the merges key and the gguf package cannot write an empty array: a
-    # tokenizer without merges (bytes) gets one whose left side no merge can ever produce
-    w.add_token_merges([f"{a} {b}" for a, b in merges(tok)] or ["\u0120\u0120 \u0120\u0120"])
-    if tok.eot_id is not None:
-        w.add_bos_token_id(tok.eot_id)
-        w.add_eos_token_id(tok.eot_id)
-    w.add_add_bos_token(False)
+    w.add_tokenizer_model(v.model)
+    if v.model == "gpt2":
+        w.add_tokenizer_pre(v.pre or "gpt-2")
+        w.add_token_merges(v.merges)
+    w.add_token_list(v.tokens)
+    w.add_token_types(v.types)
+    if v.scores is not None:
+        w.add_token_scores(v.scores)
+    if v.add_space_prefix is not None:
+        w.add_add_space_prefix(v.add_space_prefix)
+    for add, token_id in ((w.add_bos_token_id, v.bos_id), (w.add_eos_token_id, v.eos_id), (w.add_unk_token_id, v.unk_id)):
+        if token_id is not None:
+            add(token_id)
+    w.add_add_bos_token(v.add_bos)
     w.add_add_eos_token(False)

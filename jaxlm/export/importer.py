@@ -11,8 +11,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import yaml
-
 from jaxlm.config import Config
 from jaxlm.errors import warn
 from jaxlm.export.hf_load import load_params, read_source
@@ -33,7 +31,9 @@ def add_arguments(parser) -> None:
 
 def fine_tuning_defaults(config: str | None, overrides: list[str]) -> list[str]:
     """FINE_TUNING as overrides, for the keys neither the config file nor the overrides set."""
-    raw = yaml.safe_load(Path(config).read_text(encoding="utf-8")) if config and Path(config).is_file() else {}
+    from jaxlm.config.load import read_yaml
+
+    raw = read_yaml(Path(config)) if config and Path(config).is_file() else {}  # its `base:` chain included
     given = {item.partition("=")[0] for item in overrides}
     in_file = lambda key: isinstance(raw, dict) and key.split(".")[1] in (raw.get(key.split(".")[0]) or {})
     return [f"{key}={value}" for key, value in FINE_TUNING.items() if key not in given and not in_file(key)]
@@ -57,7 +57,7 @@ def import_run(hf_dir: str | Path, run_dir: Path, config: str | None = None, ove
     from_checkpoint += fine_tuning_defaults(config, list(overrides))
     cfg = load_config(config, from_checkpoint + list(overrides) + [f"train.run_dir={json.dumps(str(run_dir))}"])
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices))
-    params = load_params(src, cfg, trainer.state_shardings["params"])
+    params = load_params(src, cfg, trainer.param_shardings)
     with atomic_output(run_dir, force, directory=True) as tmp:
         write_step0(tmp, cfg, params, trainer)
     if src.tokenizer is None:

@@ -4,6 +4,7 @@ Both targets want byte-level BPE as GPT-2 writes it: tokens spelled in GPT-2's b
 alphabet, plus an ordered merge list. tiktoken keeps only ranks; the merges are recovered by
 running BPE on each token with the ranks below its own until two parts remain (the method of
 transformers' TikTokenConverter). Ids the model has beyond the tokenizer's are "[PAD<id>]".
+A Hugging Face tokenizer.json is written back as it came (hf_tokenizer_files.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import functools
 import json
 from pathlib import Path
 
+from jaxlm.tokenizer.hf import HFTokenizer
 from jaxlm.tokenizer.tokenizer import EOT, GPT2_PAT_STR, Tokenizer, _gpt2_byte_decoder
 from jaxlm.errors import UserError
+from jaxlm.export.gguf_vocab import GGUFVocab
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,16 +69,21 @@ def vocabulary(tok: Tokenizer, n_vocab: int) -> tuple[list[str], set[int]]:
     return tokens, set(tok.special_tokens.values())
 
 
-def write_hf_tokenizer(tok: Tokenizer, out: Path, n_vocab: int, max_len: int) -> None:
+def write_hf_tokenizer(tok: Tokenizer | HFTokenizer, out: Path, n_vocab: int, max_len: int) -> None:
     """tokenizer.json (made with the `tokenizers` library), tokenizer_config.json and
-    special_tokens_map.json, with <|endoftext|> as bos and eos where the tokenizer has it."""
+    special_tokens_map.json, with <|endoftext|> as bos and eos where the tokenizer has it; a
+    Hugging Face tokenizer's own files, as they are."""
+    if isinstance(tok, HFTokenizer):
+        from jaxlm.export.hf_tokenizer_files import copy_hf_tokenizer
+
+        return copy_hf_tokenizer(tok, out, n_vocab, max_len)
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import Tokenizer as RustTokenizer
 
     tokens, specials = vocabulary(tok, n_vocab)
     vocab = {s: i for i, s in enumerate(tokens) if i not in specials}
     # ignore_merges: a pre-token that is itself a token is taken whole, as tiktoken does
-    hf = HFTokenizer(models.BPE(vocab, merges(tok), ignore_merges=True, fuse_unk=False))
+    hf = RustTokenizer(models.BPE(vocab, merges(tok), ignore_merges=True, fuse_unk=False))
     if tok.pattern == GPT2_PAT_STR:
         split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
@@ -103,3 +111,22 @@ GGUF_PRE = {
 
 def gguf_pre(tok: Tokenizer) -> str | None:
     return GGUF_PRE.get(tok.pattern)
+
+
+def gguf_vocab(tok: Tokenizer | HFTokenizer, n_vocab: int) -> GGUFVocab:
+    """The tokenizer as GGUF keys: tiktoken ranks as byte-level BPE; a Hugging Face tokenizer as
+    it is (hf_tokenizer_files.py)."""
+    import gguf
+
+    if isinstance(tok, HFTokenizer):
+        from jaxlm.export.hf_tokenizer_files import hf_gguf_vocab
+
+        return hf_gguf_vocab(tok, n_vocab)
+    tokens, specials = vocabulary(tok, n_vocab)
+    real = set(tok.mergeable_ranks.values())
+    T = gguf.TokenType
+    types = [T.CONTROL if i in specials else T.NORMAL if i in real else T.UNUSED for i in range(n_vocab)]
+    # llama.cpp requires the merges key and the gguf package cannot write an empty array: a
+    # tokenizer without merges (bytes) gets one whose left side no merge can ever produce
+    pairs = [f"{a} {b}" for a, b in merges(tok)] or ["\u0120\u0120 \u0120\u0120"]
+    return GGUFVocab("gpt2", gguf_pre(tok), tokens, types, pairs, bos_id=tok.eot_id, eos_id=tok.eot_id)

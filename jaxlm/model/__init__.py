@@ -9,6 +9,7 @@ letter means one thing across files:
   d head dim            E experts               C expert capacity (tokens per expert)
   N flattened tokens    M rows in a buffer      P devices along the expert axis
 
-`transformer.py` is the model, `attention.py`/`layers.py`/`moe.py` its parts, and `kernels.py`
+`transformer.py` is the model, `attention.py`/`layers.py`/`moe.py` its parts, `ops.py` what both they
+and the kernels use, `build.py` the one way a config becomes a model, and `kernels/`
 the backend-specific kernels they call (the seam where CPU, GPU and TPU differ).
 """

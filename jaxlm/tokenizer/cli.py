@@ -11,8 +11,8 @@ from jaxlm.errors import UserError
 
 
 SPEC_HELP = ("the tokenizer: 'bytes' (256 bytes + <|endoftext|>), a directory written by `jaxlm tokenizer train` "
-             "or `convert`, or a tiktoken encoding name (gpt2, r50k_base, cl100k_base, o200k_base; tiktoken "
-             "downloads it on first use)")
+             "or `convert`, a Hugging Face tokenizer.json or a model directory holding one, or a tiktoken "
+             "encoding name (gpt2, r50k_base, cl100k_base, o200k_base; tiktoken downloads it on first use)")
 
 
 def add_arguments(p) -> None:
@@ -79,8 +79,11 @@ def main(args) -> int:
               f"in {time.perf_counter() - t0:.2f} s; hash {tok.hash[:16]}{short}")
     elif args.command == "info":
         tok = T.load_tokenizer(args.spec)
-        print(json.dumps({**tok.identity(), "special_tokens": tok.special_tokens, "pattern": tok.pattern},
-                         indent=1, ensure_ascii=False))
+        info = {**tok.identity(), "special_tokens": tok.special_tokens, "pattern": tok.pattern}
+        if not isinstance(tok, T.Tokenizer):  # a Hugging Face tokenizer.json
+            info.update(file=tok.path, eot_token=tok.eot_token, bos_id=tok.bos_id, add_bos=tok.add_bos,
+                        chat_template=tok.chat_template is not None)
+        print(json.dumps(info, indent=1, ensure_ascii=False))
     elif args.command == "encode":
         if (args.text is None) == (args.file is None):
             raise UserError("give either TEXT or --file")
@@ -112,6 +115,9 @@ def main(args) -> int:
                                     name=args.name or os.path.basename(os.path.normpath(args.output)))
         elif args.spec:
             tok = T.load_tokenizer(args.spec)
+            if not isinstance(tok, T.Tokenizer):
+                raise UserError(f"{args.spec} is a Hugging Face tokenizer.json: use it as it is (data.tokenizer="
+                                f"{args.spec}); convert writes tiktoken tokenizers only")
             if args.name:
                 tok = T.Tokenizer(args.name, pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
                                   special_tokens=tok.special_tokens)

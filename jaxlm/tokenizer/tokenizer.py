@@ -23,6 +23,7 @@ import tiktoken
 from tiktoken.core import raise_disallowed_special_token
 
 from jaxlm.errors import UserError
+from jaxlm.tokenizer.byte_alphabet import gpt2_byte_decoder as _gpt2_byte_decoder
 
 EOT = "<|endoftext|>"
 # tiktoken's form of the GPT-2 pre-tokenizer (possessive quantifiers, same pre-tokens as
@@ -52,8 +53,8 @@ class Tokenizer(tiktoken.Encoding):
 
     @classmethod
     def from_encoding(cls, enc: tiktoken.Encoding) -> Tokenizer:
-        if isinstance(enc, cls):
-            return enc
+        if isinstance(enc, cls) or not isinstance(enc, tiktoken.Encoding):
+            return enc  # already a jaxlm tokenizer (this class, or a Hugging Face tokenizer.json)
         return cls(enc.name, pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
                    special_tokens=enc._special_tokens)
 
@@ -240,20 +241,6 @@ def from_bpe(vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
     return Tokenizer(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
 
 
-@functools.lru_cache(maxsize=1)
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """GPT-2's bytes_to_unicode, inverted: printable bytes map to themselves, the rest to 256+n."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + n)] = b
-            n += 1
-    return chars
-
-
 def load_gpt2_files(vocab_path: str, merges_path: str, *, name: str = "gpt2") -> Tokenizer:
     """GPT-2-style `vocab.json` (encoder.json) + `merges.txt` (vocab.bpe, with or without the
     `#version` line). Vocabulary entries that are neither bytes nor merges are special tokens."""
@@ -359,14 +346,32 @@ def _load_named(name: str) -> Tokenizer:
         ) from None
 
 
+def _is_jaxlm_directory(directory: str) -> bool:
+    """jaxlm's own directories hold tokenizer.tiktoken beside a tokenizer.json of format
+    jaxlm-tokenizer; a Hugging Face directory's tokenizer.json is the `tokenizers` library's."""
+    if os.path.isfile(os.path.join(directory, RANKS_FILE)):
+        return True
+    try:
+        with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return '"jaxlm-tokenizer"' in head  # saved with its format key near the top
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
-    """'bytes', a saved tokenizer directory, a directory with GPT-2 `vocab.json` + `merges.txt`
-    (or `encoder.json` + `vocab.bpe`), or a tiktoken encoding name ('gpt2', 'cl100k_base', ...)."""
+    """'bytes', a saved tokenizer directory, a Hugging Face tokenizer.json (or a directory that
+    holds one), a directory with GPT-2 `vocab.json` + `merges.txt` (or `encoder.json` +
+    `vocab.bpe`), or a tiktoken encoding name ('gpt2', 'cl100k_base', ...)."""
+    from jaxlm.tokenizer.hf import load_hf_tokenizer
+
     if spec == "bytes":
         return byte_tokenizer()
+    if os.path.isfile(spec) and spec.endswith(".json"):
+        return load_hf_tokenizer(spec)
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, CONFIG_FILE)):
-            return _load_directory(spec)
+            return _load_directory(spec) if _is_jaxlm_directory(spec) else load_hf_tokenizer(spec)
         for v, m in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
             if os.path.isfile(os.path.join(spec, v)) and os.path.isfile(os.path.join(spec, m)):
                 return load_gpt2_files(os.path.join(spec, v), os.path.join(spec, m),
@@ -375,5 +380,5 @@ def load_tokenizer(spec: str) -> Tokenizer:
                         "make one with `jaxlm tokenizer train` or `jaxlm tokenizer convert`")
     if spec in NAMED:
         return _load_named(spec)
-    raise UserError(f"tokenizer {spec!r} is not known: expected 'bytes', a tokenizer directory, "
-                    f"or a tiktoken encoding ({', '.join(NAMED)})")
+    raise UserError(f"tokenizer {spec!r} is not known: expected 'bytes', a tokenizer directory, a Hugging Face "
+                    f"tokenizer.json, or a tiktoken encoding ({', '.join(NAMED)})")

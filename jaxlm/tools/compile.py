@@ -127,7 +127,7 @@ def compile_step(cfg: Config, devices) -> dict:
     m = compiled.memory_analysis()
     out.update(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
                aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
-               code=m.generated_code_size_in_bytes)
+               code=m.generated_code_size_in_bytes, peak=m.peak_memory_in_bytes)  # XLA's own peak: a test's check
     out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -1,34 +1,39 @@
 """The training loop: data -> train_step -> metrics, with periodic evaluation, checkpoints,
-resume and preemption (SIGTERM/SIGINT: finish the step, save, exit cleanly)."""
+resume and preemption (SIGTERM/SIGINT: finish the step, save, exit cleanly).
+
+`train()` reads as its schedule: start (restore or initialise), then per step: take the step,
+decide what this step also does (log, evaluate, save, stop), do it. `TrainingRun` holds what
+the steps share; each decision is one small method.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import checkpoint as ckpt
-from jaxlm.parallel import determinism
 from jaxlm.checkpoint import resume as resuming
-from jaxlm.tools.accounting import train_flops_per_step
 from jaxlm.config import Config, ConfigError, to_yaml
-from jaxlm.config.checks import check_data_paths
+from jaxlm.config.checks import check_data_paths, wsd_decay_steps
 from jaxlm.data.pipeline import to_global
 from jaxlm.data.sources import build_data, data_fingerprint
+from jaxlm.parallel import determinism
 from jaxlm.parallel.mesh import data_parallel_size, make_mesh
 from jaxlm.parallel.sharding import resolve_rules
+from jaxlm.tools.accounting import train_flops_per_step
 from jaxlm.train.guard import FiniteCheck, RunDirLock
-from jaxlm.train.metrics import MetricsLogger, peak_flops
+from jaxlm.train.metrics import MetricsLogger, mfu_peak
+from jaxlm.train.profile import Profiler
 from jaxlm.train.step import Trainer, make_trainer
+from jaxlm.train.stopping import EarlyStopping, Preemption
+from jaxlm.train.summary import startup_block
 
 
 def check_batch(cfg: Config, mesh) -> None:
@@ -48,75 +53,11 @@ def evaluate(trainer: Trainer, params, batches: list[dict]) -> dict:
     return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0)))}
 
 
-class Preemption:
-    """SIGTERM/SIGINT set a flag; `should_stop()` is called once per step by every process.
-
-    One process: the flag itself. Several: every step each process contributes its flag to a
-    tiny max all-reduce over all devices (gloo on CPU, the usual collectives elsewhere) and reads
-    the previous step's result, so all processes stop after the same step without waiting on the
-    current one. (JAX's reached_preemption_sync_point needs the coordination service's preemption
-    notifier, which handles SIGTERM only and is absent in single-process runs.)
-    """
-
-    def __init__(self):
-        self.signal: str | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._previous[s] = signal.signal(s, self._handle)
-        self._pending = None
-        if jax.process_count() > 1:
-            sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("p",)), PartitionSpec("p"))
-            replicated = NamedSharding(sharding.mesh, PartitionSpec())
-            self._sharding = sharding
-            self._max = jax.jit(jnp.max, out_shardings=replicated)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signal.Signals(signum).name
-        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
-            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
-
-    def should_stop(self) -> bool:
-        if jax.process_count() == 1:
-            return self.signal is not None
-        agreed = self._pending is not None and int(self._pending) > 0
-        local = np.full((jax.local_device_count(),), int(self.signal is not None), np.int32)
-        self._pending = self._max(jax.make_array_from_process_local_data(self._sharding, local))
-        return agreed
-
-    def close(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-class EarlyStopping:
-    """Stops after `patience` evaluations in a row without a new best eval loss (0 = never)."""
-
-    def __init__(self, patience: int, saved: dict | None = None):
-        """`saved`: `state()` from the checkpoint a run resumes from, so it stops where an
-        uninterrupted run would."""
-        self.patience, self.best, self.best_step, self.stale = patience, float("inf"), None, 0
-        if saved and saved.get("best") is not None:
-            self.best, self.best_step, self.stale = float(saved["best"]), saved["best_step"], int(saved["stale"])
-
-    def state(self) -> dict:
-        """JSON for the checkpoint meta (no best yet: null, as JSON has no infinity)."""
-        best = None if self.best_step is None else self.best
-        return {"best": best, "best_step": self.best_step, "stale": self.stale}
-
-    def stopped(self) -> bool:
-        return bool(self.patience) and self.stale >= self.patience
-
-    def update(self, step: int, eval_loss: float) -> str | None:
-        """The reason to stop now, or None."""
-        if eval_loss < self.best:
-            self.best, self.best_step, self.stale = eval_loss, step, 0
-            return None
-        self.stale += 1
-        if self.stopped():
-            return (f"early stop after step {step}: eval loss has not improved for {self.stale} evaluations "
-                    f"(train.early_stop_patience={self.patience}); best {self.best:.4f} at step {self.best_step}")
+def decay_start(cfg: Config) -> int | None:
+    """WSD's last step before its decay: the checkpoint an extended run branches from (kept)."""
+    if cfg.optim.schedule != "wsd":
         return None
+    return cfg.train.steps - wsd_decay_steps(cfg.optim.decay_fraction, cfg.train.steps)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -149,140 +90,235 @@ def _say(msg: str) -> None:
         print(f"jaxlm: {msg}", file=sys.stderr, flush=True)
 
 
+@dataclass
+class StepPlan:
+    """What a finished step also does."""
+
+    log: bool
+    evaluate: bool
+    stop: bool  # a stop signal was agreed
+    last: bool
+
+
+class TrainingRun:
+    """One start of `train()`: its data, trainer, state and the writers it owns."""
+
+    def __init__(self, cfg: Config, mesh):
+        self.cfg, self.t, self.mesh = cfg, cfg.train, mesh
+        platform = mesh.devices.flat[0].platform
+        self.determinism = {"deterministic": determinism.check(cfg.train.deterministic, platform),
+                            "platform": platform, "mesh": dict(mesh.shape)}
+        self.run_dir = Path(cfg.train.run_dir)
+        self.preemption = Preemption()  # early: a signal during start-up stops after the first step
+        self.lock = RunDirLock(self.run_dir)
+        self.writer = self.logger = self.profiler = None
+        self.meta: dict = {}
+        self.early: str | None = None
+        self.branch = decay_start(cfg)
+
+    # ------------------------------------------------------------------ start
+
+    def start(self, resume: str | None) -> bool:
+        """Data, trainer and the first state (restored or new); False when there is nothing to train."""
+        cfg = self.cfg
+        self.batches, self.eval_batches = build_data(cfg)
+        self.fingerprint = data_fingerprint(cfg.data)
+        self.trainer = make_trainer(cfg, self.mesh)
+        self.tokenizer = ckpt.tokenizer_identity(cfg.data.tokenizer)
+        self.lock.acquire()  # before anything in run_dir is read or moved
+        restored = resuming.restore_for_training(cfg, self.trainer, self.run_dir, resume, self.tokenizer,
+                                                 self.fingerprint)
+        self.state = self._restore(restored) if restored else self._initialise()
+        self.start_step = int(self.state["step"])
+        self.stopper = EarlyStopping(self.t.early_stop_patience, self.meta.get("early_stop"))
+        if self._nothing_to_do():
+            return False
+        if restored:
+            _say(f"resumed from step {self.start_step} ({self.tokens_seen} tokens seen)")
+        self._prepare_run_dir(resumed=bool(restored))
+        if self.cfg.checkpoint.every > 0:
+            keep = [self.branch] if self.branch is not None else []
+            self.writer = ckpt.CheckpointWriter(self.run_dir / ckpt.CHECKPOINTS, cfg.checkpoint, keep_steps=keep)
+        self.checks = FiniteCheck(self._last_good)
+        self.flops = train_flops_per_step(cfg)
+        self.peak, peak_source = mfu_peak(cfg)  # and where it came from (table, setting, measured and cached)
+        _say(startup_block(cfg, self.trainer, self.trainer.abstract_params(), peak_source))
+        self.logger = MetricsLogger(self.run_dir, self.t.steps, self.start_step, self.t.progress, cfg=cfg)
+        self.profiler = Profiler(self.t.profile, self.run_dir, self.start_step, self.logger.write)
+        return True
+
+    def _initialise(self) -> dict:
+        self.tokens_seen = 0
+        if not self.t.init_from:
+            return self.trainer.init_state()
+        from jaxlm.export.hf_load import load_hf_params
+
+        state = self.trainer.state_from_params(load_hf_params(self.t.init_from, self.cfg, self.trainer.param_shardings))
+        _say(f"initialised from {self.t.init_from}")
+        return state
+
+    def _restore(self, restored) -> dict:
+        state, self.meta = restored
+        self.batches.set_state(self.meta["data"])
+        self.tokens_seen = int(self.meta["tokens_seen"])
+        note = determinism.resume_note(self.meta.get("determinism"), self.determinism)
+        if note:
+            _say(note)
+        return state
+
+    def _nothing_to_do(self) -> bool:
+        """Says why, in one line, when the run stopped early or is finished (and touches nothing)."""
+        t, start, stopper = self.t, self.start_step, self.stopper
+        if stopper.stopped():  # it stopped early here; one more evaluation without a new best would stop again
+            _say(f"{self.run_dir} stopped early at step {start} (best eval loss {stopper.best:.4f} at step "
+                 f"{stopper.best_step}, then {stopper.stale} evaluations without a new best; "
+                 f"train.early_stop_patience={t.early_stop_patience}); to train on, raise train.early_stop_patience, "
+                 "or use a new train.run_dir")
+            return True
+        if start >= t.steps:  # no config rewrite, no new TensorBoard events file
+            _say(f"{self.run_dir} is finished (its checkpoint is at step {start}, train.steps={t.steps}); to train on, "
+                 f"raise train.steps (e.g. train.steps={start + t.steps}), or use a new train.run_dir")
+            return True
+        return False
+
+    def _prepare_run_dir(self, resumed: bool) -> None:
+        if jax.process_index() != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        metrics = self.run_dir / "metrics.jsonl"
+        if resumed:
+            _truncate_metrics(metrics, self.start_step)
+        elif metrics.exists():
+            kept = _set_aside(metrics)
+            _say(f"no checkpoint in {self.run_dir} to resume from: training starts at step 0; the earlier start's "
+                 f"metrics.jsonl is kept as {kept.name}")
+
+    # ------------------------------------------------------------------ the steps
+
+    def run(self) -> None:
+        self.clock, self.clock_step = None, self.start_step
+        for step in range(self.start_step, self.t.steps):
+            done = step + 1
+            metrics = self._step(done)
+            plan = self._plan(done)
+            eval_loss = None
+            if plan.log:
+                metrics = self._timed(jax.device_get(metrics), done)
+                if plan.evaluate:  # before the save, which keeps the best checkpoints by eval loss
+                    metrics.update(evaluate(self.trainer, self.state["params"], self.eval_batches))
+                    eval_loss = metrics["eval_loss"]
+                    self.early = self.stopper.update(done, eval_loss)
+                    self.clock = time.perf_counter()  # evaluation time is not step time
+            if self._should_save(done, plan):
+                self._save(done, eval_loss)  # returns once the arrays are off the devices; writing goes on
+            if plan.log:
+                self.logger.log(done, metrics)
+            if self.early or plan.stop:
+                self._stop(done)
+                break
+        self.checks.check()
+
+    def _step(self, done: int) -> dict:
+        batch = to_global(next(self.batches), self.trainer.batch_sharding)
+        self.state, metrics = self.trainer.train_step(self.state, batch)
+        self.profiler.step(done, self.state)  # starts the trace before its first step, writes it after its last
+        self.checks.push(done, metrics)  # checks the previous step: this one is queued, the host need not wait
+        if self.writer is not None:
+            self.writer.poll()  # a failed background save stops the run now, not at the next save
+        self.tokens_seen += self.t.global_batch * self.cfg.data.seq_len
+        self.logger.advance()
+        return metrics
+
+    def _plan(self, done: int) -> StepPlan:
+        t = self.t
+        last = done == t.steps
+        stop = self.preemption.should_stop()
+        evaluate_now = bool(t.eval_every and self.eval_batches and (done % t.eval_every == 0 or last))
+        log = done % t.log_every == 0 or last or done == self.start_step + 1 or stop or evaluate_now
+        return StepPlan(log=log, evaluate=evaluate_now, stop=stop, last=last)
+
+    def _timed(self, metrics: dict, done: int) -> dict:
+        """Adds step time, tokens/s and MFU since the last record (the first step, compiling, is not timed)."""
+        now = time.perf_counter()
+        if self.clock is not None:
+            step_time = (now - self.clock) / (done - self.clock_step)
+            tokens_per_step = self.t.global_batch * self.cfg.data.seq_len
+            metrics.update(step_time=step_time, tokens_per_s=tokens_per_step / step_time,
+                           mfu=self.flops / step_time / self.peak)
+        self.clock, self.clock_step = now, done
+        return metrics
+
+    def _should_save(self, done: int, plan: StepPlan) -> bool:
+        if self.writer is None:
+            return False
+        every = self.cfg.checkpoint.every
+        return done % every == 0 or plan.last or plan.stop or bool(self.early) or done == self.branch
+
+    def _save(self, step: int, eval_loss: float | None) -> None:
+        self.checks.check_state(step, self.state)  # never a non-finite checkpoint
+        meta = {**ckpt.make_meta(self.cfg, step, self.tokens_seen, self.batches.get_state(), self.tokenizer,
+                                 self.fingerprint),
+                "determinism": self.determinism, "eval_loss": eval_loss, "early_stop": self.stopper.state()}
+        self.writer.save(step, self.trainer.saved_state(self.state), meta)
+
+    def _stop(self, done: int) -> None:
+        if self.writer is not None:
+            self.writer.wait()
+        if self.early:
+            self.logger.write(f"jaxlm: {self.early}")
+            return
+        where = f"checkpoint {self.run_dir / ckpt.CHECKPOINTS / str(done)}" if self.writer else \
+            "no checkpoint (checkpoint.every=0)"
+        sig = self.preemption.signal or "a stop signal (to another process)"
+        self.logger.write(f"jaxlm: {sig} received: stopped after step {done}; {where}")
+
+    def _last_good(self) -> str:
+        if self.writer is None:
+            return "no checkpoints are written (checkpoint.every=0)"
+        self.writer.wait()
+        return ckpt.newest_valid(self.writer.directory)
+
+    # ------------------------------------------------------------------ the end
+
+    def close(self) -> None:
+        """Releases everything, in order; a save in flight is waited for."""
+        try:
+            if self.profiler is not None:
+                self.profiler.close()  # a run stopped inside the traced steps still writes the trace
+        finally:
+            self._close_writers()
+
+    def _close_writers(self) -> None:
+        try:
+            if self.logger is not None:
+                self.logger.close()
+        finally:
+            self.preemption.close()
+            if self.writer is not None:
+                self.writer.close()
+            self.lock.release()
+
+    @property
+    def history(self) -> list[dict]:
+        return self.logger.history if self.logger is not None else []
+
+
 def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
     """Trains per `cfg`; returns the logged metric records (also in run_dir/metrics.jsonl).
 
     If run_dir/checkpoints holds checkpoints (or `resume` names one), training continues from
-    the newest valid one, bit-exactly where the mesh is the same.
+    the newest valid one, bit-exactly where the mesh is the same. An extended WSD run (train.steps
+    raised, the schedule otherwise the same) continues from the checkpoint kept where the old
+    schedule's decay began, so it equals a run that had the longer schedule from the start.
     """
     check_data_paths(cfg)
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     check_batch(cfg, mesh)
-    platform = mesh.devices.flat[0].platform
-    deterministic = {"deterministic": determinism.check(cfg.train.deterministic, platform), "platform": platform,
-                     "mesh": dict(mesh.shape)}
-    t = cfg.train
-    preemption = Preemption()  # early: a signal during start-up stops after the first step
-    writer = None
-    run_dir = Path(t.run_dir)
-    lock = RunDirLock(run_dir)
+    run = TrainingRun(cfg, mesh)
     try:
-        batches, eval_batches = build_data(cfg)
-        fingerprint = data_fingerprint(cfg.data)
-        trainer = make_trainer(cfg, mesh)
-        tokenizer = ckpt.tokenizer_identity(cfg.data.tokenizer)
-        lock.acquire()  # before anything in run_dir is read or moved
-        restored = resuming.restore_for_training(cfg, trainer, run_dir, resume, tokenizer, fingerprint)
-        tokens_per_step = t.global_batch * cfg.data.seq_len
-        if restored is None:
-            state, tokens_seen = trainer.init_state(), 0
-            if t.init_from:
-                from jaxlm.export.hf_load import load_hf_params
-
-                state["params"] = load_hf_params(t.init_from, cfg, trainer.state_shardings["params"])
-                _say(f"initialised from {t.init_from}")
-        else:
-            state, meta = restored
-            batches.set_state(meta["data"])
-            tokens_seen = int(meta["tokens_seen"])
-            note = determinism.resume_note(meta.get("determinism"), deterministic)
-            if note:
-                _say(note)
-        start = int(state["step"])
-        stopper = EarlyStopping(t.early_stop_patience, None if restored is None else meta.get("early_stop"))
-        if stopper.stopped():  # it stopped early here; one more evaluation without a new best would stop again
-            _say(f"{run_dir} stopped early at step {start} (best eval loss {stopper.best:.4f} at step "
-                 f"{stopper.best_step}, then {stopper.stale} evaluations without a new best; "
-                 f"train.early_stop_patience={t.early_stop_patience}); to train on, raise train.early_stop_patience, "
-                 "or use a new train.run_dir")
-            return []
-        if start >= t.steps:  # one line and touch nothing: no config rewrite, no new TensorBoard events file
-            _say(f"{run_dir} is finished (its checkpoint is at step {start}, train.steps={t.steps}); to train on, "
-                 f"raise train.steps (e.g. train.steps={start + t.steps}), or use a new train.run_dir")
-            return []
-        if restored is not None:
-            _say(f"resumed from step {start} ({tokens_seen} tokens seen)")
-        if jax.process_index() == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
-            if restored is not None:
-                _truncate_metrics(run_dir / "metrics.jsonl", start)
-            elif (run_dir / "metrics.jsonl").exists():
-                kept = _set_aside(run_dir / "metrics.jsonl")
-                _say(f"no checkpoint in {run_dir} to resume from: training starts at step 0; the earlier start's "
-                     f"metrics.jsonl is kept as {kept.name}")
-        every = cfg.checkpoint.every
-        writer = ckpt.CheckpointWriter(run_dir / ckpt.CHECKPOINTS, cfg.checkpoint) if every > 0 else None
-
-        def save(step: int, eval_loss: float | None) -> None:
-            checks.check_state(step, state)  # never a non-finite checkpoint
-            meta = {**ckpt.make_meta(cfg, step, tokens_seen, batches.get_state(), tokenizer, fingerprint),
-                    "determinism": deterministic, "eval_loss": eval_loss, "early_stop": stopper.state()}
-            writer.save(step, state, meta)
-
-        def last_good() -> str:
-            if writer is None:
-                return "no checkpoints are written (checkpoint.every=0)"
-            writer.wait()
-            return ckpt.newest_valid(writer.directory)
-
-        checks = FiniteCheck(last_good)
-
-        flops = train_flops_per_step(cfg)
-        peak = peak_flops(cfg)
-        logger = MetricsLogger(run_dir, t.steps, start, t.progress)
-        try:
-            clock, clock_step = None, start
-            early = None
-            for step in range(start, t.steps):
-                state, metrics = trainer.train_step(state, to_global(next(batches), trainer.batch_sharding))
-                done = step + 1
-                checks.push(done, metrics)  # checks the previous step: this one is queued, the host need not wait
-                if writer is not None:
-                    writer.poll()  # a failed background save stops the run now, not at the next save
-                tokens_seen += tokens_per_step
-                logger.advance()
-                is_last = done == t.steps
-                stop = preemption.should_stop()
-                is_eval = bool(t.eval_every and eval_batches and (done % t.eval_every == 0 or is_last))
-                is_log = done % t.log_every == 0 or is_last or done == start + 1 or stop or is_eval
-                eval_loss = None
-                if is_log:
-                    metrics = jax.device_get(metrics)
-                    now = time.perf_counter()
-                    if clock is not None:  # the first step (compilation) is not timed
-                        step_time = (now - clock) / (done - clock_step)
-                        metrics.update(step_time=step_time, tokens_per_s=tokens_per_step / step_time,
-                                       mfu=flops / step_time / peak)
-                    clock, clock_step = now, done
-                    if is_eval:  # before the save, which keeps the best checkpoints by eval loss
-                        metrics.update(evaluate(trainer, state["params"], eval_batches))
-                        eval_loss = metrics["eval_loss"]
-                        early = stopper.update(done, eval_loss)
-                        clock = time.perf_counter()  # evaluation time is not step time
-                if writer is not None and (done % every == 0 or is_last or stop or early):
-                    save(done, eval_loss)  # returns once the arrays are off the devices; writing goes on
-                if is_log:
-                    logger.log(done, metrics)
-                if early:
-                    if writer is not None:
-                        writer.wait()
-                    logger.write(f"jaxlm: {early}")
-                    break
-                if stop:
-                    if writer is not None:
-                        writer.wait()
-                    where = f"checkpoint {run_dir / ckpt.CHECKPOINTS / str(done)}" if writer else \
-                        "no checkpoint (checkpoint.every=0)"
-                    sig = preemption.signal or "a stop signal (to another process)"
-                    logger.write(f"jaxlm: {sig} received: stopped after step {done}; {where}")
-                    break
-            checks.check()
-        finally:
-            logger.close()
+        if run.start(resume):
+            run.run()
     finally:
-        preemption.close()
-        if writer is not None:
-            writer.close()  # waits for a save in flight
-        lock.release()
-    return logger.history
+        run.close()
+    return run.history

@@ -1,11 +1,15 @@
-"""Where metrics go: console progress bar, metrics.jsonl and TensorBoard, from process 0 only."""
+"""Where metrics go: console progress bar, metrics.jsonl, TensorBoard and wandb, from process 0 only;
+and the peak FLOP/s that MFU divides by."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import jax
@@ -13,14 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.tools import devices
-from jaxlm.config import Config
+from jaxlm.config import Config, to_dict
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool):
+    """The sinks of process 0: metrics.jsonl, TensorBoard, wandb (when `cfg.train.wandb` names a
+    project) and the progress bar."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool, cfg: Config | None = None):
         self.enabled = jax.process_index() == 0
         self.history: list[dict] = []
-        self.bar = self.tb = self.jsonl = None
+        self.bar = self.tb = self.jsonl = self.wandb = None
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -29,6 +36,8 @@ class MetricsLogger:
 
         # purge_step drops events a resumed run is about to write again
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        if cfg is not None and cfg.train.wandb.project is not None:
+            self.wandb = WandbSink(cfg, run_dir, start_step)
         if progress:
             from tqdm import tqdm
 
@@ -41,9 +50,11 @@ class MetricsLogger:
             return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                self.tb.add_scalar(k, v, step)
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(step, scalars)
         if self.bar is not None:
             shown = {k: f"{record[k]:.4g}" for k in ("loss", "eval_loss", "lr", "tokens_per_s", "mfu") if k in record}
             self.bar.set_postfix(shown, refresh=False)
@@ -66,8 +77,33 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+class WandbSink:
+    """Weights & Biases: the resolved config once, then every metric record at its step. The run id
+    is kept in RUN_DIR/wandb_run_id, so a resumed run goes on in the same wandb run."""
+
+    def __init__(self, cfg: Config, run_dir: Path, start_step: int):
+        import wandb  # an optional extra: imported only when configured (checked at start-up)
+
+        w = cfg.train.wandb
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if start_step and id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        # console="off": wandb leaves stdout/stderr alone (the progress bar, one-line errors)
+        self.run = wandb.init(project=w.project, name=w.name or run_dir.resolve().name, mode=w.mode,
+                              dir=str(run_dir), id=run_id, resume="allow", config=to_dict(cfg),
+                              settings=wandb.Settings(console="off"))
+
+    def log(self, step: int, scalars: dict) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def _plain(v):
@@ -89,18 +125,61 @@ def measure_peak_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> fl
 
 
 def peak_flops(cfg: Config) -> float:
-    """Peak FLOP/s of all devices together, the denominator of MFU.
+    """Peak FLOP/s of all devices together, the denominator of MFU (see `mfu_peak`)."""
+    return mfu_peak(cfg)[0]
+
+
+def mfu_peak(cfg: Config) -> tuple[float, str]:
+    """(peak FLOP/s of all devices together, where it came from in a few words).
 
     `train.peak_flops_per_device` when set; else the table's dense bf16 peak of a known device
-    when the model computes in bf16; else a measured matmul in the compute dtype. XLA:CPU's
+    when the model computes in bf16; else a matmul in the compute dtype, measured once per host and
+    device kind and cached (`cached_peak`), so two runs of one model report the same MFU. XLA:CPU's
     simulated devices share the host's cores and one device's matmul already uses them all, so
     on CPU the measurement counts once per process (host), elsewhere once per device.
     """
+    n = jax.device_count()
     if cfg.train.peak_flops_per_device:
-        return cfg.train.peak_flops_per_device * jax.device_count()
+        per = cfg.train.peak_flops_per_device
+        return per * n, f"{_flops(per)} per device from train.peak_flops_per_device"
     device = jax.devices()[0]
     known = devices.lookup(device.device_kind)
     if known is not None and cfg.model.compute_dtype == "bfloat16":
-        return known.bf16_flops * jax.device_count()
-    measured = measure_peak_flops(dtype=jnp.dtype(cfg.model.compute_dtype))
-    return measured * (jax.process_count() if device.platform == "cpu" else jax.device_count())
+        return known.bf16_flops * n, f"{_flops(known.bf16_flops)} per device, the {known.name} bf16 table entry"
+    per, how = cached_peak(device, cfg.model.compute_dtype)
+    count = jax.process_count() if device.platform == "cpu" else n
+    where = "per host" if device.platform == "cpu" else "per device"
+    return per * count, f"{_flops(per)} {where}, a {cfg.model.compute_dtype} matmul {how}"
+
+
+def peak_cache_path() -> Path:
+    return Path(os.environ.get("JAXLM_CACHE_DIR", "~/.cache/jaxlm")).expanduser() / "peak_flops.json"
+
+
+def cached_peak(device, dtype: str) -> tuple[float, str]:
+    """The measured matmul peak of this host's `device` kind in `dtype`, from the cache or measured
+    now and written there (atomically: several processes of one host may race)."""
+    path = peak_cache_path()
+    key = f"{socket.gethostname()}|{device.platform}|{device.device_kind}|{dtype}"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache, dict) and isinstance(cache.get(key), (int, float)) and cache[key] > 0:
+        return float(cache[key]), f"measured earlier, cached in {path} (delete it to measure again)"
+    measured = measure_peak_flops(dtype=jnp.dtype(dtype))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**(cache if isinstance(cache, dict) else {}), key: measured}, indent=1))
+        os.replace(tmp, path)
+        return measured, f"measured now, cached in {path}"
+    except OSError:  # a read-only home: measure each run
+        return measured, f"measured now (not cached: {path} is not writable)"
+
+
+def _flops(x: float) -> str:
+    for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if x >= scale:
+            return f"{x / scale:.4g} {unit}"
+    return f"{x:.4g} FLOP/s"

@@ -5,7 +5,13 @@ static it needs (model graph, objective, optimizer, mesh) travels in a `StepSpec
 `make_trainer` only binds the spec and jits with explicit shardings. The state is a plain pytree
 {"step", "params", "opt_state"}; params are a pure dict merged into the NNX model inside the step.
 Randomness is derived from (seed, step), so the state needs no RNG of its own and a resumed run
-draws the same numbers. `frozen` holds fixed arrays an objective asked for (a teacher), else {}.
+draws the same numbers.
+
+The state holds only what is trained. What is read but not trained is `frozen`:
+{"params": the frozen part of the model's parameters (`partition.py`: `train.freeze`,
+`train.freeze_layers`), "objective": fixed arrays the objective asked for (a teacher)}; both are
+empty by default. A checkpoint keeps the whole parameter tree (`Trainer.saved_state`), so a run
+directory loads the same way whatever was frozen.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from jaxlm.model.build import build_model
 from jaxlm.parallel.sharding import (batch_sharding, constrain, param_shardings, resolve_rules, underused_fsdp,
                             use_mesh_rules)
 from jaxlm.objectives import Objective, make_objective, moe_loss
-from jaxlm.train.optim import make_optimizer
+from jaxlm.train.optim import make_optimizer, opt_state_shardings
+from jaxlm.train.partition import Partition, make_partition
 
 
 @dataclass(frozen=True)
@@ -44,14 +51,19 @@ class StepSpec:
     moe: MoEConfig
     mesh: Mesh
     rules: dict
+    partition: Partition
+
+
+def model_of(params, frozen, spec: StepSpec):
+    """The NNX model with the trained `params` and the frozen ones joined."""
+    return nnx.merge(spec.graphdef, spec.partition.merge(params, frozen["params"]))
 
 
 def loss_fn(params, batch: Batch, frozen, key, n_tokens, n_micro: int, spec: StepSpec):
     """The objective's loss (its sum over `batch` / the global token count) plus the MoE losses
     (per microbatch, so they are divided by the number of microbatches). Returns (loss, info)."""
     with use_mesh_rules(spec.mesh, spec.rules):
-        model = nnx.merge(spec.graphdef, params)
-        total, sums, aux = spec.objective.loss(model, batch, key, frozen)
+        total, sums, aux = spec.objective.loss(model_of(params, frozen, spec), batch, key, frozen["objective"])
         loss = total / n_tokens + moe_loss(aux, spec.moe) / n_micro
         return loss, {"sums": sums, "aux": {k: jnp.mean(v) for k, v in aux.items()}}
 
@@ -107,7 +119,7 @@ def train_step(state, batch: Batch, frozen, spec: StepSpec):
 def eval_step(params, batch: Batch, frozen, spec: StepSpec) -> dict:
     """The objective's deterministic validation sums {"loss_sum", "count"} on one batch."""
     with use_mesh_rules(spec.mesh, spec.rules):
-        return spec.objective.eval_sums(nnx.merge(spec.graphdef, params), batch, frozen)
+        return spec.objective.eval_sums(model_of(params, frozen, spec), batch, frozen["objective"])
 
 
 def loss_and_grads(params, batch: Batch, frozen, spec: StepSpec):
@@ -117,8 +129,12 @@ def loss_and_grads(params, batch: Batch, frozen, spec: StepSpec):
     return loss, grads
 
 
-def init_state(cfg: Config, optimizer: optax.GradientTransformation) -> dict:
-    params = nnx.to_pure_dict(nnx.state(build_model(cfg, cfg.train.seed)))
+def init_params(cfg: Config) -> dict:
+    return nnx.to_pure_dict(nnx.state(build_model(cfg, cfg.train.seed)))
+
+
+def fresh_state(params, optimizer: optax.GradientTransformation) -> dict:
+    """Step 0 around the trained parameters: the optimizer's state is initialised for them only."""
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
 
@@ -127,21 +143,32 @@ def init_state(cfg: Config, optimizer: optax.GradientTransformation) -> dict:
 
 @dataclass
 class Trainer:
-    """The pure steps jitted for one config on one mesh, with their shardings."""
+    """The pure steps jitted for one config on one mesh, with their shardings.
+
+    It also holds the frozen arrays its steps read: the frozen part of the model's parameters
+    (set by `init_state`, `state_from_params` or `adopt`) and the objective's own (read on first use).
+    """
 
     cfg: Config  # with the kernels resolved for the mesh's platform
     spec: StepSpec
-    state_shardings: Any
-    abstract_frozen: Any  # the objective's fixed arrays as ShapeDtypeStructs with their shardings
+    param_shardings: Any  # the whole parameter tree's
+    state_shardings: Any  # the trained parameters' and their optimizer state's
+    abstract_frozen: Any  # {"params", "objective"} as ShapeDtypeStructs carrying their shardings
     jit_train_step: Callable  # (state, batch, frozen) -> (state, metrics)
     jit_eval_step: Callable  # (params, batch, frozen) -> {"loss_sum", "count"}
     jit_loss_and_grads: Callable  # (params, batch, frozen) -> (loss, grads)
-    init_state: Callable  # () -> state, created directly in its shardings
+    jit_init_params: Callable  # () -> the whole parameter tree, created in its shardings
+    jit_fresh_state: Callable  # trained params -> step-0 state
+    frozen_params: Any = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
-    def frozen(self):
+    def objective_frozen(self):
         """The objective's fixed arrays, read on first use: lowering alone never reads them."""
-        return self.spec.objective.load_frozen(self.abstract_frozen)
+        return self.spec.objective.load_frozen(self.abstract_frozen["objective"])
+
+    @property
+    def frozen(self) -> dict:
+        return {"params": self.frozen_params, "objective": self.objective_frozen}
 
     @property
     def mesh(self) -> Mesh:
@@ -156,8 +183,31 @@ class Trainer:
         return self.spec.graphdef
 
     @property
+    def partition(self) -> Partition:
+        return self.spec.partition
+
+    @property
     def batch_sharding(self) -> NamedSharding:
         return batch_sharding(self.mesh, self.rules)
+
+    def init_state(self) -> dict:
+        """Step 0 from the config's initialisation (seeded by train.seed)."""
+        return self.state_from_params(self.jit_init_params())
+
+    def state_from_params(self, params) -> dict:
+        """Step 0 around a whole parameter tree in `param_shardings` (initialised, imported): its
+        frozen part is kept here, the rest trained."""
+        trained, self.frozen_params = self.partition.split(params)
+        return self.jit_fresh_state(trained)
+
+    def saved_state(self, state) -> dict:
+        """What a checkpoint holds: the state with the whole parameter tree."""
+        return {**state, "params": self.partition.merge(state["params"], self.frozen_params)}
+
+    def adopt(self, saved) -> dict:
+        """The train state from a restored `saved_state` (its frozen parameters are kept here)."""
+        trained, self.frozen_params = self.partition.split(saved["params"])
+        return {**saved, "params": trained}
 
     def train_step(self, state, batch: Batch):
         return self.jit_train_step(state, batch, self.frozen)
@@ -168,11 +218,18 @@ class Trainer:
     def loss_and_grads(self, params, batch: Batch):
         return self.jit_loss_and_grads(params, batch, self.frozen)
 
+    def abstract_params(self):
+        """The whole parameter tree as ShapeDtypeStructs carrying their shardings."""
+        return _with_shardings(jax.eval_shape(self.jit_init_params), self.param_shardings)
+
     def abstract_state(self):
         """The train state as ShapeDtypeStructs carrying its shardings (never allocated)."""
-        shapes = jax.eval_shape(self.init_state)
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, self.state_shardings)
+        trained, _ = self.partition.split(jax.eval_shape(self.jit_init_params))
+        return _with_shardings(jax.eval_shape(self.jit_fresh_state, trained), self.state_shardings)
+
+    def abstract_saved_state(self):
+        """The checkpointed state (whole parameter tree) as ShapeDtypeStructs with shardings."""
+        return {**self.abstract_state(), "params": self.abstract_params()}
 
     def abstract_batch(self) -> Batch:
         """The global batch the data pipeline yields for this config, as ShapeDtypeStructs."""
@@ -187,6 +244,10 @@ class Trainer:
         return traced.lower(lowering_platforms=platforms)
 
 
+def _with_shardings(shapes, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def make_trainer(cfg: Config, mesh: Mesh, platform: str | None = None) -> Trainer:
     """The jitted steps of `cfg` on `mesh`. Kernels are chosen for `platform` (default: the mesh's
     devices'); another platform is only for lowering (`lower_train_step(platforms=...)`)."""
@@ -199,25 +260,30 @@ def make_trainer(cfg: Config, mesh: Mesh, platform: str | None = None) -> Traine
     p_shardings = param_shardings(abstract, mesh, rules)
     underused_fsdp(abstract, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract))
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    opt_shardings = optax.tree_utils.tree_map_params(
-        optimizer, lambda _, s: s, abstract_opt, p_shardings, transform_non_params=lambda _: replicated)
-    state_shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings}
+    abstract_params = _with_shardings(nnx.to_pure_dict(abstract), p_shardings)
+    partition = make_partition(cfg, abstract_params)
+    trained, frozen_params = partition.split(abstract_params)
+    trained_shardings = jax.tree.map(lambda s: s.sharding, trained)
+    plain = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), trained)
+    abstract_opt = jax.eval_shape(optimizer.init, plain)
+    opt_shardings = opt_state_shardings(abstract_opt, plain, trained_shardings, replicated)  # any optimizer
+    state_shardings = {"step": replicated, "params": trained_shardings, "opt_state": opt_shardings}
     objective = make_objective(cfg)
     spec = StepSpec(graphdef=graphdef, objective=objective, optimizer=optimizer, schedule=schedule,
-                    train=cfg.train, moe=cfg.moe, mesh=mesh, rules=rules)
+                    train=cfg.train, moe=cfg.moe, mesh=mesh, rules=rules, partition=partition)
     data = batch_sharding(mesh, rules)
-    abstract_frozen = objective.frozen(mesh, rules)
+    abstract_frozen = {"params": frozen_params, "objective": objective.frozen(mesh, rules)}
     frozen_shardings = jax.tree.map(lambda s: s.sharding, abstract_frozen)
     bind = lambda fn: functools.partial(fn, spec=spec)
     return Trainer(
-        cfg=cfg, spec=spec, state_shardings=state_shardings, abstract_frozen=abstract_frozen,
+        cfg=cfg, spec=spec, param_shardings=p_shardings, state_shardings=state_shardings,
+        abstract_frozen=abstract_frozen,
         jit_train_step=jax.jit(bind(train_step), in_shardings=(state_shardings, data, frozen_shardings),
                                out_shardings=(state_shardings, replicated), donate_argnums=0),
-        jit_eval_step=jax.jit(bind(eval_step), in_shardings=(p_shardings, data, frozen_shardings),
+        jit_eval_step=jax.jit(bind(eval_step), in_shardings=(trained_shardings, data, frozen_shardings),
                               out_shardings=replicated),
-        jit_loss_and_grads=jax.jit(bind(loss_and_grads), in_shardings=(p_shardings, data, frozen_shardings),
-                                   out_shardings=(replicated, p_shardings)),
-        init_state=jax.jit(functools.partial(init_state, cfg, optimizer), out_shardings=state_shardings),
+        jit_loss_and_grads=jax.jit(bind(loss_and_grads), in_shardings=(trained_shardings, data, frozen_shardings),
+                                   out_shardings=(replicated, trained_shardings)),
+        jit_init_params=jax.jit(functools.partial(init_params, cfg), out_shardings=p_shardings),
+        jit_fresh_state=jax.jit(functools.partial(fresh_state, optimizer=optimizer), out_shardings=state_shardings),
     )
