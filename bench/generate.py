@@ -6,9 +6,13 @@
      weights (a LlamaForCausalLM built from the jaxlm parameters here); goal >= 1.0x.
   3. Speculative decoding with a small draft vs the target alone at identical greedy output,
      with the acceptance rate; goal >= 1.5x. Needs two trained runs (--target, --draft).
-  4. int8 weight-only decode: weight memory and tokens/s vs f32.
+  4. Quantized decode (jaxlm/compress): weight bytes and greedy tokens/s of f32, int8 and int4-g32
+     (goal <= 0.16x the f32 bytes), each against llama.cpp (llama-cpp-python, 2 threads) on the
+     same weights: a GGUF written from these parameters in F32, Q8_0 and Q4_0 (which holds
+     int4-g32's weights bit for bit; Q8_0 has blocks of 32 where jaxlm's int8 has one scale per
+     channel). The machine's load is printed with it: llama.cpp's threads collapse under load.
 
-Parts 1, 2 and 4 use --target's weights if given, else a random model of the same shape.
+Parts 1, 2 and 4 use --target's weights if given, else a random model (of --config's shape if given).
 Timings are medians over --repeats runs after a warm-up (compilation excluded). Usage:
 
     python bench/generate.py [--target RUN_DIR --draft RUN_DIR] [--tokens 128] [--lookahead 4 ...]
@@ -62,14 +66,20 @@ def text_tokens(n: int, offset: int = 0) -> list[int]:
     return list(data[offset: offset + n])
 
 
-def model_and_params(run_dir: str | None, mesh):
+def model_and_params(run_dir: str | None, mesh, config: str | None = None):
+    """(config, parameters, tokenizer) of the run, or of a random model (RANDOM_MODEL or the
+    config file's model) with its tokenizer."""
     if run_dir:
         from jaxlm.checkpoint.runs import load_run
 
         run = load_run(run_dir, mesh=mesh)
-        return run.cfg, run.params
-    cfg = Config(model=RANDOM_MODEL, mesh=MeshConfig(data=1))
-    return cfg, jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg, 0))))()
+        return run.cfg, run.params, run.tokenizer
+    from jaxlm.config import load_config
+    from jaxlm.tokenizer.tokenizer import load_tokenizer
+
+    cfg = load_config(config, ["mesh.data=1"]) if config else Config(model=RANDOM_MODEL, mesh=MeshConfig(data=1))
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg, 0))))()
+    return cfg, params, load_tokenizer(cfg.data.tokenizer)
 
 
 # ----------------------------------------------------------------------------- 1. cache vs none
@@ -189,28 +199,77 @@ def speculative(target_dir: str, draft_dir: str, mesh, n: int, lookaheads: list[
     print(f"   sample: {bytes(want[:80]).decode('utf-8', 'replace')!r}")
 
 
-# ----------------------------------------------------------------------------- 4. int8
+# ----------------------------------------------------------------------------- 4. quantized
 
 
-def int8_vs_f32(cfg, params, mesh, n: int, repeats: int) -> None:
-    from jaxlm.inference.quantize import quantize_params, weight_bytes
+LLAMA_CPP_PEER = {"f32": "f32", "int8": "q8_0", "int4-g32": "q4_0"}  # jaxlm weights -> GGUF type
 
-    q = quantize_params(params, cfg)
-    f32, i8 = Decoder(cfg, params, mesh), Decoder(cfg, q, mesh)
+
+def llama_cpp_decoder(cfg: Config, params: dict, tok, dtype: str, where: Path):
+    """(generate(prompt, n) -> greedy ids, GGUF bytes) of llama.cpp on a GGUF of these weights."""
+    import llama_cpp
+
+    from jaxlm.export.gguf import write_gguf
+
+    path = where / f"model-{dtype}.gguf"
+    write_gguf(path, cfg.model, cfg.moe, jax.tree.map(np.asarray, params), tok, dtype, name="bench")
+    llm = llama_cpp.Llama(str(path), n_ctx=cfg.model.max_seq_len, n_batch=512, n_threads=2, n_threads_batch=2,
+                          logits_all=False, verbose=False)
+    V = cfg.model.vocab_size
+
+    def greedy(prompt: list[int], n: int) -> list[int]:
+        llm.reset()
+        llm.eval(prompt)
+        out = []
+        for i in range(n):
+            out.append(int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(V,)).argmax()))
+            if i + 1 < n:
+                llm.eval([out[-1]])
+        return out
+
+    return greedy, path.stat().st_size
+
+
+def quantized_decode(cfg, params, tok, mesh, n: int, repeats: int) -> None:
+    import os
+    import tempfile
+
+    from jaxlm.compress.quantize import quantize_params, weight_bytes
+
     prompt = text_tokens(64, offset=40000)
-    r = timed({"f32": lambda: generate(f32, [prompt], n, GREEDY)[0],
-               "int8": lambda: generate(i8, [prompt], n, GREEDY)[0]}, repeats)
-    (t_f32, want), (t_i8, got) = r["f32"], r["int8"]
-    agree = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n)
-    print(f"4. weights: f32 {weight_bytes(params) / 2**20:.2f} MiB, int8 {weight_bytes(q) / 2**20:.2f} MiB "
-          f"({weight_bytes(params) / weight_bytes(q):.2f}x smaller); {n} greedy tokens: f32 {n / t_f32:.1f} tok/s, "
-          f"int8 {n / t_i8:.1f} tok/s ({t_f32 / t_i8:.2f}x); greedy outputs agree for the first {agree} tokens")
+    weights = {"f32": params, **{s: quantize_params(params, cfg, s) for s in LLAMA_CPP_PEER if s != "f32"}}
+    fns = {name: (lambda d=Decoder(cfg, w, mesh): generate(d, [prompt], n, GREEDY)[0]) for name, w in weights.items()}
+    gguf_bytes = {}
+    with tempfile.TemporaryDirectory() as where:
+        try:
+            for name, dtype in LLAMA_CPP_PEER.items():
+                greedy, gguf_bytes[name] = llama_cpp_decoder(cfg, params, tok, dtype, Path(where))
+                fns[f"llama.cpp {name}"] = lambda greedy=greedy: greedy(prompt, n)
+        except ImportError as e:
+            print(f"   (llama.cpp peer skipped: {e})")
+        load = os.getloadavg()[0]
+        r = timed(fns, repeats)
+    f32_bytes = weight_bytes(params)
+    print(f"4. {n} greedy tokens after 64 (prefill included), load {load:.1f} -> {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores\n")
+    print("| weights | jaxlm bytes (vs f32) | jaxlm tok/s | llama.cpp GGUF bytes | llama.cpp tok/s | jaxlm / llama.cpp "
+          "| same greedy tokens |\n|---|---|---|---|---|---|---|")
+    for name, w in weights.items():
+        t, ours = r[name]
+        row = f"| {name} | {weight_bytes(w):,} ({weight_bytes(w) / f32_bytes:.3f}) | {n / t:.1f} |"
+        if f"llama.cpp {name}" in r:
+            t_peer, theirs = r[f"llama.cpp {name}"]
+            agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), n)
+            row += (f" {LLAMA_CPP_PEER[name].upper()} {gguf_bytes[name]:,} | {n / t_peer:.1f} | {t_peer / t:.2f}x "
+                    f"| first {agree} of {n} |")
+        print(row)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", help="a trained run (parts 1-4); default: random weights for 1, 2 and 4")
     ap.add_argument("--draft", help="a smaller trained run with the same tokenizer (part 3)")
+    ap.add_argument("--config", help="without --target: a random model of this config (e.g. configs/ckpt-100m.yaml)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--lookahead", type=int, nargs="+", default=[2, 3, 5])
@@ -218,7 +277,7 @@ def main() -> None:
     ap.add_argument("--parts", default="1234")
     args = ap.parse_args()
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    cfg, params = model_and_params(args.target, mesh)
+    cfg, params, tok = model_and_params(args.target, mesh, args.config)
     cfg = dataclasses.replace(cfg, mesh=MeshConfig(data=1))
     m = cfg.model
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; model d_model={m.d_model} n_layers={m.n_layers} "
@@ -232,7 +291,7 @@ def main() -> None:
     elif "3" in args.parts:
         print("3. speculative: skipped (give --target and --draft runs)")
     if "4" in args.parts:
-        int8_vs_f32(cfg, params, mesh, args.tokens, args.repeats)
+        quantized_decode(cfg, params, tok, mesh, args.tokens, args.repeats)
 
 
 if __name__ == "__main__":

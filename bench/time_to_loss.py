@@ -29,12 +29,16 @@ NANOGPT = {  # config name -> the figure the issue reported for nanoGPT
 }
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--target", type=float, required=True, help="validation loss to reach")
-    args = p.parse_args()
+    return p.parse_intermixed_args(argv)  # overrides may come after --target, as the examples give them
+
+
+def main() -> int:
+    args = parse_args()
     t0 = time.time()
     from jaxlm.config import load_config
     from jaxlm.train.loop import train

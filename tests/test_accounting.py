@@ -30,3 +30,17 @@ def test_accounting_cli_prints_the_figures():
     assert result.returncode == 0
     assert "2,127,057,600" in result.stdout and "4,513,336,524,800" in result.stdout
     assert "total (f32)" in result.stdout and "31.70 GiB" in result.stdout
+
+
+def test_shared_blocks_count_parameters_once_and_flops_per_application():
+    """share_blocks=2 (MobileLLM): the parameters of 48 blocks, the FLOPs and activations of 96 layers."""
+    from jaxlm.tools.accounting import activation_bytes
+
+    shared = load_config("configs/gpt2-xl.yaml", ["model.share_blocks=2"])
+    deeper = load_config("configs/gpt2-xl.yaml", ["model.n_layers=96"])
+    base = load_config("configs/gpt2-xl.yaml")
+    assert count_params(shared.model, shared.moe) == count_params(base.model, base.moe)
+    assert forward_flops(shared.model, shared.moe, 1024) == forward_flops(deeper.model, deeper.moe, 1024)
+    assert activation_bytes(shared) == activation_bytes(deeper)
+    result = run_cli("accounting", "configs/gpt2-xl.yaml", "model.share_blocks=2")
+    assert "2,127,057,600" in result.stdout and "each applied 2 times" in result.stdout

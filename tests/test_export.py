@@ -39,6 +39,7 @@ MOE = ["moe.n_experts=4", "moe.top_k=2", "moe.d_ff=64"]
 MODELS = {
     "dense_gqa": [],
     "dense_tied": ["model.tie_embeddings=true"],
+    "dense_shared": ["model.share_blocks=2"],  # MobileLLM: blocks A B applied A A B B; exports repeat them
     "mixtral": MOE,
     "shared_and_leading_dense": MOE + ["model.n_layers=3", "moe.n_shared=1", "moe.first_dense=1"],
     # the switches Hugging Face architectures need, on a model made by jaxlm: Qwen2-MoE with an
@@ -52,7 +53,9 @@ MODELS = {
 ONE_DEVICE = slice(0, 1)  # tiny models: one device compiles and saves fastest
 PROMPT = list(b"To be, or not to be: that is")
 N_NEW = 32
-TIE = {"f32": 1e-4, "f16": 1e-2}  # a top-2 logit gap below this may flip in that GGUF dtype (~3x its error)
+TIE = {"f32": 1e-4, "f16": 1e-2, "q4_0": 0.1, "q4_1": 0.1}  # a top-2 logit gap below this may flip in
+# that GGUF dtype (~3x its error; Q4 against jaxlm's int4, whose weights it holds, see below)
+Q4 = {"q4_0": "int4-g32", "q4_1": "int4-g32-asym"}  # GGUF type -> the jaxlm scheme of the same weights
 
 
 def config(*overrides: str):
@@ -86,18 +89,23 @@ def make_run(tmp_path_factory):
 
 
 @functools.cache
-def forward(run_dir: Path):
-    """(config, params, jitted logits of a [B, T] batch) for the run's step-0 checkpoint."""
+def forward(run_dir: Path, quantize: str | None = None):
+    """(config, params, jitted logits of a [B, T] batch) for the run's step-0 checkpoint, its
+    weights quantized with the scheme `quantize` if given."""
     cfg, params = runs.load_params(ckpt.find_step(run_dir))
+    if quantize:
+        from jaxlm.compress.quantize import quantize_params
+
+        params = quantize_params(params, cfg, quantize)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, 0)))
     fn = jax.jit(lambda p, tokens: nnx.merge(graphdef, p)(tokens)[0])
     return cfg, params, lambda tokens: np.asarray(fn(params, jnp.asarray(tokens)))
 
 
-def jaxlm_greedy(run_dir: Path) -> tuple[list[int], list[float]]:
+def jaxlm_greedy(run_dir: Path, quantize: str | None = None) -> tuple[list[int], list[float]]:
     """Greedy continuation of PROMPT by full forwards over a fixed-length (causal, so padded) row;
     also the top-1 vs top-2 logit gap at each step (a near tie may go either way in lower precision)."""
-    _, _, logits = forward(run_dir)
+    _, _, logits = forward(run_dir, quantize)
     ids, gaps = list(PROMPT), []
     for _ in range(N_NEW):
         row = np.zeros((1, len(PROMPT) + N_NEW), np.int32)
@@ -124,9 +132,11 @@ def test_transformers_logits_match_jaxlm_within_1e4(make_run, tmp_path, name):
         assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     expected = {"dense_gqa": "LlamaForCausalLM", "dense_tied": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
-                "shared_and_leading_dense": "Qwen2MoeForCausalLM", "switches": "Qwen2MoeForCausalLM",
-                "qk_norm_moe": "Qwen3MoeForCausalLM"}[name]
+                "shared_and_leading_dense": "Qwen2MoeForCausalLM", "dense_shared": "LlamaForCausalLM",
+                "switches": "Qwen2MoeForCausalLM", "qk_norm_moe": "Qwen3MoeForCausalLM"}[name]
     assert type(model).__name__ == expected
+    applied = {"dense_shared": 4, "shared_and_leading_dense": 3, "qk_norm_moe": 3}.get(name, 2)
+    assert model.config.num_hidden_layers == applied
     tokens = np.random.default_rng(0).integers(0, 257, (2, 40))
     with torch.no_grad():
         got = model(torch.tensor(tokens)).logits.numpy()
@@ -198,7 +208,7 @@ def llama_cpp_greedy(gguf: Path, n_vocab: int, kv: str = "f32") -> tuple[list[in
 
 
 @pytest.mark.parametrize("name,dtype", [("dense_gqa", "f32"), ("dense_gqa", "f16"), ("mixtral", "f32"),
-                                        ("dense_tied", "f16")])
+                                        ("dense_tied", "f16"), ("dense_shared", "f32")])
 def test_llama_cpp_greedy_continuation_equals_jaxlm(make_run, tmp_path, name, dtype):
     llama_cpp()
     run_dir = make_run(name)
@@ -232,10 +242,32 @@ def test_llama_cpp_q8_0_logits_are_close_to_jaxlms(make_run, tmp_path):
     np.testing.assert_array_equal(np.array(ids8)[determined], want.argmax(-1)[determined])
 
 
+@pytest.mark.parametrize("dtype,name", [("q4_0", "dense_gqa"), ("q4_1", "dense_tied")])
+def test_llama_cpp_q4_greedy_continuation_equals_jaxlm_int4_until_a_near_tie(make_run, tmp_path, dtype, name):
+    """Q4_0 (Q4_1) holds the weights of jaxlm's int4-g32 (-asym) bit for bit; llama.cpp also rounds
+    each block of 32 activations to 8 bits for its dot products, which moves the logits by up to
+    0.05-0.06 (measured). So: the same greedy tokens up to the first top-2 gap under 0.1, and along
+    llama.cpp's continuation logits within 0.075 of jaxlm's int4, where jaxlm's f32 ones are 0.8 away.
+    (Tied: the GGUF's output matrix is embed / sqrt(D), quantized on its own; with D = 64 the
+    factor is 1/8, a power of two, so it holds the same codes as jaxlm's quantized table.)"""
+    llama_cpp()
+    run_dir = make_run(name)
+    gguf = export(run_dir, "gguf", tmp_path / "model.gguf", dtype=dtype)
+    want, gaps = jaxlm_greedy(run_dir, Q4[dtype])
+    got, theirs = llama_cpp_greedy(gguf, 257)
+    tie = next((i for i, g in enumerate(gaps) if g < TIE[dtype]), N_NEW)
+    assert tie >= 8, f"jaxlm's continuation meets a near tie (gap {gaps[tie]:.4f}) at step {tie}; pick another prompt"
+    assert got[:tie] == want[:tie], f"first {tie} greedy tokens differ; top-2 gaps {[round(g, 4) for g in gaps[:tie]]}"
+    row = np.asarray([PROMPT + got])  # the logits that predicted each of llama.cpp's tokens
+    along = lambda quantize: forward(run_dir, quantize)[2](row)[0, len(PROMPT) - 1: -1]
+    assert np.abs(along(Q4[dtype]) - theirs).max() < 0.075
+    assert np.abs(along(None) - theirs).max() > 0.3
+
+
 # ----------------------------------------------------------------------------- import
 
 
-@pytest.mark.parametrize("name", ["dense_tied", "shared_and_leading_dense", "switches"])
+@pytest.mark.parametrize("name", ["dense_tied", "shared_and_leading_dense", "dense_shared", "switches"])
 def test_import_of_export_is_bit_exact_on_a_sharded_mesh(make_run, tmp_path, name):
     run_dir = make_run(name)
     export(run_dir, "hf", tmp_path / "hf")

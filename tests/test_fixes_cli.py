@@ -4,7 +4,7 @@ import dataclasses
 import typing
 
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 from jaxlm import __version__, cli
 from jaxlm.config import Config, ConfigError, load_config
@@ -19,6 +19,7 @@ from jaxlm.config.cli import keys
     ("checkpoint.keep=0", "checkpoint.keep=0 must be >= 1"),
     ("checkpoint.keep_every=-2", "checkpoint.keep_every=-2 must be >= 0"),
     ("optim.warmup_steps=-1", "optim.warmup_steps=-1 must be >= 0"),
+    ("model.share_blocks=0", "model.share_blocks=0 must be >= 1 (1 = no sharing)"),
     ("optim.beta1=1", "optim.beta1=1.0 must be in [0, 1)"),
     ("optim.beta2=-0.1", "optim.beta2=-0.1 must be in [0, 1)"),
     ("model.norm_eps=-1", "model.norm_eps=-1.0 must be > 0"),
@@ -216,3 +217,37 @@ def test_a_config_key_given_twice_and_an_unwritable_json_report_are_refused_befo
     assert cli.main(["compile", "configs/tiny.yaml", "--topology", "v5p:2x2x2", "--json", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"jaxlm compile: error: --json {tmp_path} cannot be written: give a "
                                                "file path in an existing directory")
+
+
+def test_time_to_loss_takes_overrides_after_target_as_the_readme_gives_them():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("time_to_loss", REPO / "bench" / "time_to_loss.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["configs/shakespeare-char-cpu.yaml", "--target", "1.88", "data.path=input.txt",
+                             "train.steps=5"])
+    assert (args.config, args.target, args.overrides) == ("configs/shakespeare-char-cpu.yaml", 1.88,
+                                                          ["data.path=input.txt", "train.steps=5"])
+
+
+def test_checkpoint_ls_of_a_directory_that_is_not_a_run_and_prepare_into_an_unrelated_one_are_refused(
+        tmp_path, capsys):
+    """Both exit 2 in one line and leave the directory as it was; a run with no checkpoint yet is listed."""
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"\xff\xd8")
+    text = tmp_path / "text.txt"
+    text.write_text("hello world")
+    for argv, message in [(["checkpoint", "ls", str(other)], "is not a run directory"),
+                          (["prepare", str(text), "--tokenizer", "bytes", "-o", str(other)],
+                           "is a non-empty directory that `jaxlm prepare` did not make")]:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert sorted(p.name for p in other.iterdir()) == ["cat.jpg"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}")
+    assert cli.main(["checkpoint", "ls", str(run)]) == 0
+    assert "no checkpoints" in capsys.readouterr().out

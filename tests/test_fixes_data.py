@@ -123,3 +123,32 @@ def test_one_raw_text_file_still_splits_by_tokens():
     assert len(val) == int((len(text) + 1) * 0.05)
     np.testing.assert_array_equal(np.concatenate([train.read(0, len(train)), val.read(0, len(val))])[:-1],
                                   np.frombuffer(text.encode(), np.uint8))
+
+
+def test_shards_record_their_largest_id_and_ids_beyond_the_vocabulary_are_refused_at_open(tmp_path):
+    """`prepare` writes each shard's largest id into the metadata; opening a corpus whose metadata
+    says a shard holds an id the vocabulary lacks (another tool's corpus, or a hand-edited one) is a
+    one-line error before training, where XLA's gather would have read it as another token."""
+    import json
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"{i}.txt").write_text(f"document {i} " * (i + 1))
+    out = tmp_path / "out"
+    P.prepare([str(docs)], "bytes", str(out), val_fraction=0.3, shard_tokens=40)
+    meta = json.loads((out / "metadata.json").read_text())
+    shards = [s for split in meta["splits"].values() for s in split["shards"]]
+    assert len(shards) > 2
+    for s in shards:
+        assert s["max_id"] == int(np.fromfile(out / s["file"], np.uint16).max())
+    cfg = load_config("configs/tiny.yaml", [f"data.path={out}", "data.seq_len=16", "train.global_batch=2"])
+    build_data(cfg)  # in range: opens
+    first = out / shards[0]["file"]
+    ids = np.fromfile(first, np.uint16)
+    ids[3] = 300
+    ids.tofile(first)
+    shards[0]["max_id"] = 300
+    (out / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=f"{first} holds token ids up to 300 .*the vocabulary has 257"):
+        build_data(cfg)

@@ -222,6 +222,38 @@ def test_disk_full_during_a_save_is_one_line_exit_1_and_keeps_the_previous_check
     assert attempted == [2, 4]  # the failed save was noticed before the next one (at 6) began
 
 
+@pytest.mark.parametrize("case", ["checkpoint", "metrics"])
+def test_a_file_system_that_refuses_writes_mid_run_gives_exactly_one_line(tmp_path, text_file, case):
+    """A real write failure, not a patched one: the training process may write no file larger than
+    the limit (RLIMIT_FSIZE, no root needed), so tensorstore fails a checkpoint's writes while others
+    are in flight (orbax then closed its event loop; each pending write's callback used to print
+    "Event loop is closed", each failed task "exception was never retrieved"), or metrics.jsonl and
+    TensorBoard's events fail (tensorboardX's writer thread died, the run then blocked forever on its
+    full queue)."""
+    import resource
+
+    limit, extra = (60_000, ["checkpoint.every=2"]) if case == "checkpoint" else (4_000, ["checkpoint.every=0"])
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), not the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}  # no cache file may hit the limit
+    proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", TINY, *SMALL, f"data.path={text_file}",
+                           f"train.run_dir={run_dir}", "train.steps=80", *extra], preexec_fn=limit_file_size,
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1, proc.stderr[-5000:]
+    if case == "checkpoint":
+        assert proc.returncode == 1
+        assert err[0].startswith(f"jaxlm train: error: saving checkpoint step 2 to {run_dir / 'checkpoints'} failed: "
+                                 "File too large; "), err
+    else:  # whichever file reaches the limit first
+        assert proc.returncode == 2 and err[0] in [f"jaxlm train: error: {run_dir / name}: File too large"
+                                                   for name in ("metrics.jsonl", "tensorboard")], err
+
+
 def test_stop_message_is_not_written_onto_the_progress_bar_line(tmp_path, text_file, capfd):
     run_dir = tmp_path / "run"
     cfg = config(run_dir, text_file, "train.steps=100000", "checkpoint.every=0", "train.progress=true")

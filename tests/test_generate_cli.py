@@ -77,47 +77,71 @@ def test_generate_streams_the_greedy_continuation_and_speculative_or_batched_dec
     assert lines[1]["completion"] == want
 
 
-def test_generate_int8_gives_the_f32_greedy_text_and_reports_the_weight_memory_saved(runs, capsys):
-    """The int8 CLI's greedy continuation is the f32 one, and that proves something: along it each
-    f32 top-2 logit gap exceeds twice int8's largest logit error there (measured on the same
-    forward), so no token could flip. (This random model has near ties after most prompts, where
-    int8's 1% error does flip tokens; after "ab" it has none.)"""
-    from jaxlm.inference.quantize import quantize_params
+def test_generate_int8_keeps_the_logits_close_and_prints_the_int8_greedy_text(runs, capsys):
+    """Along the f32 greedy continuation, the int8 model's logits stay within 3% (relative L2) of
+    f32's at every position; the CLI's int8 text is the in-process int8 model's greedy text (the
+    embedding is quantized too since compress/, so near ties of this random model may flip a token
+    against f32: the quality bound, not token equality, is what int8 promises)."""
+    from jaxlm.compress.quantize import quantize_params
 
     run = load_run(runs["target"])
     prompt = run.tokenizer.encode("ab")
-    dec, qdec = Decoder(run.cfg, run.params, run.mesh), Decoder(run.cfg, quantize_params(run.params, run.cfg), run.mesh)
+    dec, qdec = Decoder(run.cfg, run.params, run.mesh), Decoder(run.cfg, quantize_params(run.params, run.cfg, "int8"), run.mesh)
     (ids,) = generate(dec, [prompt], 12, Sampling(temperature=0.0), stop_id=run.tokenizer.eot_id)
+    (qids,) = generate(qdec, [prompt], 12, Sampling(temperature=0.0), stop_id=run.tokenizer.eot_id)
     tokens = np.array([prompt + ids], np.int32)
     positions = np.arange(tokens.shape[1], dtype=np.int32)[None]
     f32 = np.asarray(jax.jit(dec.forward)(dec.params, tokens, positions, dec.new_caches(1, 32))[0])[0]
     int8 = np.asarray(jax.jit(qdec.forward)(qdec.params, tokens, positions, qdec.new_caches(1, 32))[0])[0]
-    steps = slice(len(prompt) - 1, -1)
-    top2 = np.sort(f32[steps], axis=-1)[:, -2:]
-    assert np.all(top2[:, 1] - top2[:, 0] > 2 * np.abs(int8 - f32)[steps].max(-1))
+    rel = np.linalg.norm(int8 - f32, axis=-1) / np.linalg.norm(f32, axis=-1)
+    assert np.all(rel < 0.03), rel.max()
 
     assert main(["generate", runs["target"], "--prompt", "ab", *GREEDY, "--quantize", "int8"]) == 0
     out = capsys.readouterr()
-    assert out.out == run.tokenizer.decode(ids) + "\n"
+    assert out.out == run.tokenizer.decode(qids) + "\n"
     ratio = float(out.err.split("MiB saved, ")[1].split("x smaller")[0])
     assert ratio > 2.0
 
 
-def test_eval_reports_the_loss_perplexity_and_bits_per_byte_of_every_token_once(runs, capsys, tmp_path):
-    """70 bytes + <|endoftext|> in rows of 32: windows [0:33], [32:65] and a last row [64:71]."""
+@pytest.mark.parametrize("scheme,smaller", [("int4-g32", 6.0)])
+def test_generate_quantized_reports_the_weight_memory_saved(runs, capsys, scheme, smaller):
+    assert main(["generate", runs["target"], "--prompt", "To be", *GREEDY, "--quantize", scheme]) == 0
+    err = capsys.readouterr().err
+    ratio = float(err.split("MiB saved, ")[1].split("x smaller")[0])
+    assert ratio > smaller
+
+
+def cross_entropy(model, tokens: np.ndarray, seq_len: int) -> float:
+    """Summed next-token loss of `tokens` in windows of seq_len, by hand."""
+    ce = 0.0
+    for start in range(0, len(tokens) - 1, seq_len):
+        seg = tokens[start: start + seq_len + 1]
+        logp = jax.nn.log_softmax(np.asarray(model(seg[None, :-1])[0][0], np.float64), axis=-1)
+        ce -= float(np.sum(np.take_along_axis(np.asarray(logp), seg[1:, None], axis=-1)))
+    return ce
+
+
+@pytest.mark.parametrize("scheme", [None, "int4-g32"])
+def test_eval_reports_the_loss_perplexity_and_bits_per_byte_of_every_token_once(runs, capsys, tmp_path, scheme):
+    """70 bytes + <|endoftext|> in rows of 32: windows [0:33], [32:65] and a last row [64:71].
+    --quantize: the loss of the model holding the dequantized weights (not the f32 model's)."""
     text = "Now is the winter of our discontent made glorious summer by this sun."
     (tmp_path / "t.txt").write_text(text)
-    assert main(["eval", runs["target"], "--data", str(tmp_path / "t.txt")]) == 0
+    assert main(["eval", runs["target"], "--data", str(tmp_path / "t.txt")] + ["--quantize", scheme] * bool(scheme)) == 0
     got = json.loads(capsys.readouterr().out)
     run = load_run(runs["target"])
     tokens = np.array(run.tokenizer.encode(text) + [run.tokenizer.eot_id])
     model = run.model()  # the loaded module, computed here by hand; eval goes through the trainer's eval step
-    ce = 0.0
-    for start in range(0, len(tokens) - 1, 32):
-        seg = tokens[start: start + 33]
-        logp = jax.nn.log_softmax(np.asarray(model(seg[None, :-1])[0][0], np.float64), axis=-1)
-        ce -= float(np.sum(np.take_along_axis(np.asarray(logp), seg[1:, None], axis=-1)))
     n = len(tokens) - 1
+    if scheme:
+        from flax import nnx
+
+        from jaxlm.compress.quantize import dequantize_params, quantize_params
+
+        f32_loss = cross_entropy(model, tokens, 32) / n
+        model = nnx.merge(nnx.graphdef(model), dequantize_params(quantize_params(run.params, run.cfg, scheme)))
+        assert got.get("quantize") == scheme and abs(got["loss"] - f32_loss) > 1e-4
+    ce = cross_entropy(model, tokens, 32)
     assert got["tokens"] == n and got["bytes"] == len(text) - 1  # the first byte is context, the EOT 0 bytes
     assert got["loss"] == pytest.approx(ce / n, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(ce / n), rel=1e-5)

@@ -161,3 +161,55 @@ def test_remat_policies_save_what_they_name():
     assert (2, 2, 16, 32) in dots and len(full) < len(dots) < len(none)
 
 
+        np.testing.assert_allclose(forward(ModelConfig(**SMALL, **kw), tokens), base, atol=1e-5)
+
+
+# (shared model's MoE section, the unshared 4-layer model's, which of its blocks each unshared segment repeats)
+SHARING = {
+    "dense": (MoEConfig(), MoEConfig(), [(0, 0)]),  # blocks A, B (a unit of one block, scanned): A A B B
+    # a unit of two blocks (dense D, MoE M) applied once: D D M M = 2 dense layers, then 2 MoE layers
+    "moe_unit_of_two": (MoEConfig(n_experts=4, top_k=2, d_ff=24, every=2),
+                        MoEConfig(n_experts=4, top_k=2, d_ff=24, first_dense=2), [(0, 0), (0, 1)]),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARING))
+def test_shared_blocks_equal_an_unshared_model_whose_repeated_layers_hold_the_same_weights(case):
+    """share_blocks=2 applies each block twice in a row (A B -> A A B B): the logits (and MoE aux
+    losses) of a 4-layer model holding those weights; decoding over a KV cache (one per application)
+    gives them too."""
+    from jaxlm.config import Config, MeshConfig
+    from jaxlm.inference.decode import Decoder
+    from jaxlm.parallel.mesh import make_mesh
+
+    moe, deep_moe, sources = SHARING[case]
+    shared_cfg = ModelConfig(**SMALL, share_blocks=2)
+    deep_cfg = ModelConfig(**{**SMALL, "n_layers": 4})
+    shared_def, params = nnx.split(Transformer(shared_cfg, moe, nnx.Rngs(0)))
+    deep_def, other = nnx.split(Transformer(deep_cfg, deep_moe, nnx.Rngs(1)))
+    params, other = nnx.to_pure_dict(params), nnx.to_pure_dict(other)
+    block = lambda segment, j: params["segments"][segment]["units"]["blocks"][j]
+    repeated = {**params, "segments": {i: {"units": {"blocks": {0: jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0),
+                                                                                 block(*source))}}}
+                                       for i, source in enumerate(sources)}}
+    run_shared = jax.jit(lambda p, t: nnx.merge(shared_def, p)(t))
+    run_deep = jax.jit(lambda p, t: nnx.merge(deep_def, p)(t))
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 50)
+    (got, got_aux), (want, want_aux) = run_shared(params, tokens), run_deep(repeated, tokens)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    for k in want_aux:
+        np.testing.assert_allclose(float(jnp.sum(got_aux[k])), float(jnp.sum(want_aux[k])), rtol=1e-6)
+    assert not np.allclose(got, run_deep(other, tokens)[0], atol=1e-3)  # other weights: other logits
+
+    if moe.n_experts:  # the decode path below does not depend on the kind of feed-forward
+        return
+    cfg = Config(model=shared_cfg, moe=moe, mesh=MeshConfig(data=1))
+    dec = Decoder(cfg, params, make_mesh(cfg.mesh, jax.devices()[:1]))
+    positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+    forward = jax.jit(dec.forward)
+    logits, caches = forward(dec.params, tokens[:, :7], positions[:, :7], dec.new_caches(2, 16))
+    steps = [logits]
+    for t in range(7, 12):
+        logits, caches = forward(dec.params, tokens[:, t:t + 1], positions[:, t:t + 1], caches)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), got, atol=2e-5, rtol=0)

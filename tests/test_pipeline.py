@@ -70,18 +70,21 @@ def test_packing_keeps_each_segment_inside_one_document_and_covers_every_token(c
     for row in rows:
         for seg in set(row["segment_ids"].tolist()) - {0}:
             at = row["segment_ids"] == seg
-            assert np.all(row["loss_mask"][at] == 1) and np.all(row["positions"][at] == np.arange(at.sum()))
-            inputs, targets = row["inputs"][at], row["targets"][at]
+            assert np.all(row["positions"][at] == np.arange(at.sum()))
+            inputs, targets, mask = row["inputs"][at], row["targets"][at], row["loss_mask"][at]
+            assert np.all(mask[:-1] == 1)  # only a document's last token lacks a target
             np.testing.assert_array_equal(inputs[1:], targets[:-1])
-            # the segment (inputs + last target) is a contiguous slice of exactly one document
-            piece = np.append(inputs, targets[-1]).tolist()
+            # the segment's inputs are a contiguous slice of exactly one document; a last target
+            # is that document's next token
+            piece = (inputs.tolist() + targets[-1:].tolist()) if mask[-1] else inputs.tolist()
             owners = [d for d in docs if any(d[k:k + len(piece)] == piece for k in range(len(d) - len(piece) + 1))]
             assert owners, piece
+            assert mask[-1] or any(d[-len(piece):] == piece for d in owners)  # unscored: the document's end
             pieces_inputs += inputs.tolist()
-            pieces_targets += targets.tolist()
+            pieces_targets += targets[mask == 1].tolist()
         assert np.all(row["loss_mask"][row["segment_ids"] == 0] == 0)
     assert Counter(pieces_targets) == Counter(sum((d[1:] for d in docs), []))
-    assert Counter(pieces_inputs) == Counter(sum((d[:-1] for d in docs), []))
+    assert Counter(pieces_inputs) == Counter(sum(docs, []))  # every token once, <|endoftext|> included
     assert 0.5 < packed.efficiency() <= 1.0
 
 
@@ -101,6 +104,27 @@ def test_mixture_follows_its_weights():
     mixed = mixture([row_dataset(a, T, False, 0, "a"), row_dataset(b, T, False, 1, "b")], [3.0, 1.0])
     share = np.mean([mixed[i]["inputs"][0] == 1 for i in range(2000)])
     assert abs(share - 0.75) < 0.02
+
+
+def test_mixture_proportions_are_the_weights_to_a_thousandth():
+    """0.7/0.3 is exactly 7 rows in every 10 (grain's mix made it 233:100); any weights are met to
+    1e-3 over whole cycles, and every source's rows come in its own order, none skipped."""
+    def shares(weights, n):
+        streams = [TokenStream([np.full(4000, k, np.uint16)], np.array([0])) for k in range(len(weights))]
+        mixed = mixture([row_dataset(s, T, False, None, "s") for s in streams], weights)
+        rows = [mixed[i] for i in range(n)]
+        picks = [int(r["inputs"][0]) for r in rows]
+        for k in range(len(weights)):  # source k's rows are its windows 0, 1, 2, ... in order
+            got = [r["inputs"] for r, p in zip(rows, picks) if p == k]
+            want = [row_dataset(streams[k], T, False, None, "s")[j]["inputs"] for j in range(len(got))]
+            np.testing.assert_array_equal(got, want)
+        return [picks.count(k) for k in range(len(weights))]
+
+    assert shares([0.7, 0.3], 10) == [7, 3] and shares([0.7, 0.3], 1000) == [700, 300]
+    for weights in ([1.0, 1.9999], [0.2, 0.3, 0.5], [5.0, 1.0, 1.0]):
+        got = shares(weights, 3000)
+        for g, w in zip(got, weights):
+            assert abs(g / 3000 - w / sum(weights)) <= 1e-3, (weights, got)
 
 
 def test_restored_iterator_continues_with_identical_batches(corpus):
@@ -134,11 +158,12 @@ def as_text(tokens) -> str:
 def test_build_data_with_packing_and_a_mixture_of_prepared_and_raw_text(corpus, shakespeare_path):
     """build_data with packing over a 1:3 mixture of a prepared corpus and raw text: each batch of 8
     holds exactly 2 rows of the first source and 6 of the second (grain interleaves by weight,
-    deterministically), each row one source's; every segment (its inputs and its last target) is a
-    contiguous run of one training document, so a segment's last target is its document's next
-    token (<|endoftext|> at a document's end), never the next segment's first input; targets are
-    the inputs shifted by one, positions count 0, 1, ... from each segment's start, segments 1..k
-    fill the row in order and the loss mask is on exactly where a segment is (off on padding).
+    deterministically), each row one source's; every segment (its inputs, and its last target if
+    it has one) is a contiguous run of one training document, so a segment's last target is its
+    document's next token, never the next segment's first input; a document's last token
+    (<|endoftext|>) is an input without a target; targets are the inputs shifted by one, positions
+    count 0, 1, ... from each segment's start, segments 1..k fill the row in order and the loss
+    mask is on exactly where a segment is but for a document's last token (off on padding).
     Evaluation rows come from the raw text's held-out tail (the prepared corpus holds none)."""
     root, docs = corpus
     cfg = load_config("configs/tiny.yaml", [
@@ -165,15 +190,20 @@ def test_build_data_with_packing_and_a_mixture_of_prepared_and_raw_text(corpus, 
             seg = batch.segment_ids[r]
             used = int((seg > 0).sum())
             assert seg[0] == 1 and set(np.diff(seg[:used]).tolist()) <= {0, 1} and not seg[used:].any()
-            np.testing.assert_array_equal(batch.loss_mask[r], seg > 0)
+            assert not np.any(batch.loss_mask[r][seg == 0])
             owners = set()
             for s in range(1, seg.max() + 1):
                 at = seg == s
                 np.testing.assert_array_equal(batch.positions[r][at], np.arange(at.sum()))
-                inputs, targets = batch.inputs[r][at], batch.targets[r][at]
+                inputs, targets, mask = batch.inputs[r][at], batch.targets[r][at], batch.loss_mask[r][at]
                 np.testing.assert_array_equal(targets[:-1], inputs[1:])
-                owners.add(source_of(np.append(inputs, targets[-1])))
-                seen_document_end |= bool(targets[-1] == 256)
+                assert np.all(mask[:-1] == 1)
+                piece = np.append(inputs, targets[-1]) if mask[-1] else inputs
+                owners.add(source_of(piece))
+                if not mask[-1]:  # the document ends here
+                    name = source_of(piece)
+                    assert any(t.endswith(as_text(piece)) for t in train_texts[name])
+                    seen_document_end |= bool(inputs[-1] == 256)
             assert len(owners) == 1, owners  # a row is packed from one source
             row_sources.append(owners.pop())
             seen_packed_row |= bool(seg.max() >= 2)
@@ -187,7 +217,8 @@ def test_build_data_with_packing_and_a_mixture_of_prepared_and_raw_text(corpus, 
         for r in range(8):
             assert set(batch.segment_ids[r].tolist()) <= {0, 1}  # the raw text is one long document
             at = batch.segment_ids[r] == 1
-            assert as_text(np.append(batch.inputs[r][at], batch.targets[r][at][-1])) in held_out
+            last = batch.targets[r][at][-1:] if batch.loss_mask[r][at][-1] else batch.targets[r][at][:0]
+            assert as_text(np.append(batch.inputs[r][at], last)) in held_out
 
 
 def test_prepared_data_with_another_tokenizer_is_refused(corpus):

@@ -23,6 +23,7 @@ LAYERS = [
     ["jaxlm.config"],
     ["jaxlm.tokenizer"],
     ["jaxlm.model", "jaxlm.tools.accounting", "jaxlm.tools.devices"],  # accounting: FLOPs of a model config
+    ["jaxlm.compress"],  # quantized weights (and pruning): transforms of a model's parameters
     ["jaxlm.data"],
     ["jaxlm.checkpoint"],  # run directories: layout, manifest, orbax, resume, loading a run
     ["jaxlm.objectives"],  # losses over (model, batch, key, frozen); a teacher is read from a run

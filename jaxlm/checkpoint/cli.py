@@ -43,6 +43,9 @@ def ls(run_dir: Path, quick: bool) -> int:
     steps = ckpt.step_dirs(directory)
     temps = sorted(p.name for p in directory.iterdir() if ckpt.TMP_SUFFIX in p.name)
     if not steps and not temps:
+        if directory.name != ckpt.CHECKPOINTS and not (run_dir / "config.yaml").is_file():
+            raise UserError(f"{run_dir} is not a run directory (no checkpoints/, config.yaml or step directories); "
+                            "expected a run directory written by `jaxlm train` or its checkpoints/")
         print(f"{directory}: no checkpoints")
         return 0
     rows, newest_meta, n_valid = [], None, 0

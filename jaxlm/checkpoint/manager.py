@@ -10,7 +10,10 @@ Assumes a filesystem all processes share (as orbax does for multi-host saves).
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -97,8 +100,9 @@ class CheckpointWriter:
         """One line: which save failed and why, the free space there, and what was kept."""
         step, self.unchecked = self.unchecked, None
         cause = _root_cause(e)
-        reason = (f"{cause.strerror or cause}" if isinstance(cause, OSError)
-                  else f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}")
+        os_code = re.search(r"os_error_code='(\d+)'", str(cause))  # how tensorstore gives the OS's reason
+        reason = (f"{cause.strerror or cause}" if isinstance(cause, OSError) else os.strerror(int(os_code[1]))
+                  if os_code else f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}")
         where = self.directory
         while not where.exists() and where != where.parent:
             where = where.parent
@@ -123,16 +127,37 @@ def _root_cause(e: BaseException) -> BaseException:
 
 
 class _DropOrbaxErrors(logging.Filter):
-    """orbax logs each failed save with hundreds of lines of traceback; the writer reports it in one."""
+    """A failed save is reported by the writer in one line; what else would print it is dropped:
+    orbax's own log of it (hundreds of lines of traceback), and asyncio's "exception was never
+    retrieved" for each of its write tasks that failed after the first (they name the step's
+    temporary directory)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio":
+            exc = record.exc_info[1] if record.exc_info else None
+            return TMP_SUFFIX not in record.getMessage() + str(exc)
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
+def _drop_closed_loop_callbacks(hook):
+    """sys.unraisablehook without tensorstore's "Event loop is closed": once a write of a save
+    fails, orbax closes its event loop and the other writes' completion callbacks, still pending
+    in tensorstore, each print that traceback (the save's failure is reported in one line)."""
+
+    def unraisable(u) -> None:
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            hook(u)
+
+    unraisable.drops_closed_loop_callbacks = True
+    return unraisable
+
+
 def _quiet_orbax_errors() -> None:
-    logger = logging.getLogger("absl")
-    if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
-        logger.addFilter(_DropOrbaxErrors())
+    for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
+        if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
+            logger.addFilter(_DropOrbaxErrors())
+    if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+        sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 
 # ----------------------------------------------------------------------------- reading back

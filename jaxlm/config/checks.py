@@ -57,6 +57,7 @@ def _check_ranges(cfg: Config) -> None:
         "train.freeze_layers": (t.freeze_layers, 0, ""),
         "train.profile.start_step": (t.profile.start_step, 0, ""),
         "train.profile.steps": (t.profile.steps, 0, " (0 = no trace)"),
+        "model.share_blocks": (cfg.model.share_blocks, 1, " (1 = no sharing)"),
     }
     for key, (value, minimum, meaning) in at_least.items():
         if value < minimum:

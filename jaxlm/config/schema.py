@@ -41,6 +41,9 @@ class ModelConfig:
     vocab_size: Doc[int, "vocabulary size; at least the tokenizer's (257 = 256 bytes + <|endoftext|>)"] = 257
     d_model: Doc[int, "width of the residual stream"] = 128
     n_layers: Doc[int, "number of transformer blocks"] = 4
+    share_blocks: Doc[int, "MobileLLM's immediate block-wise weight sharing: each block is applied this many times "
+                           "in a row (n_layers blocks of parameters, n_layers * share_blocks layers of compute); "
+                           "1 = off"] = 1
     n_heads: Doc[int, "attention (query) heads; must divide d_model"] = 4
     n_kv_heads: Doc[int, "key/value heads (grouped-query attention); must divide n_heads"] = 4
     d_head: Doc[int, "width of each attention head; 0 = d_model / n_heads (Qwen3 sets it explicitly)"] = 0

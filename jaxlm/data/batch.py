@@ -43,6 +43,12 @@ class Batch:
     def map(self, fn: Callable) -> "Batch":
         return jax.tree.map(fn, self)
 
+    def token_mask(self):
+        """Bool [B, T], True where the row holds a real input token. A packed row's segment id 0 is
+        padding; a row without segment ids is one piece of text whose inputs and targets are real
+        at the same places, where the loss mask is 1 (windows: everywhere; filler rows: nowhere)."""
+        return self.loss_mask > 0 if self.segment_ids is None else self.segment_ids > 0
+
     @property
     def rows(self) -> int:
         return self.inputs.shape[0]

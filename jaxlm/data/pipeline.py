@@ -10,6 +10,8 @@ A global batch b holds rows [b*G, (b+1)*G); process p of P reads only rows [p*G/
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 
 import grain
@@ -64,23 +66,28 @@ class Windows:
 class PackedRows:
     """Whole documents packed into rows of seq_len (next-fit, in corpus order) with segment ids
     (1, 2, ... per document; 0 = padding) and positions restarting at 0 in each document.
-    A document longer than a row is cut into pieces of seq_len+1 tokens sharing one boundary
-    token, each its own segment. Padding has loss_mask 0."""
+    The inputs are the documents' own tokens, each exactly once, <|endoftext|> included (so an
+    objective that reads the sequence itself, like MDLM, sees where documents end); a token's
+    target is the next token of its document, and a document's last token has none (loss_mask 0).
+    A document longer than a row is cut into pieces of seq_len tokens, each its own segment.
+    Padding has loss_mask 0."""
 
     def __init__(self, stream: TokenStream, seq_len: int):
         self.stream, self.seq_len = stream, seq_len
         ends = np.append(stream.doc_starts[1:], len(stream))
-        starts, pairs, rows, fill = [], [], [], seq_len  # fill = seq_len forces a new first row
+        starts, lengths, last, rows, fill = [], [], [], [], seq_len  # fill = seq_len forces a new first row
         for doc_start, doc_end in zip(stream.doc_starts.tolist(), ends.tolist()):
-            for piece in range(doc_start, doc_end - 1, seq_len):
-                n = min(seq_len, doc_end - 1 - piece)  # (input, target) pairs in this piece
+            for piece in range(doc_start, doc_end, seq_len):
+                n = min(seq_len, doc_end - piece)  # tokens in this piece
                 if fill + n > seq_len:
                     rows.append(len(starts))
                     fill = 0
                 starts.append(piece)
-                pairs.append(n)
+                lengths.append(n)
+                last.append(piece + n == doc_end)
                 fill += n
-        self.starts, self.pairs = np.asarray(starts, np.int64), np.asarray(pairs, np.int64)
+        self.starts, self.lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+        self.ends_document = np.asarray(last, bool)  # the piece holds its document's last token
         self.row_ptr = np.asarray(rows + [len(starts)], np.int64)
 
     def __len__(self) -> int:
@@ -91,17 +98,18 @@ class PackedRows:
         row = {k: np.zeros(T, np.int32) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
         fill = 0
         for seg, j in enumerate(range(self.row_ptr[i], self.row_ptr[i + 1]), start=1):
-            n = int(self.pairs[j])
-            tokens = self.stream.read(int(self.starts[j]), n + 1)
-            sl = slice(fill, fill + n)
-            row["inputs"][sl], row["targets"][sl] = tokens[:-1], tokens[1:]
-            row["loss_mask"][sl], row["segment_ids"][sl], row["positions"][sl] = 1, seg, np.arange(n)
+            n = int(self.lengths[j])
+            scored = n - 1 if self.ends_document[j] else n  # pairs whose target is in the document
+            tokens = self.stream.read(int(self.starts[j]), scored + 1)
+            row["inputs"][fill: fill + n] = tokens[:n]
+            row["targets"][fill: fill + scored], row["loss_mask"][fill: fill + scored] = tokens[1:], 1
+            row["segment_ids"][fill: fill + n], row["positions"][fill: fill + n] = seg, np.arange(n)
             fill += n
         return row
 
     def efficiency(self) -> float:
         """Fraction of row slots that hold tokens (the rest is padding)."""
-        return float(self.pairs.sum()) / max(len(self) * self.seq_len, 1)
+        return float(self.lengths.sum()) / max(len(self) * self.seq_len, 1)
 
 
 def row_dataset(stream: TokenStream, seq_len: int, packing: bool, seed: int | None, what: str) -> grain.MapDataset:
@@ -116,9 +124,35 @@ def row_dataset(stream: TokenStream, seq_len: int, packing: bool, seed: int | No
     return ds.repeat(None)
 
 
+class Mixture:
+    """Rows of endless datasets interleaved in a fixed cycle whose counts are the weights' shares
+    to 1e-3 (rounded to thousandths, then reduced: 0.7/0.3 is exactly 7:3), spread evenly over
+    the cycle (each row goes to the source furthest behind its share). grain's own mix scales the
+    smallest weight to 100 and truncates the rest (0.7/0.3 became 233:100)."""
+
+    def __init__(self, datasets: list, weights: list[float]):
+        total = sum(weights)
+        counts = [max(1, round(1000 * w / total)) for w in weights]
+        g = math.gcd(*counts)
+        self.datasets, self.counts = datasets, [c // g for c in counts]
+        n, taken, self.cycle = sum(self.counts), [0] * len(counts), []  # cycle: (source, its row in the cycle)
+        for r in range(n):
+            k = max(range(len(counts)), key=lambda i: (r + 1) * self.counts[i] / n - taken[i])
+            self.cycle.append((k, taken[k]))
+            taken[k] += 1
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, i: int):
+        lap, r = divmod(i, len(self.cycle))
+        k, j = self.cycle[r]
+        return self.datasets[k][lap * self.counts[k] + j]
+
+
 def mixture(datasets: list[grain.MapDataset], weights: list[float]) -> grain.MapDataset:
     """Interleaves endless datasets so that row proportions follow the weights."""
-    return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights=weights)
+    return datasets[0] if len(datasets) == 1 else grain.MapDataset.source(Mixture(datasets, weights))
 
 
 class BatchIterator:

@@ -33,7 +33,7 @@ from jaxlm.data.corpus import expand_inputs
 from jaxlm.data.formats import (compression, decode_utf8, file_kind, iter_line_blocks, iter_rows, jsonl_texts,
                                 open_binary, read_bytes, read_errors)
 from jaxlm.data.shards import (COMMAND_FILE, SPLITS, ShardWriter, check_token_ids, check_tokenizer,
-                                corpus_metadata, open_prepared, write_json)
+                                corpus_metadata, open_prepared, unfinished_prepare, write_json)
 from jaxlm.tokenizer.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.errors import UserError
 
@@ -311,6 +311,9 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, val_fraction: float 
         raise UserError(f"{out} holds a corpus prepared from other inputs or settings; remove it or choose another -o")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"-o {out} exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not unfinished_prepare(out):
+        raise UserError(f"-o {out} is a non-empty directory that `jaxlm prepare` did not make; "
+                        "give a new or empty directory")
     made_dir = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     for stale in glob.glob(os.path.join(out, "*.tmp")):

@@ -5,7 +5,7 @@ Layout of OUTDIR (one split = the train or val documents, each followed by <|end
   prepare.json          written first: the command that makes OUTDIR (to finish an interrupted run)
   train_00000.bin       raw uint16 (or uint32) token ids, a slice of the split's token stream
   train_00000.idx.npy   int64 offsets, in the shard, of the documents that start in it
-  train_00000.json      sidecar written last: the shard is complete, and where to resume
+  train_00000.json      sidecar written last: the shard is complete, where to resume, its largest id
   metadata.json         written when every split is finished; readers need it
 """
 
@@ -122,6 +122,19 @@ def check_tokenizer(prepared: PreparedCorpus, tokenizer) -> None:
                         f"(hash {tok.hash[:12]}); use the same tokenizer or prepare the data again")
 
 
+def check_max_ids(prepared: PreparedCorpus, vocab_size: int) -> None:
+    """From the metadata alone (no shard is read, nothing is checked per step): UserError if a
+    shard's largest token id is >= vocab_size. An out-of-range id would train silently as another
+    token (XLA's gather clamps). Corpora prepared before max ids were recorded have none to check;
+    `prepare` checked their ids when it wrote them."""
+    for s, m in prepared.metadata["splits"].items():
+        for shard in m["shards"]:
+            if shard.get("max_id", -1) >= vocab_size:
+                raise UserError(f"{os.path.join(prepared.path, shard['file'])} holds token ids up to {shard['max_id']} "
+                                f"(its metadata), but the vocabulary has {vocab_size}; prepare the data again with "
+                                f"the tokenizer the run uses (`jaxlm prepare --check` verifies a corpus)")
+
+
 def check_token_ids(prepared: PreparedCorpus, vocab_size: int | None = None) -> None:
     """UserError if any shard holds a token id >= vocab_size (default: the tokenizer's)."""
     limit = prepared.vocab_size if vocab_size is None else vocab_size
@@ -161,6 +174,7 @@ class ShardWriter:
     def _open(self) -> None:
         self.tmp = self._path(self.k, f".bin.{os.getpid()}.tmp")
         self.file, self.n, self.offsets, self.buf, self.buffered = open(self.tmp, "wb"), 0, [], [], 0
+        self.max_id = -1
         self.mid_doc = self.next_offset > 0
         self.created.append(self.tmp)
 
@@ -177,8 +191,10 @@ class ShardWriter:
             end = pos + min(self.cap - self.n, total - pos)
             if pos < len(ids):
                 self.buf.append(ids[pos: min(end, len(ids))])
+                self.max_id = max(self.max_id, int(self.buf[-1].max()))
             if end == total:
                 self.buf.append(self.eot)
+                self.max_id = max(self.max_id, int(self.eot[0]))
             self.n, self.buffered, pos = self.n + end - pos, self.buffered + end - pos, end
             self.next_doc, self.next_offset = (doc + 1, 0) if pos == total else (doc, pos)
             if self.n == self.cap:
@@ -207,6 +223,7 @@ class ShardWriter:
         write_json(self._path(self.k, ".json"), {
             "settings_hash": self.settings_hash, "n_tokens": self.n, "n_documents": len(self.offsets),
             "starts_mid_document": self.mid_doc, "next_doc": self.next_doc, "next_offset": self.next_offset,
+            "max_id": self.max_id,
         }, self.created)
         self.k += 1
 
@@ -234,7 +251,8 @@ def corpus_metadata(out, tok, spec, dtype, settings, settings_hash) -> dict:
                 info = json.load(f)
             shards.append({"file": f"{s}_{k:05d}.bin", "offsets_file": f"{s}_{k:05d}.idx.npy",
                            "n_tokens": info["n_tokens"], "n_documents": info["n_documents"],
-                           "starts_mid_document": info["starts_mid_document"]})
+                           "starts_mid_document": info["starts_mid_document"],
+                           **({"max_id": info["max_id"]} if "max_id" in info else {})})
             k += 1
         splits[s] = {"n_tokens": sum(x["n_tokens"] for x in shards),
                      "n_documents": sum(x["n_documents"] for x in shards), "shards": shards}

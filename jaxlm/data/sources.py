@@ -61,10 +61,11 @@ def text_streams(docs: list[str], tokenizer, val_fraction: float) -> tuple[Token
 
 
 def prepared_streams(path: str, tokenizer) -> tuple[TokenStream, TokenStream]:
-    from jaxlm.data.shards import check_tokenizer, open_prepared
+    from jaxlm.data.shards import check_max_ids, check_tokenizer, open_prepared
 
     corpus = open_prepared(path)
     check_tokenizer(corpus, tokenizer)
+    check_max_ids(corpus, tokenizer.n_vocab)  # <= model.vocab_size, checked by build_data
 
     def stream(name: str) -> TokenStream:
         split = corpus.split(name)

@@ -17,7 +17,7 @@ import numpy as np
 from jaxlm import checkpoint as ckpt
 from jaxlm.errors import UserError
 
-DTYPES = {"hf": ("f32", "bf16", "f16"), "gguf": ("f32", "f16", "bf16", "q8_0")}
+DTYPES = {"hf": ("f32", "bf16", "f16"), "gguf": ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the checkpoint step to export, or 'best' (lowest eval loss); default: the newest valid one")
     parser.add_argument("--format", required=True, choices=sorted(DTYPES), help="hf (transformers) or gguf (llama.cpp)")
     parser.add_argument("-o", "--output", required=True, help="output directory (hf) or .gguf file (gguf)")
-    parser.add_argument("--dtype", help="weights: f32, bf16, f16 (and q8_0 for gguf); default: the checkpoint's "
-                                        "param_dtype (f32 or bf16)")
+    parser.add_argument("--dtype", help="weights: f32, bf16, f16 (and q8_0, q4_0, q4_1 for gguf); default: the "
+                                        "checkpoint's param_dtype (f32 or bf16)")
     parser.add_argument("--tokenizer", help="tokenizer spec to ship with the model (default: the one the run "
                                             "recorded, data.tokenizer)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")

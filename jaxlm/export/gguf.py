@@ -9,8 +9,10 @@ halves (i, i + d/2): the q and k rows of each head are permuted accordingly, exa
 llama.cpp's convert_hf_to_gguf.py does. Its qwen2 and qwen3 graphs rotate halves ("neox"), so
 their rows stay as they are. Llama 3's RoPE scaling is the "rope_freqs" tensor of per-frequency
 divisors, as the converter writes it. Types: 1-D norms, biases and the router stay f32 (as
-llama.cpp's converter keeps them); matrices take the chosen type (Q8_0 where the row length
-allows blocks of 32, f32 elsewhere).
+llama.cpp's converter keeps them); matrices take the chosen type (Q8_0, Q4_0 or Q4_1 where the row
+length allows blocks of 32, f32 elsewhere), the embedding and output matrices included. Q4_0 and
+Q4_1 are the weights of jaxlm's `--quantize int4-g32` and `int4-g32-asym` bit for bit
+(compress/schemes.py).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from jaxlm.export.compat import GGUF_ARCHS, architecture
 from jaxlm.export.tokenizer_files import gguf_vocab
 from jaxlm.model.layers import rope_frequencies
 
-QTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+QTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
 
 
 def _rope_rows(w_out_in: np.ndarray, n_heads: int) -> np.ndarray:
@@ -95,7 +98,7 @@ def write_gguf(path: Path, cfg: ModelConfig, moe: MoEConfig, params: dict, tok, 
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
-    w.add_block_count(cfg.n_layers)
+    w.add_block_count(cfg.n_layers * cfg.share_blocks)  # a shared block is written once per application
     w.add_feed_forward_length((moe.d_ff or cfg.d_ff) if moe.n_experts else cfg.d_ff)
     w.add_head_count(cfg.n_heads)
     w.add_head_count_kv(cfg.n_kv_heads)

@@ -166,7 +166,8 @@ def rope_json(cfg: ModelConfig) -> dict:
 def config_json(arch: str, cfg: ModelConfig, moe: MoEConfig, dtype: str, eot: int | None, tokenizer: str) -> dict:
     c = {
         "architectures": [arch], "model_type": MODEL_TYPES[arch], "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers * cfg.share_blocks,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         **rope_json(cfg), "tie_word_embeddings": hf_tied(cfg), "attention_bias": cfg.attention_bias,
@@ -176,7 +177,7 @@ def config_json(arch: str, cfg: ModelConfig, moe: MoEConfig, dtype: str, eot: in
         "jaxlm": {"model": asdict(cfg), "moe": asdict(moe), "tokenizer": tokenizer},
     }
     F = moe.d_ff or cfg.d_ff
-    no_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+    no_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers * cfg.share_blocks}
     dense = [i for i, kind in enumerate(P.layer_kinds(cfg, moe)) if kind == "dense"]
     experts = {"num_experts": moe.n_experts, "num_experts_per_tok": moe.top_k, "moe_intermediate_size": F,
                "norm_topk_prob": moe.norm_topk_prob, "decoder_sparse_step": 1, "mlp_only_layers": dense,

@@ -31,9 +31,9 @@ from jaxlm.export.safetensors_read import SafetensorsFiles, aligned_empty
 from jaxlm.model.build import abstract_params
 
 # keys that define the function the parameters compute: the run's config must agree with the import
-SAME_MODEL = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "norm", "mlp", "position",
-              "rope_theta", "rope_scaling", "attention_bias", "qk_norm", "tie_embeddings", "scale_tied_logits",
-              "norm_eps", "causal")
+SAME_MODEL = ("vocab_size", "d_model", "n_layers", "share_blocks", "n_heads", "n_kv_heads", "head_dim", "norm", "mlp",
+              "position", "rope_theta", "rope_scaling", "attention_bias", "qk_norm", "tie_embeddings",
+              "scale_tied_logits", "norm_eps", "causal")
 SAME_MOE = ("n_experts", "top_k", "every", "first_dense", "n_shared", "shared_gate", "router", "norm_topk_prob")
 
 

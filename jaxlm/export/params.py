@@ -13,7 +13,9 @@ canonical name, in jaxlm's own layout (letters as in the model package):
                            moe.shared_gate [D] (moe.shared_gate)
 
 Layers are stored stacked per segment (transformer.layer_plan): layer i lives at position r of
-the leading axis of segment s's block j. If the model renames a parameter, fix it here.
+the leading axis of segment s's block j. With model.share_blocks = k, layers are the applied
+ones: k consecutive layers read the same block (an export repeats it, an import reads the first).
+If the model renames a parameter, fix it here.
 """
 
 from __future__ import annotations
@@ -87,21 +89,23 @@ def block_names(cfg: ModelConfig, moe: MoEConfig, kind: str) -> list[str]:
 
 
 def layer_kinds(cfg: ModelConfig, moe: MoEConfig) -> list[str]:
-    """'dense' or 'moe' for every layer, in order."""
-    return [kind for kinds, n in layer_plan(cfg, moe) for _ in range(n) for kind in kinds]
+    """'dense' or 'moe' for every applied layer, in order."""
+    return [kind for kinds, n in layer_plan(cfg, moe) for _ in range(n) for kind in kinds
+            for _ in range(cfg.share_blocks)]
 
 
 def slots(cfg: ModelConfig, moe: MoEConfig) -> dict[tuple[str, int | None], Slot]:
-    """{(name, layer or None): Slot} for every tensor of the model, layers in order."""
+    """{(name, layer or None): Slot} for every tensor of the model, applied layers in order."""
     out = {(name, None): Slot(GLOBAL_PATHS[name]) for name in global_names(cfg)}
     layer = 0
     for s, (kinds, n) in enumerate(layer_plan(cfg, moe)):
         for r in range(n):
             for j, kind in enumerate(kinds):
                 prefix = ("segments", s, "units", "blocks", j)
-                for name in block_names(cfg, moe, kind):
-                    out[(name, layer)] = Slot(prefix + BLOCK_PATHS[name], r)
-                layer += 1
+                for _ in range(cfg.share_blocks):
+                    for name in block_names(cfg, moe, kind):
+                        out[(name, layer)] = Slot(prefix + BLOCK_PATHS[name], r)
+                    layer += 1
     return out
 
 
@@ -114,8 +118,12 @@ def read(params: dict, slot: Slot):
 
 
 def leaf_rows(cfg: ModelConfig, moe: MoEConfig) -> dict[tuple, list[tuple[str, int | None]]]:
-    """{leaf path: [(name, layer) for each row]} (one entry, layer None, for global leaves)."""
+    """{leaf path: [(name, layer) for each row]} (one entry, layer None, for global leaves); a
+    shared block's row names the first layer that applies it."""
     out: dict[tuple, list] = {}
+    seen: set = set()
     for (name, layer), slot in slots(cfg, moe).items():
-        out.setdefault(slot.path, []).append((name, layer))
+        if slot not in seen:
+            seen.add(slot)
+            out.setdefault(slot.path, []).append((name, layer))
     return out

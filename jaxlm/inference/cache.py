@@ -17,8 +17,10 @@ CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
 
 
 def cache_shapes(cfg: ModelConfig, moe: MoEConfig, batch: int, length: int) -> list[list[tuple[int, ...]]]:
-    """Per segment, one [n_units, B, S, K, d] shape per block of its unit."""
-    return [[(n, batch, length, cfg.n_kv_heads, cfg.head_dim)] * len(kinds) for kinds, n in layer_plan(cfg, moe)]
+    """Per segment, one [n_units, B, S, K, d] shape per application of a block of its unit (each
+    block is applied model.share_blocks times)."""
+    return [[(n, batch, length, cfg.n_kv_heads, cfg.head_dim)] * (len(kinds) * cfg.share_blocks)
+            for kinds, n in layer_plan(cfg, moe)]
 
 
 def init_caches(cfg: ModelConfig, moe: MoEConfig, batch: int, length: int, mesh: Mesh, rules: dict) -> list:

@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=ckpt.step_arg,
                         help="the checkpoint step to load, or 'best' (lowest eval loss); default: the newest valid one")
     parser.add_argument("--max-tokens", type=int, default=0, help="score about this many tokens at most (0 = all)")
+    from jaxlm.compress.schemes import SCHEMES
+
+    parser.add_argument("--quantize", choices=list(SCHEMES), metavar="SCHEME",
+                        help=f"score with weight-only quantized weights: {', '.join(SCHEMES)}")
 
 
 def token_stream(path: str, split: str, cfg, tokenizer):
@@ -56,7 +60,27 @@ def rows(stream, seq_len: int, packing: bool) -> list[dict]:
     return out
 
 
-def evaluate(run_dir: str, data: str, split: str = "val", step: int | None = None, max_tokens: int = 0) -> dict:
+def quantized_eval_step(trainer, params: dict, scheme: str):
+    """(quantized params placed on the trainer's mesh, the eval step jitted for them): the trainer's
+    own step fixes its parameters' shardings to the unquantized tree's."""
+    import functools
+
+    import jax
+    from flax import nnx
+
+    from jaxlm.compress.quantize import quantize_params
+    from jaxlm.inference.decode import place_params
+    from jaxlm.model.build import build_model
+    from jaxlm.train.step import eval_step
+
+    abstract = nnx.state(nnx.eval_shape(lambda: build_model(trainer.cfg, 0)))
+    params = place_params(quantize_params(params, trainer.cfg, scheme), abstract, trainer.mesh, trainer.rules)
+    step = jax.jit(functools.partial(eval_step, spec=trainer.spec))
+    return params, lambda p, batch: step(p, batch, trainer.frozen)
+
+
+def evaluate(run_dir: str, data: str, split: str = "val", step: int | None = None, max_tokens: int = 0,
+             quantize: str | None = None) -> dict:
     from jaxlm.data.batch import Batch
     from jaxlm.data.pipeline import to_global
     from jaxlm.parallel.mesh import data_parallel_size
@@ -82,6 +106,9 @@ def evaluate(run_dir: str, data: str, split: str = "val", step: int | None = Non
         all_rows = all_rows[: max(1, -(-max_tokens // cfg.data.seq_len))]
     dp = data_parallel_size(mesh, trainer.rules)
     per_batch = -(-cfg.train.global_batch // dp) * dp
+    params, eval_step = run.params, trainer.eval_step
+    if quantize:
+        params, eval_step = quantized_eval_step(trainer, params, quantize)
     token_bytes = np.array([0 if i in run.tokenizer.special_tokens.values() else
                             len(run.tokenizer.decode_single_token_bytes(i)) for i in range(run.tokenizer.n_vocab)])
     loss_sum = count = n_bytes = 0.0
@@ -89,16 +116,17 @@ def evaluate(run_dir: str, data: str, split: str = "val", step: int | None = Non
         chunk = all_rows[start: start + per_batch]
         chunk += [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (per_batch - len(chunk))  # mask 0
         batch = Batch.stack(chunk)
-        sums = trainer.eval_step(run.params, to_global(batch, trainer.batch_sharding))
+        sums = eval_step(params, to_global(batch, trainer.batch_sharding))
         loss_sum += float(sums["loss_sum"])
         count += float(sums["count"])
         n_bytes += float(np.sum(token_bytes[batch.targets] * batch.loss_mask))
     loss = loss_sum / max(count, 1.0)
-    return {"run": run_dir, "step": run.step, "data": data, "tokens": int(count), "bytes": int(n_bytes),
+    return {"run": run_dir, "step": run.step, "data": data, **({"quantize": quantize} if quantize else {}),
+            "tokens": int(count), "bytes": int(n_bytes),
             "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "bits_per_byte": loss_sum / math.log(2) / n_bytes if n_bytes else None}
 
 
 def main(args: argparse.Namespace) -> int:
-    print(json.dumps(evaluate(args.run_dir, args.data, args.split, args.step, args.max_tokens)))
+    print(json.dumps(evaluate(args.run_dir, args.data, args.split, args.step, args.max_tokens, args.quantize)))
     return 0

@@ -36,7 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the checkpoint step to load, or 'best' (lowest eval loss); default: the newest valid one")
     parser.add_argument("--draft", metavar="DRAFT_RUN_DIR", help="speculative decoding with this draft model")
     parser.add_argument("--lookahead", type=int, default=4, help="draft tokens proposed per round (default 4)")
-    parser.add_argument("--quantize", choices=["int8"], help="int8 weight-only decoding")
+    from jaxlm.compress.schemes import SCHEMES
+
+    parser.add_argument("--quantize", choices=list(SCHEMES), metavar="SCHEME",
+                        help=f"weight-only quantized decoding: {', '.join(SCHEMES)} (int4-g32 is llama.cpp's Q4_0)")
     from jaxlm.inference.diffusion import add_arguments as add_diffusion_arguments
 
     add_diffusion_arguments(parser)  # --sampler, --steps, --block-size for masked-diffusion checkpoints
@@ -63,7 +66,7 @@ def say(msg: str) -> None:
 
 
 def autoregressive(args, run: Run) -> int:
-    """The KV-cache decoder, with --draft (speculative) and --quantize int8."""
+    """The KV-cache decoder, with --draft (speculative) and --quantize (weight-only schemes)."""
     from jaxlm.inference.decode import Decoder, generate
     from jaxlm.inference.sampling import Sampling
 
@@ -72,13 +75,13 @@ def autoregressive(args, run: Run) -> int:
     texts = read_prompts(args)
     prompts = [tok.encode(t, allowed_special="all") or [tok.eot_id] for t in texts]
     params = run.params
-    if args.quantize == "int8":
-        from jaxlm.inference.quantize import quantize_params, weight_bytes
+    if args.quantize:
+        from jaxlm.compress.quantize import quantize_params, weight_bytes
 
         before = weight_bytes(params)
-        params = quantize_params(params, run.cfg)
+        params = quantize_params(params, run.cfg, args.quantize)
         after = weight_bytes(params)
-        say(f"int8 weights: {after / 2**20:.1f} MiB instead of {before / 2**20:.1f} MiB "
+        say(f"{args.quantize} weights: {after / 2**20:.1f} MiB instead of {before / 2**20:.1f} MiB "
             f"({(before - after) / 2**20:.1f} MiB saved, {before / after:.2f}x smaller)")
     target = Decoder(run.cfg, params, run.mesh)
     draft = None

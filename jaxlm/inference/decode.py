@@ -9,7 +9,7 @@ next ones. MoE layers route dropless at decode (no token is ever dropped), witho
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,17 +37,35 @@ def decode_config(cfg: Config, platform: str) -> Config:
 
 
 def place_params(params: dict, abstract: nnx.State, mesh: Mesh, rules: dict) -> dict:
-    """Parameters onto the mesh by their logical axes; a quantized weight's values and scales
-    each get the spec of their own shape (a scale's reduced dimensions stay whole)."""
+    """Parameters onto the mesh by their logical axes; a quantized weight's codes and scales by
+    the axes it carries (jaxlm/compress/quantize.py), each by the spec of its own shape."""
     out = jax.tree.map(lambda x: x, params)
     for path, var in nnx.to_flat_state(abstract):
-        axes = var.get_metadata().get("axes", ())
         node = out
         for key in path[:-1]:
             node = node[key]
+        axes = getattr(node[path[-1]], "axes", None) or var.get_metadata().get("axes", ())
         put = lambda a: jax.device_put(a, NamedSharding(mesh, spec_for(a.shape, axes, mesh, rules)))
         node[path[-1]] = jax.tree.map(put, node[path[-1]])
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What a decoder's programs are compiled from (graph, mesh, rules), without its weights: the
+    key of caches of compiled programs, which so keep no parameters alive. Equal configs on one
+    mesh give equal programs."""
+
+    key: tuple  # the model and MoE configs as decoded, the mesh, the rules table
+    graphdef: Any = dataclasses.field(compare=False)
+    mesh: Mesh = dataclasses.field(compare=False)
+    rules: dict = dataclasses.field(compare=False)
+
+    def forward(self, params, tokens_BT, positions_BT, caches) -> tuple[jax.Array, list]:
+        """f32 logits [B, T, V] of T new tokens per row at their positions, and the updated caches."""
+        with use_mesh_rules(self.mesh, self.rules):
+            logits_BTV, caches = nnx.merge(self.graphdef, params).decode(tokens_BT, positions_BT, caches)
+        return logits_BTV.astype(jnp.float32), caches
 
 
 class Decoder:
@@ -59,6 +77,8 @@ class Decoder:
         self.mesh, self.rules = mesh, resolve_rules(cfg.mesh.rules)
         model = nnx.eval_shape(lambda: Transformer(self.cfg.model, self.cfg.moe, nnx.Rngs(0)))
         self.graphdef, abstract = nnx.split(model)
+        key = (repr(self.cfg.model), repr(self.cfg.moe), mesh, repr(sorted(self.rules.items())))
+        self.program = Program(key, self.graphdef, mesh, self.rules)
         self.params = place_params(params, abstract, mesh, self.rules)
         self.prefill_fn = jax.jit(lambda p, t, pos, c: self.forward(p, t, pos, c)[1], donate_argnums=3)
         self.step_fn = jax.jit(self.step, static_argnames="sampling", donate_argnums=1)
@@ -72,9 +92,7 @@ class Decoder:
 
     def forward(self, params, tokens_BT, positions_BT, caches) -> tuple[jax.Array, list]:
         """f32 logits [B, T, V] of T new tokens per row at their positions, and the updated caches."""
-        with use_mesh_rules(self.mesh, self.rules):
-            logits_BTV, caches = nnx.merge(self.graphdef, params).decode(tokens_BT, positions_BT, caches)
-        return logits_BTV.astype(jnp.float32), caches
+        return self.program.forward(params, tokens_BT, positions_BT, caches)
 
     def step(self, params, caches, tokens_B, start_B, i, key, sampling: Sampling):
         """Step i: runs each row's pending token at position start_B + i, samples the next."""

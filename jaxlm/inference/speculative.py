@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxlm.errors import UserError
 from jaxlm.inference.cache import bucket
-from jaxlm.inference.decode import Decoder, Outputs, check_room
+from jaxlm.inference.decode import Decoder, Outputs, Program, check_room
 from jaxlm.inference.sampling import Sampling, probabilities, sample
 
 
@@ -79,10 +79,12 @@ def accept(p_BJV, q_BKV, x_BK, key, sampling: Sampling):
 
 
 @functools.lru_cache(maxsize=16)
-def make_round(target: Decoder, draft: Decoder, K: int, sampling: Sampling) -> Callable:
-    """The jitted round (one per pair, lookahead and sampling, so later calls reuse its compilation): (target params, draft params, target caches, draft caches, prev, pending,
-    positions, round, key) -> (emitted [B, K+1] (-1 past the row's count), n accepted, pending,
-    prev, positions, target caches, draft caches)."""
+def make_round(target: Program, draft: Program, K: int, sampling: Sampling) -> Callable:
+    """The jitted round, one per pair of programs (graphs and meshes, not weights: a cached round
+    keeps no model alive), lookahead and sampling, so later calls reuse its compilation:
+    (target params, draft params, target caches, draft caches, prev, pending, positions, round,
+    key) -> (emitted [B, K+1] (-1 past the row's count), n accepted, pending, prev, positions,
+    target caches, draft caches)."""
 
     def draft_probs_and_token(logits_BV, key):
         return probabilities(logits_BV, sampling), sample(logits_BV, key, sampling)
@@ -138,7 +140,7 @@ def speculative_generate(target: Decoder, draft: Decoder, prompts: list[list[int
     tcaches, pending, pos = target.prefill(target.new_caches(len(prompts), length), prompts)
     dcaches, _, _ = draft.prefill(draft.new_caches(len(prompts), length), prompts)
     prev = jnp.asarray([p[-2] if len(p) > 1 else p[-1] for p in prompts], jnp.int32)
-    round_fn = make_round(target, draft, lookahead, sampling)
+    round_fn = make_round(target.program, draft.program, lookahead, sampling)
     key = jax.random.key(seed)
 
     def read(emitted, n_accepted) -> bool:

@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxlm.model.kernels import project
 from jaxlm.model.ops import dtype_of
-from jaxlm.parallel.sharding import constrain
+from jaxlm.parallel.sharding import constrain, unshard
 
 
 def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], fan_in: int, dtype) -> nnx.Param:
@@ -47,13 +47,21 @@ class Embed(nnx.Module):
         self.projection_impl = projection_impl
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-        x_BTD = jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(self.compute_dtype)
+        table = self.table_VD[...]
+        if hasattr(table, "project"):  # quantized (jaxlm/compress/quantize.py): stored as the tied head's [D, V]
+            x_BTD = table.gather_rows(tokens_BT).astype(self.compute_dtype)
+        else:
+            # the rows come out split like the tokens (batch) only from a table whose embed dim is
+            # whole (fsdp's gather); from an fsdp-split table XLA would replicate them to reshard
+            table_VD = unshard(table, ("vocab", "embed"), ("embed",))
+            x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(self.compute_dtype)
         return constrain(x_BTD, ("batch", "length", "embed"))
 
     def attend(self, x_BTD: jax.Array, scaled: bool = True) -> jax.Array:
         """Tied output projection: logits against the embedding table (divided by sqrt(D) if `scaled`)."""
-        table = self.table_VD[...].astype(self.compute_dtype)
-        logits_BTV = project(x_BTD, table.T, impl=self.projection_impl)
+        table = self.table_VD[...]
+        w_DV = table if hasattr(table, "project") else table.astype(self.compute_dtype).T
+        logits_BTV = project(x_BTD, w_DV, impl=self.projection_impl)
         return logits_BTV / math.sqrt(x_BTD.shape[-1]) if scaled else logits_BTV
 
 
@@ -70,8 +78,8 @@ class MLP(nnx.Module):
         self.w_up_DF = weight(rngs, (D, d_ff), ("embed", "mlp"), D, pdt)
         self.w_down_FD = weight(rngs, (d_ff, D), ("mlp", "embed"), d_ff, pdt)
 
-    def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
-        """Same calling convention as the MoE block: (output, aux metrics); `rng` is unused."""
+    def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None, valid_BT=None) -> tuple[jax.Array, dict]:
+        """Same calling convention as the MoE block: (output, aux metrics); `rng`, `valid_BT` unused."""
         cast = lambda w: w[...].astype(self.compute_dtype)
         proj = lambda x, w: project(x, cast(w), impl=self.projection_impl)
         up_BTF = proj(x_BTD, self.w_up_DF)

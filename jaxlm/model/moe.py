@@ -11,6 +11,10 @@ A slot past capacity skips its expert (contributes 0; the residual carries the t
 lowers ragged_dot to a masked dense matmul against every expert (E times the expert FLOPs, about
 2.5-3x the dense step of bench/moe_throughput.py), so `dropping` is the fast path there.
 
+Padding (packed rows' segment id 0, given as `valid_BT` False) takes no part: it is left out of the
+router losses and metrics, claims no capacity, and capacity is reckoned from the real tokens, so
+a packed batch's real tokens get exactly what the same batch without its padding would give.
+
 Routing and the aux losses run on the global batch (GSPMD), so they do not depend on the mesh.
 Dispatch, experts and combine run per device inside `shard_map`: tokens travel to the devices
 that hold their experts over the `expert` mesh axes and back (all-to-all). Capacity is per
@@ -57,16 +61,22 @@ class MoEBlock(nnx.Module):
         if moe.shared_gate:  # Qwen2-MoE: the shared experts' output times sigmoid(w . x), per token
             self.shared_gate_D = weight(rngs, (D,), ("embed",), D, pdt)
 
-    def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None,
+                 valid_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """(output, aux); `valid_BT` (bool) marks real tokens, None = all are (padding gets no expert)."""
         moe = self.moe
         B, T, D = x_BTD.shape
         logits_BTE = jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), self.router_DE[...].astype(jnp.float32))
-        idx_BTK, gate_BTK, aux = route(logits_BTE, moe, rng)
+        idx_BTK, gate_BTK, aux = route(logits_BTE, moe, rng, valid_BT)
         ws = {k: getattr(self, k)[...].astype(self.compute_dtype)
               for k in ("w_gate_EDF", "w_up_EDF", "w_down_EFD") if hasattr(self, k)}
+        valid_N = None if valid_BT is None else valid_BT.reshape(B * T)
         out_ND, keep_NK = run_experts(x_BTD.reshape(B * T, D), idx_BTK.reshape(B * T, -1),
-                                      gate_BTK.reshape(B * T, -1), ws, moe, ExpertMLP(self.kind, self.gmm_impl))
-        aux["moe_dropped_frac"] = jax.lax.stop_gradient(1.0 - jnp.mean(keep_NK.astype(jnp.float32)))
+                                      gate_BTK.reshape(B * T, -1), ws, moe, ExpertMLP(self.kind, self.gmm_impl),
+                                      valid_N)
+        served = keep_NK.astype(jnp.float32)
+        dropped = 1.0 - (jnp.mean(served) if valid_N is None else token_mean(jnp.mean(served, axis=-1), valid_N))
+        aux["moe_dropped_frac"] = jax.lax.stop_gradient(dropped)
         out_BTD = out_ND.reshape(B, T, D)
         if self.shared is not None:
             shared_BTD = self.shared(x_BTD)[0]
@@ -77,14 +87,25 @@ class MoEBlock(nnx.Module):
         return out_BTD, aux
 
 
-def route(logits_BTE: jax.Array, moe: MoEConfig, rng) -> tuple[jax.Array, jax.Array, dict]:
+def token_mean(a_BT, valid_BT=None):
+    """Mean over the leading token dimensions of `a` (as many as `valid` has; all of them when
+    valid is None), counting only the tokens where `valid` is True."""
+    if valid_BT is None:
+        return jnp.mean(a_BT, axis=(0, 1))
+    w = valid_BT.astype(jnp.float32).reshape(valid_BT.shape + (1,) * (a_BT.ndim - valid_BT.ndim))
+    axes = tuple(range(valid_BT.ndim))
+    return jnp.sum(a_BT * w, axis=axes) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def route(logits_BTE: jax.Array, moe: MoEConfig, rng, valid_BT=None) -> tuple[jax.Array, jax.Array, dict]:
     """Top-k experts per token, their gates (f32; renormalised to sum 1 if moe.norm_topk_prob), and
     the router losses/metrics.
 
     aux: moe_aux_loss = E * sum_e f_e * P_e (Switch), f_e = share of token-slots routed to e,
     P_e = mean router probability of e (sigmoid scores normalised per token); moe_z_loss =
     mean logsumexp(logits)^2 (ST-MoE, on the noise-free logits); moe_max_share / moe_min_share =
-    max / min over experts of E * f_e (1.0 = perfectly balanced).
+    max / min over experts of E * f_e (1.0 = perfectly balanced). Means are over the tokens
+    `valid_BT` marks (None: all).
     """
     E, K = logits_BTE.shape[-1], moe.top_k
     clean_BTE = logits_BTE
@@ -97,12 +118,12 @@ def route(logits_BTE: jax.Array, moe: MoEConfig, rng) -> tuple[jax.Array, jax.Ar
         probs_BTE = scores_BTE / jnp.sum(scores_BTE, axis=-1, keepdims=True)
     top_BTK, idx_BTK = jax.lax.top_k(scores_BTE, K)
     gate_BTK = top_BTK / jnp.sum(top_BTK, axis=-1, keepdims=True) if moe.norm_topk_prob else top_BTK
-    f_E = jnp.mean(jnp.sum(jax.nn.one_hot(idx_BTK, E, dtype=jnp.float32), axis=-2), axis=(0, 1)) / K
-    P_E = jnp.mean(probs_BTE, axis=(0, 1))
+    f_E = token_mean(jnp.sum(jax.nn.one_hot(idx_BTK, E, dtype=jnp.float32), axis=-2), valid_BT) / K
+    P_E = token_mean(probs_BTE, valid_BT)
     share_E = jax.lax.stop_gradient(E * f_E)
     aux = {
         "moe_aux_loss": E * jnp.sum(f_E * P_E),
-        "moe_z_loss": jnp.mean(jax.nn.logsumexp(clean_BTE, axis=-1) ** 2),
+        "moe_z_loss": token_mean(jax.nn.logsumexp(clean_BTE, axis=-1) ** 2, valid_BT),
         "moe_max_share": jnp.max(share_E),
         "moe_min_share": jnp.min(share_E),
     }
@@ -117,11 +138,13 @@ class ExpertMLP(NamedTuple):
     gmm_impl: str  # the dropless path's grouped-matmul kernel (model.gmm_impl)
 
 
-def run_experts(x_ND, idx_NK, gate_NK, ws: dict, moe: MoEConfig, kind: ExpertMLP) -> tuple[jax.Array, jax.Array]:
-    """Routed expert output [N, D] and which slots were served [N, K]; per device under a mesh."""
+def run_experts(x_ND, idx_NK, gate_NK, ws: dict, moe: MoEConfig, kind: ExpertMLP,
+                valid_N=None) -> tuple[jax.Array, jax.Array]:
+    """Routed expert output [N, D] and which slots were served [N, K]; per device under a mesh.
+    `valid_N` (bool, None = all) marks real tokens: padding is never served."""
     active = active_mesh_rules()
     if active is None or active[0].size == 1:
-        return _local(x_ND, idx_NK, gate_NK, ws, moe, kind, (), 1, ())
+        return _local(x_ND, idx_NK, gate_NK, ws, moe, kind, (), 1, (), valid_N)
     mesh, rules = active
     E, D, F = ws["w_up_EDF"].shape
     w_spec = spec_for((E, D, F), ("expert", None, "expert_mlp"), mesh, rules)
@@ -132,44 +155,51 @@ def run_experts(x_ND, idx_NK, gate_NK, ws: dict, moe: MoEConfig, kind: ExpertMLP
     if not set(ep_axes) <= set(tok_axes):  # too few tokens to split over the expert axes: no EP
         ep_axes, w_spec = (), PartitionSpec(None, None, w_spec[2])
     if not (ep_axes or tp_axes or tok_axes):
-        return _local(x_ND, idx_NK, gate_NK, ws, moe, kind, (), 1, ())
+        return _local(x_ND, idx_NK, gate_NK, ws, moe, kind, (), 1, (), valid_N)
     tok = PartitionSpec(tok_axes or None, None)
     down_spec = PartitionSpec(w_spec[0], w_spec[2], None)
     w_specs = {k: down_spec if k == "w_down_EFD" else w_spec for k in ws}
     ep_size = math.prod(mesh.shape[a] for a in ep_axes)
 
-    def body(x, idx, gate, w):
-        return _local(x, idx, gate, w, moe, kind, ep_axes, ep_size, tp_axes)
+    def body(x, idx, gate, w, *valid):
+        return _local(x, idx, gate, w, moe, kind, ep_axes, ep_size, tp_axes, *valid)
 
+    args, specs = (x_ND, idx_NK, gate_NK, ws), (tok, tok, tok, w_specs)
+    if valid_N is not None:
+        args, specs = args + (valid_N,), specs + (PartitionSpec(tok_axes or None),)
     # check_vma off: Pallas kernels inside (megablox) do not declare how outputs vary over the mesh
-    return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_specs), out_specs=(tok, tok), check_vma=False)(
-        x_ND, idx_NK, gate_NK, ws)
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tok, tok), check_vma=False)(*args)
 
 
 def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _local(x_ND, idx_NK, gate_NK, ws, moe, kind, ep_axes, P, tp_axes):
+def _local(x_ND, idx_NK, gate_NK, ws, moe, kind, ep_axes, P, tp_axes, valid_N=None):
     """One device's tokens against all experts; ws holds this device's G = E / P experts."""
     N, K = idx_NK.shape
     G = ws["w_up_EDF"].shape[0]
     E = G * P
     e_S = idx_NK.T.reshape(-1)  # slot s = k*N + n
     tok_S = jnp.tile(jnp.arange(N, dtype=jnp.int32), K)
+    valid_S = None if valid_N is None else jnp.tile(valid_N, K)
     ep = ep_axes[0] if len(ep_axes) == 1 else ep_axes
     mlp = lambda rows, sizes: _psum(_ragged_mlp(rows, ws, sizes, kind), tp_axes)
     if moe.impl == "dropping":
         C = math.ceil(moe.capacity_factor * N * K / E)
-        y_SD, keep_S = _dropping(x_ND, e_S, tok_S, E, C, lambda x: _psum(_batched_mlp(x, ws, kind), tp_axes), ep, P)
+        y_SD, keep_S = _dropping(x_ND, e_S, tok_S, E, C, lambda x: _psum(_batched_mlp(x, ws, kind), tp_axes), ep, P,
+                                 valid_S, moe.capacity_factor)
     elif P == 1:
+        if valid_S is not None:  # padding sorts after every expert's rows: not computed, output 0
+            e_S = jnp.where(valid_S, e_S, E)
         order_S = jnp.argsort(e_S, stable=True)
         y_sorted = mlp(x_ND[tok_S[order_S]], jnp.bincount(e_S, length=E).astype(jnp.int32))
-        y_SD, keep_S = _unsort(y_sorted, order_S), jnp.ones(e_S.shape, bool)
+        y_SD = _unsort(y_sorted, order_S)
+        keep_S = jnp.ones(e_S.shape, bool) if valid_S is None else valid_S
     else:
         ragged = USE_RAGGED_A2A if USE_RAGGED_A2A is not None else jax.default_backend() in ("gpu", "tpu")
         y_SD = _dropless_ep(x_ND, e_S, tok_S, G, P, mlp, ep, ragged)
-        keep_S = jnp.ones(e_S.shape, bool)
+        keep_S = jnp.ones(e_S.shape, bool) if valid_S is None else valid_S
     y_KND = y_SD.reshape(K, N, -1)
     out_ND = jnp.einsum("knd,nk->nd", y_KND, gate_NK.astype(y_KND.dtype))
     return out_ND, keep_S.reshape(K, N).T
@@ -213,12 +243,20 @@ def _ragged_mlp(x_MD, ws, sizes_G, kind):
 # ----------------------------------------------------------------------------- dispatch / combine
 
 
-def _dropping(x_ND, e_S, tok_S, E, C, mlp, ep, P):
-    """GShard dispatch into [E, C, D] capacity buffers (as gathers, not one-hot einsums)."""
+def _dropping(x_ND, e_S, tok_S, E, C, mlp, ep, P, valid_S=None, capacity_factor=1.0):
+    """GShard dispatch into [E, C, D] capacity buffers (as gathers, not one-hot einsums).
+    With `valid_S`, padding slots take no place in the queue and the capacity is that of the real
+    tokens, ceil(capacity_factor * real slots / E) (the buffers keep their static size C)."""
     N, D = x_ND.shape
     onehot_SE = jax.nn.one_hot(e_S, E, dtype=jnp.int32)
+    if valid_S is not None:
+        onehot_SE = onehot_SE * valid_S[:, None].astype(jnp.int32)
     pos_S = jnp.sum((jnp.cumsum(onehot_SE, axis=0) - 1) * onehot_SE, axis=-1)  # rank within expert
-    keep_S = pos_S < C
+    if valid_S is None:
+        keep_S = pos_S < C
+    else:
+        slots = jnp.sum(valid_S.astype(jnp.int32)).astype(jnp.float32)
+        keep_S = valid_S & (pos_S < jnp.minimum(jnp.ceil(capacity_factor * slots / E).astype(jnp.int32), C))
     dest_S = jnp.where(keep_S, e_S * C + pos_S, E * C)  # E*C: a discard row
     src_M = jnp.full((E * C + 1,), N, jnp.int32).at[dest_S].set(tok_S)[: E * C]  # N: empty slot
     x_pad = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])

@@ -3,7 +3,9 @@
 Layers are grouped into *segments*: a unit of block kinds repeated n times (for a dense model,
 one segment of unit ("dense",) x n_layers; MoE configs interleave dense and MoE blocks). Each
 segment's parameters are stacked along a leading layer axis and run under one `lax.scan`, so
-a 48-layer model compiles one unit, not 48 blocks.
+a 48-layer model compiles one unit, not 48 blocks. With model.share_blocks = k (MobileLLM's
+immediate block-wise sharing) each block is applied k times in a row: n_layers blocks of
+parameters, n_layers * k layers of compute, each application with its own KV cache in decoding.
 """
 
 from __future__ import annotations
@@ -70,8 +72,11 @@ class Block(nnx.Module):
             out, cache = self.attn.cached(h, positions_BT, mask, cache)
             return out
 
+        # real tokens (segment id 0 is a packed row's padding): MoE routes only these
+        valid_BT = None if mask.segment_ids_BT is None else mask.segment_ids_BT > 0
+
         def ffn(h):
-            y_BTD, aux = self.ffn(h, rng=rng)
+            y_BTD, aux = self.ffn(h, rng=rng, valid_BT=valid_BT)
             return drop(y_BTD, keys[1]), aux
 
         if self.norm_kind == "pre":
@@ -90,18 +95,22 @@ class Block(nnx.Module):
 
 
 class Unit(nnx.Module):
-    """Blocks of the given kinds applied in order; aux metrics are summed over them."""
+    """Blocks of the given kinds applied in order, each `cfg.share_blocks` times in a row; aux
+    metrics are summed over the applications."""
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, kinds: tuple[str, ...], rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, moe, kind, rngs) for kind in kinds])
+        self.share = cfg.share_blocks
 
     def __call__(self, x_BTD, positions_BT, mask, rng, caches: list | None = None):
-        """(x, summed aux, caches); `caches` (decode mode) holds one KVCache per block."""
+        """(x, summed aux, caches); `caches` (decode mode) holds one KVCache per application of a
+        block (block i's r-th at i * share + r)."""
         total: dict = {}
         new_caches = []
-        for i, block in enumerate(self.blocks):
-            x_BTD, aux, cache = block(x_BTD, positions_BT, mask, None if rng is None else jax.random.fold_in(rng, i),
-                                      None if caches is None else caches[i])
+        for j in range(len(self.blocks) * self.share):
+            block = self.blocks[j // self.share]
+            x_BTD, aux, cache = block(x_BTD, positions_BT, mask, None if rng is None else jax.random.fold_in(rng, j),
+                                      None if caches is None else caches[j])
             new_caches.append(cache)
             for k, v in aux.items():
                 total[k] = total.get(k, 0.0) + v

@@ -96,14 +96,22 @@ class MDLM(Objective):
     def nelbo_BT(self, model, batch: Batch, key, t_BT, rng=None) -> tuple[jax.Array, jax.Array, dict]:
         """(per-token weighted cross-entropy [B, T], 0 where not masked or not scored; the scored
         mask [B, T]; the model's aux metrics)."""
+        # x0 is the token sequence itself: the inputs hold every token once (packed rows: each
+        # document whole, <|endoftext|> included), the target-side fields are not read
         x0_BT = batch.inputs
         x_t, masked_BT = mask_tokens(key, x0_BT, t_BT, self.cfg.diffusion.schedule, self.mask)
         logits, aux = forward(model, batch, rng, inputs=x_t)
         logits = subs_logits(logits, self.mask)
         ce_BT = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, x0_BT[..., None], -1)[..., 0]
-        scored_BT = masked_BT & (batch.loss_mask > 0)
+        scored_BT = masked_BT & batch.token_mask()  # padding is never scored
         weighted_BT = jnp.where(scored_BT, elbo_weight(self.cfg.diffusion.schedule, t_BT) * ce_BT, 0.0)
         return weighted_BT, scored_BT, aux
+
+    def count(self, batch: Batch) -> jax.Array:
+        """The sequences' real tokens (the bound is per input token, not per next-token target)."""
+        if batch.segment_ids is None:  # rows of one piece of text: real where the loss mask is 1
+            return super().count(batch)
+        return jnp.sum(batch.token_mask().astype(jnp.float32))
 
     def nelbo_sum(self, model, batch: Batch, key, t_BT, rng=None) -> tuple[jax.Array, dict, dict]:
         """(the bound summed over tokens, {mask_rate: masked tokens}, aux)."""

@@ -159,6 +159,20 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(x.shape, axes, mesh, rules)))
 
 
+def unshard(x: jax.Array, axes: Sequence[str | None], whole: Sequence[str]) -> jax.Array:
+    """`x` (logical `axes`) with the dimensions named in `whole` gathered whole, the others as
+    the rules split them. No constraint where that is how `x` is split already, so programs
+    whose mesh does not split those dimensions are unchanged."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = spec_for(x.shape, [None if a in whole else a for a in axes], mesh, rules)
+    if spec == spec_for(x.shape, axes, mesh, rules):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def batch_sharding(mesh: Mesh, rules: dict, ndim: int = 2) -> NamedSharding:
     """Sharding of a [batch, ...] input array: batch over the data-parallel axes."""
     axes = tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)

@@ -7,6 +7,9 @@ for the full T x T square (a causal kernel that skips the masked half does less 
 
 The roofline (`--device h100`) bounds one step on one chip by the larger of compute time
 (train FLOPs / dense bf16 peak) and memory time (bytes moved / HBM bandwidth).
+
+Shared blocks (model.share_blocks = k, MobileLLM): parameters count each block once, FLOPs and
+activations count each of its k applications.
 """
 
 from __future__ import annotations
@@ -38,7 +41,13 @@ class Counts:
 
 
 def _layer_kinds(m: ModelConfig, moe: MoEConfig) -> list[str]:
+    """The kind of every block of parameters."""
     return [kind for unit, n in layer_plan(m, moe) for _ in range(n) for kind in unit]
+
+
+def _applied_kinds(m: ModelConfig, moe: MoEConfig) -> list[str]:
+    """The kind of every layer of compute: each block applied model.share_blocks times."""
+    return [kind for kind in _layer_kinds(m, moe) for _ in range(m.share_blocks)]
 
 
 def _mlp_matrices(m: ModelConfig) -> int:
@@ -73,7 +82,7 @@ def count_params(m: ModelConfig, moe: MoEConfig) -> Counts:
 def forward_flops(m: ModelConfig, moe: MoEConfig, seq_len: int) -> dict[str, int]:
     """Matmul FLOPs of one forward pass over one sequence, by component (active experts only)."""
     T, D, hd = seq_len, m.d_model, m.head_dim
-    kinds = _layer_kinds(m, moe)
+    kinds = _applied_kinds(m, moe)
     n_moe = kinds.count("moe")
     n_dense = len(kinds) - n_moe
     expert_ff = moe.d_ff or m.d_ff
@@ -120,7 +129,7 @@ def activation_bytes(cfg: Config) -> int:
     attention = 2 * D + (2 * m.n_heads + 2 * m.n_kv_heads) * hd + m.n_heads * T
     dense_ffn = 2 * D + _mlp_matrices(m) * m.d_ff
     moe_ffn = 2 * D + _mlp_matrices(m) * (moe.top_k + moe.n_shared) * (moe.d_ff or m.d_ff) + moe.n_experts
-    kinds = _layer_kinds(m, moe)
+    kinds = _applied_kinds(m, moe)
     per_token = sum(attention + (moe_ffn if kind == "moe" else dense_ffn) for kind in kinds) + D + m.vocab_size
     return per_token * cfg.train.global_batch * T * _bytes(m.compute_dtype)
 
@@ -177,11 +186,13 @@ def report(cfg: Config, device: devices.Device | None = None) -> str:
         ("  mlp" + (" (all experts + routers)" if moe.n_experts else ""), f"{c.mlp:,}"),
         ("  norms", f"{c.norms:,}"),
         ("  lm head", f"{c.output:,}" + (" (tied)" if m.tie_embeddings else "")),
-        ("  total", f"{c.total:,}"),
+        ("  total" + (f" (unique: {m.n_layers} blocks, each applied {m.share_blocks} times)"
+                      if m.share_blocks > 1 else ""), f"{c.total:,}"),
     ]
     if moe.n_experts:
         rows.append(("  active per token", f"{c.active:,}"))
-    rows.append((f"forward FLOPs per sequence (T={m.max_seq_len})", ""))
+    rows.append((f"forward FLOPs per sequence (T={m.max_seq_len}"
+                 + (f", {m.n_layers * m.share_blocks} layers applied)" if m.share_blocks > 1 else ")"), ""))
     rows += [(f"  {k}", f"{v:,}") for k, v in flops.items()]
     rows.append(("  total", f"{sum(flops.values()):,}"))
     rows.append(("memory", ""))

@@ -29,7 +29,7 @@ from jaxlm.parallel.mesh import data_parallel_size, make_mesh
 from jaxlm.parallel.sharding import resolve_rules
 from jaxlm.tools.accounting import train_flops_per_step
 from jaxlm.train.guard import FiniteCheck, RunDirLock
-from jaxlm.train.metrics import MetricsLogger, mfu_peak
+from jaxlm.train.metrics import MetricsLogger, TokenCount, mfu_peak
 from jaxlm.train.profile import Profiler
 from jaxlm.train.step import Trainer, make_trainer
 from jaxlm.train.stopping import EarlyStopping, Preemption
@@ -130,6 +130,7 @@ class TrainingRun:
                                                  self.fingerprint)
         self.state = self._restore(restored) if restored else self._initialise()
         self.start_step = int(self.state["step"])
+        self.tokens = TokenCount(self.tokens_seen)  # real tokens: packed rows' padding does not count
         self.stopper = EarlyStopping(self.t.early_stop_patience, self.meta.get("early_stop"))
         if self._nothing_to_do():
             return False
@@ -226,7 +227,7 @@ class TrainingRun:
         self.checks.push(done, metrics)  # checks the previous step: this one is queued, the host need not wait
         if self.writer is not None:
             self.writer.poll()  # a failed background save stops the run now, not at the next save
-        self.tokens_seen += self.t.global_batch * self.cfg.data.seq_len
+        self.tokens.add(metrics.pop("tokens", self.t.global_batch * self.cfg.data.seq_len))
         self.logger.advance()
         return metrics
 
@@ -239,13 +240,15 @@ class TrainingRun:
         return StepPlan(log=log, evaluate=evaluate_now, stop=stop, last=last)
 
     def _timed(self, metrics: dict, done: int) -> dict:
-        """Adds step time, tokens/s and MFU since the last record (the first step, compiling, is not timed)."""
+        """Adds step time, tokens/s and MFU since the last record (the first step, compiling, is not timed);
+        tokens/s and MFU count real tokens only."""
         now = time.perf_counter()
+        real = self.tokens.lap()  # since the previous record
         if self.clock is not None:
             step_time = (now - self.clock) / (done - self.clock_step)
-            tokens_per_step = self.t.global_batch * self.cfg.data.seq_len
-            metrics.update(step_time=step_time, tokens_per_s=tokens_per_step / step_time,
-                           mfu=self.flops / step_time / self.peak)
+            tokens_per_step = self.t.global_batch * self.cfg.data.seq_len  # the FLOPs count every position
+            metrics.update(step_time=step_time, tokens_per_s=real / (now - self.clock),
+                           mfu=self.flops / tokens_per_step * real / (now - self.clock) / self.peak)
         self.clock, self.clock_step = now, done
         return metrics
 
@@ -257,7 +260,7 @@ class TrainingRun:
 
     def _save(self, step: int, eval_loss: float | None) -> None:
         self.checks.check_state(step, self.state)  # never a non-finite checkpoint
-        meta = {**ckpt.make_meta(self.cfg, step, self.tokens_seen, self.batches.get_state(), self.tokenizer,
+        meta = {**ckpt.make_meta(self.cfg, step, self.tokens.seen, self.batches.get_state(), self.tokenizer,
                                  self.fingerprint),
                 "determinism": self.determinism, "eval_loss": eval_loss, "early_stop": self.stopper.state()}
         self.writer.save(step, self.trainer.saved_state(self.state), meta)

@@ -32,10 +32,8 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
-        from tensorboardX import SummaryWriter
-
         # purge_step drops events a resumed run is about to write again
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.tb = Events(run_dir / "tensorboard", purge_step=start_step + 1 if start_step else None)
         if cfg is not None and cfg.train.wandb.project is not None:
             self.wandb = WandbSink(cfg, run_dir, start_step)
         if progress:
@@ -48,11 +46,13 @@ class MetricsLogger:
         self.history.append(record)
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        except OSError as e:  # a full disk, say: one line naming the file
+            raise OSError(e.errno, e.strerror, self.jsonl.name) from None
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
-        for k, v in scalars.items():
-            self.tb.add_scalar(k, v, step)
+        self.tb.add_scalars(step, scalars)
         if self.wandb is not None:
             self.wandb.log(step, scalars)
         if self.bar is not None:
@@ -73,14 +73,77 @@ class MetricsLogger:
             self.bar.update(n)
 
     def close(self) -> None:
+        """Closes the outputs. A write that fails here (a full disk) is raised only if nothing else
+        is failing already: the first failure is the run's one-line error."""
+        failing = sys.exc_info()[1] is not None
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
+        errors = []
+        for out in (self.tb, self.wandb, self.jsonl):
+            try:
+                if out is not None:
+                    out.close()
+            except OSError as e:
+                errors.append(e)
+        if errors and not failing:
+            raise errors[0]
+
+
+class Events:
+    """TensorBoard scalars, written synchronously with tensorboardX's EventsWriter. (Its
+    SummaryWriter writes from a thread: a failed write, on a full disk, killed the thread, and
+    the run then blocked forever on the thread's full queue; at exit it retried the flush.)"""
+
+    def __init__(self, logdir: Path, purge_step: int | None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.logdir, self.writer = logdir, EventsWriter(str(logdir / "events"))
+        if purge_step is not None:  # as SummaryWriter(purge_step=...) marks it
+            self.writer.write_event(Event(step=purge_step, file_version="brain.Event:2"))
+            self.writer.write_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+
+    def add_scalars(self, step: int, values: dict) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        wall = time.time()
+        try:
+            for k, v in values.items():
+                self.writer.write_event(Event(wall_time=wall, step=step, summary=scalar(k, v)))
+            self.writer.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.logdir)) from None
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.logdir)) from None
+
+
+class TokenCount:
+    """Tokens trained on, padding excluded. A step's count may be a device scalar (the train
+    step's `tokens` metric): it is summed only when read, so counting never makes the host wait."""
+
+    def __init__(self, seen: int):
+        self._seen, self._lap, self._pending = seen, seen, []
+
+    def add(self, n) -> None:
+        self._pending.append(n)
+
+    @property
+    def seen(self) -> int:
+        if self._pending:
+            self._seen += sum(int(n) for n in jax.device_get(self._pending))
+            self._pending = []
+        return self._seen
+
+    def lap(self) -> int:
+        """Tokens since the previous lap (or the start)."""
+        before, self._lap = self._lap, self.seen
+        return self._lap - before
 
 
 class WandbSink:

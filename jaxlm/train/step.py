@@ -113,6 +113,8 @@ def train_step(state, batch: Batch, frozen, spec: StepSpec):
         "lr": spec.schedule(state["step"]),
         **info["aux"],
     }
+    if batch.segment_ids is not None:  # packed rows: the real tokens, for throughput (else every position is)
+        metrics["tokens"] = jnp.sum(batch.token_mask(), dtype=jnp.int32)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 

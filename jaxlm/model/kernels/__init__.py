@@ -191,7 +191,7 @@ def reference_attention(q_BTKGd, k_BSKd, v_BSKd, mask: AttentionMask, dropout=(0
 def project(x: jax.Array, w: jax.Array, n_in: int = 1, impl: str = "auto") -> jax.Array:
     """x [..., *in] @ w [*in, *out], contracting x's last n_in dims with w's first n_in, as one
     2-D matmul."""
-    if hasattr(w, "project"):  # a weight-only quantized matrix (jaxlm/inference/quantize.py)
+    if hasattr(w, "project"):  # a weight-only quantized matrix (jaxlm/compress/quantize.py)
         return w.project(x, n_in)
     lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
     out = w.shape[n_in:]
