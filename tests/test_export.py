@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxlm import checkpoint as ckpt
 from jaxlm import cli
-from jaxlm.config import load_config
+from jaxlm.config import OptimConfig, load_config
 from jaxlm.tokenizer.tokenizer import byte_tokenizer, load_gpt2_files
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.checkpoint import runs
@@ -42,6 +42,13 @@ MODELS = {
     "dense_shared": ["model.share_blocks=2"],  # MobileLLM: blocks A B applied A A B B; exports repeat them
     "mixtral": MOE,
     "shared_and_leading_dense": MOE + ["model.n_layers=3", "moe.n_shared=1", "moe.first_dense=1"],
+    # the switches Hugging Face architectures need, on a model made by jaxlm: Qwen2-MoE with an
+    # ungated shared expert (written as a zero gate and a doubled down-projection), unnormalised
+    # top-k, q/k/v biases, wider heads, llama3 RoPE and an HF-style tied head
+    "switches": MOE + ["moe.n_shared=1", "moe.norm_topk_prob=false", "model.attention_bias=true", "model.d_head=32",
+                       "model.rope_scaling.type=llama3", "model.rope_scaling.original_max_seq_len=16",
+                       "model.tie_embeddings=true", "model.scale_tied_logits=false"],
+    "qk_norm_moe": MOE + ["model.qk_norm=true", "model.d_head=8", "moe.first_dense=1", "model.n_layers=3"],
 }
 ONE_DEVICE = slice(0, 1)  # tiny models: one device compiles and saves fastest
 PROMPT = list(b"To be, or not to be: that is")
@@ -67,9 +74,14 @@ def make_run(tmp_path_factory):
         trainer = make_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[ONE_DEVICE]))
         params = trainer.init_state()["params"]
         keys = iter(jax.random.split(jax.random.key(7), 64))
-        params = jax.tree_util.tree_map_with_path(
-            lambda p, x: x * jax.random.uniform(next(keys), x.shape, x.dtype, 0.5, 1.5)
-            if "scale" in jax.tree_util.keystr(p) else x, params)
+        def randomize(path, x):  # norm gains around 1, biases around 0: a misplaced one would show
+            name = jax.tree_util.keystr(path)
+            if "scale" in name:
+                return x * jax.random.uniform(next(keys), x.shape, x.dtype, 0.5, 1.5)
+            bias = str(path[-1].key) in ("bq_Hd", "bk_Kd", "bv_Kd")
+            return x + 0.3 * jax.random.normal(next(keys), x.shape, x.dtype) if bias else x
+
+        params = jax.tree_util.tree_map_with_path(randomize, params)
         runs.write_step0(run_dir, cfg, params, trainer)
         return run_dir
 
@@ -120,9 +132,11 @@ def test_transformers_logits_match_jaxlm_within_1e4(make_run, tmp_path, name):
         assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     expected = {"dense_gqa": "LlamaForCausalLM", "dense_tied": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
-                "shared_and_leading_dense": "Qwen2MoeForCausalLM", "dense_shared": "LlamaForCausalLM"}[name]
+                "shared_and_leading_dense": "Qwen2MoeForCausalLM", "dense_shared": "LlamaForCausalLM",
+                "switches": "Qwen2MoeForCausalLM", "qk_norm_moe": "Qwen3MoeForCausalLM"}[name]
     assert type(model).__name__ == expected
-    assert model.config.num_hidden_layers == 2 * (1 + (name == "dense_shared")) + (name == "shared_and_leading_dense")
+    applied = {"dense_shared": 4, "shared_and_leading_dense": 3, "qk_norm_moe": 3}.get(name, 2)
+    assert model.config.num_hidden_layers == applied
     tokens = np.random.default_rng(0).integers(0, 257, (2, 40))
     with torch.no_grad():
         got = model(torch.tensor(tokens)).logits.numpy()
@@ -253,7 +267,7 @@ def test_llama_cpp_q4_greedy_continuation_equals_jaxlm_int4_until_a_near_tie(mak
 # ----------------------------------------------------------------------------- import
 
 
-@pytest.mark.parametrize("name", ["dense_tied", "shared_and_leading_dense", "dense_shared"])
+@pytest.mark.parametrize("name", ["dense_tied", "shared_and_leading_dense", "dense_shared", "switches"])
 def test_import_of_export_is_bit_exact_on_a_sharded_mesh(make_run, tmp_path, name):
     run_dir = make_run(name)
     export(run_dir, "hf", tmp_path / "hf")
@@ -280,7 +294,8 @@ def test_import_of_a_transformers_made_tied_llama_reproduces_its_logits(tmp_path
             p.normal_(0.0, 0.1) if p.ndim > 1 else p.uniform_(0.5, 1.5)
     model.save_pretrained(tmp_path / "hf")
     cfg = import_run(tmp_path / "hf", tmp_path / "run", devices=jax.devices()[ONE_DEVICE])
-    assert not cfg.model.tie_embeddings and cfg.model.n_kv_heads == 1  # HF's tied head = jaxlm's untied embed^T
+    # HF's tie: the head is the embedding itself, unscaled
+    assert cfg.model.tie_embeddings and not cfg.model.scale_tied_logits and cfg.model.n_kv_heads == 1
     tokens = np.random.default_rng(1).integers(0, 300, (2, 20))
     with torch.no_grad():
         want = model(torch.tensor(tokens)).logits.numpy()
@@ -296,7 +311,9 @@ def test_init_from_and_imported_run_train_exactly_alike(make_run, tmp_path):
     steps = ["train.steps=2", "checkpoint.every=0", "train.log_every=1", f"data.path={text}"]
     mesh = make_mesh(config().mesh, jax.devices()[ONE_DEVICE])
     init_from = train(config(*steps, f"train.init_from={tmp_path / 'hf'}", f"train.run_dir={tmp_path / 'a'}"), mesh)
-    import_run(tmp_path / "hf", tmp_path / "imported", overrides=BASE + steps, devices=jax.devices()[ONE_DEVICE])
+    pretraining = [f"optim.{k}={getattr(OptimConfig(), k)}" for k in ("lr", "min_lr", "warmup_steps", "weight_decay")]
+    import_run(tmp_path / "hf", tmp_path / "imported", overrides=BASE + steps + pretraining,
+               devices=jax.devices()[ONE_DEVICE])
     imported = train(load_config(tmp_path / "imported" / "config.yaml"), mesh)
     assert [r["step"] for r in imported] == [1, 2]
     assert [r["loss"] for r in init_from] == [r["loss"] for r in imported]
@@ -325,6 +342,7 @@ def run_with_config(make_run, tmp_path, base="dense_gqa", **changes) -> Path:
     ({"model.position": "none"}, "model.position=none"),
     ({"model.causal": False}, "model.causal=false"),
     ({"moe.n_experts": 4, "moe.router": "sigmoid"}, "moe.router=sigmoid"),
+    ({"moe.n_experts": 4, "moe.n_shared": 1, "model.qk_norm": True}, "model.qk_norm=true with moe.n_shared"),
 ])
 def test_each_refusal_exits_2_with_one_line_naming_the_setting(make_run, tmp_path, capsys, changes, named):
     run_dir = run_with_config(make_run, tmp_path, **changes)
@@ -339,6 +357,15 @@ def test_gguf_refuses_shared_experts_in_one_line(make_run, tmp_path, capsys):
     assert cli.main(["export", str(run_dir), "--format", "gguf", "-o", str(tmp_path / "m.gguf")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "shared experts" in err and "--format hf" in err
+
+
+def test_gguf_refuses_llama3_rope_scaling_outside_the_llama_graph_in_one_line(make_run, tmp_path, capsys):
+    llama3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_seq_len": 64}
+    run_dir = run_with_config(make_run, tmp_path, **{"model.rope_scaling": llama3, "model.qk_norm": True})
+    assert cli.main(["export", str(run_dir), "--format", "gguf", "-o", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "model.rope_scaling.type=llama3" in err and "qwen3" in err, err
 
 
 def test_dropping_moe_exports_with_a_warning(make_run, tmp_path, capsys):
@@ -379,3 +406,19 @@ def test_interrupted_export_leaves_nothing_and_existing_output_needs_force(make_
     assert code == 2 and sorted(p.name for p in tmp_path.rglob("*")) == before
     assert cli.main(["export", str(run_dir), "--format", fmt, "-o", str(out), "--force", "--dtype", "bf16"]) == 0
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # replaced whole, nothing left beside it
+
+
+def test_hf_generation_config_says_what_is_true_and_generate_does_not_warn(make_run, tmp_path, capfd):
+    """No max_length (every `generate(max_new_tokens=...)` would warn that both are set), and the
+    ids jaxlm starts, ends and pads with, so generate needs no pad_token_id either."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out = export(make_run("dense_gqa"), "hf", tmp_path / "hf")
+    assert json.loads((out / "generation_config.json").read_text()) == \
+        {"bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 256}
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    capfd.readouterr()
+    transformers.logging.set_verbosity_warning()
+    model.generate(torch.tensor([PROMPT]), max_new_tokens=3, do_sample=False)
+    err = capfd.readouterr().err
+    assert "max_length" not in err and "pad_token_id" not in err, err

@@ -3,6 +3,7 @@ beside each state, and the choice of a step (`--step N|best`, else the newest va
 
 Layout: run_dir/checkpoints/<step>/
   state/          orbax OCDBT: {"step", "params", "opt_state"}, each process writes its own shards
+                  ({"step", "params"} where meta says weights_only: an import's step 0)
   meta/metadata   JSON: data iterator state, rng (seed, step), tokens seen, resolved config, tokenizer
   manifest.json   what makes damage visible (`manifest.py`)
 """
@@ -24,6 +25,7 @@ CHECKPOINTS = "checkpoints"
 SET_ASIDE = "checkpoints.set_aside"
 META_FILE = Path("meta") / "metadata"  # where orbax's JsonSave puts the item "meta"
 FORMAT = 1
+WEIGHTS_ONLY = "weights_only"  # meta key: the step holds no optimizer state (it starts from its init)
 
 
 def step_dirs(directory: Path) -> list[tuple[int, Path]]:

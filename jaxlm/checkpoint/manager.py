@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxlm.checkpoint import digest
-from jaxlm.checkpoint.layout import human_bytes, newest_valid
+from jaxlm.checkpoint.layout import WEIGHTS_ONLY, human_bytes, newest_valid, read_meta
 from jaxlm.checkpoint.manifest import read_manifest, write_manifest
 from jaxlm.config import CheckpointConfig
 from jaxlm.errors import RunFailed, UserError
@@ -186,10 +186,17 @@ def check_restored(step_dir: Path, tree) -> None:
 
 def restore_state(step_dir: Path, trainer):
     """Reads the saved arrays straight into the trainer's shardings (any mesh, any device count):
-    the state as saved, with the whole parameter tree (`trainer.adopt` splits off the frozen part)."""
+    the state as saved, with the whole parameter tree (`trainer.adopt` splits off the frozen part).
+    A weights-only step (an import's step 0, runs.write_step0) gets the optimizer's initial state,
+    which is what a full save at step 0 would have held."""
+    target = trainer.abstract_saved_state()
+    weights_only = read_meta(step_dir).get(WEIGHTS_ONLY, False)
     with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore((step_dir / "state").absolute(), trainer.abstract_saved_state())
+        state = ckptr.restore((step_dir / "state").absolute(),
+                              {k: v for k, v in target.items() if k != "opt_state"} if weights_only else target)
     check_restored(step_dir, state)
+    if weights_only:
+        state = trainer.saved_state(trainer.state_from_params(state["params"]))
     return state
 
 

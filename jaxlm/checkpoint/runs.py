@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -47,15 +48,19 @@ def load_params(step_dir: Path) -> tuple[Config, dict]:
 
 
 def write_step0(run_dir: Path, cfg: Config, params: dict, trainer) -> None:
-    """run_dir/config.yaml and checkpoints/0 (params, fresh optimizer state) that `jaxlm train`
-    resumes from, so training starts from `params` (the whole tree, in `trainer.param_shardings`)."""
+    """run_dir/config.yaml and checkpoints/0 that `jaxlm train` resumes from, so training starts
+    from `params` (the whole tree, in `trainer.param_shardings`). Weights only: the optimizer's
+    initial state is made when training starts (restore_state), so neither this write nor the disk
+    holds AdamW's two moments (2x the parameters)."""
     from jaxlm.data.pipeline import BatchIterator
     from jaxlm.data.sources import data_fingerprint
 
-    state = trainer.saved_state(trainer.state_from_params(params))
+    step = jax.device_put(jnp.zeros((), jnp.int32), trainer.state_shardings["step"])
+    state = {"step": step, "params": params}
     fresh_data = BatchIterator(None, cfg.train.global_batch).get_state()
     meta = ckpt.make_meta(cfg, 0, 0, fresh_data, ckpt.tokenizer_identity(cfg.data.tokenizer),
                           data_fingerprint(cfg.data))
+    meta[ckpt.WEIGHTS_ONLY] = True
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = ckpt.CheckpointWriter(run_dir / ckpt.CHECKPOINTS, cfg.checkpoint)
     try:

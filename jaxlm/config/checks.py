@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # config.py imports this module
 
 def validate(cfg: Config) -> None:
     """Checks that need several keys together. Device-dependent checks live in the mesh code."""
-    _check_finite(cfg)
+    _check_finite(cfg, "")
     _check_ranges(cfg)
     _check_model(cfg)
     _check_optim_and_train(cfg)
@@ -25,13 +25,13 @@ def validate(cfg: Config) -> None:
     _check_mesh(cfg)
 
 
-def _check_finite(cfg: Config) -> None:
-    for section in dataclasses.fields(cfg):
-        values = getattr(cfg, section.name)
-        for field in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
-            value = getattr(values, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{section.name}.{field.name}={value} must be a finite number")
+def _check_finite(section, prefix: str) -> None:
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{field.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{field.name}={value} must be a finite number")
 
 
 def _check_ranges(cfg: Config) -> None:
@@ -77,14 +77,33 @@ def _check_ranges(cfg: Config) -> None:
 
 def _check_model(cfg: Config) -> None:
     m, d = cfg.model, cfg.data
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if m.d_head < 0:
+        raise ConfigError(f"model.d_head={m.d_head} must be >= 0 (0 = d_model / n_heads)")
+    if not m.d_head and m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} "
+                          "(or set model.d_head)")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}")
     if m.position == "rope" and m.head_dim % 2:
-        raise ConfigError(f"head_dim={m.head_dim} (model.d_model/model.n_heads) must be even for RoPE")
+        raise ConfigError(f"head_dim={m.head_dim} (model.d_head, or model.d_model/model.n_heads) must be even for RoPE")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _check_rope_scaling(cfg)
+
+
+def _check_rope_scaling(cfg: Config) -> None:
+    r = cfg.model.rope_scaling
+    if r.type == "none":
+        return
+    if cfg.model.position != "rope":
+        raise ConfigError(f"model.rope_scaling.type={r.type} scales RoPE, but model.position={cfg.model.position}")
+    if r.factor < 1:
+        raise ConfigError(f"model.rope_scaling.factor={r.factor} must be >= 1")
+    if not 0 < r.low_freq_factor < r.high_freq_factor:
+        raise ConfigError(f"model.rope_scaling.low_freq_factor={r.low_freq_factor} must be > 0 and below "
+                          f"model.rope_scaling.high_freq_factor={r.high_freq_factor}")
+    if r.original_max_seq_len <= 0:
+        raise ConfigError(f"model.rope_scaling.original_max_seq_len={r.original_max_seq_len} must be positive")
 
 
 def _check_optim_and_train(cfg: Config) -> None:
@@ -128,6 +147,9 @@ def _check_data_and_moe(cfg: Config) -> None:
             raise ConfigError(f"moe.every={e.every} must be >= 1")
         if e.capacity_factor <= 0:
             raise ConfigError(f"moe.capacity_factor={e.capacity_factor} must be > 0")
+    if e.shared_gate and not (e.n_experts and e.n_shared):
+        raise ConfigError("moe.shared_gate=true gates the shared experts, but there are none: set moe.n_shared "
+                          "(and moe.n_experts) or moe.shared_gate=false")
 
 
 def _check_mesh(cfg: Config) -> None:

@@ -23,6 +23,19 @@ Doc = Annotated
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for contexts longer than pretraining's (Llama 3.1's "llama3" rule:
+    wavelengths beyond original_max_seq_len / low_freq_factor are stretched by `factor`, those below
+    original_max_seq_len / high_freq_factor are kept, and the band between is interpolated)."""
+
+    type: Doc[Literal["none", "llama3"], "none: plain RoPE; llama3: Llama 3.1's frequency scaling"] = "none"
+    factor: Doc[float, "llama3: how much the low frequencies are slowed down"] = 8.0
+    low_freq_factor: Doc[float, "llama3: wavelengths above original_max_seq_len / this are scaled fully"] = 1.0
+    high_freq_factor: Doc[float, "llama3: wavelengths below original_max_seq_len / this are not scaled"] = 4.0
+    original_max_seq_len: Doc[int, "llama3: the context length the model was pretrained with"] = 8192
+
+
+@dataclass
 class ModelConfig:
     vocab_size: Doc[int, "vocabulary size; at least the tokenizer's (257 = 256 bytes + <|endoftext|>)"] = 257
     d_model: Doc[int, "width of the residual stream"] = 128
@@ -32,13 +45,22 @@ class ModelConfig:
                            "1 = off"] = 1
     n_heads: Doc[int, "attention (query) heads; must divide d_model"] = 4
     n_kv_heads: Doc[int, "key/value heads (grouped-query attention); must divide n_heads"] = 4
+    d_head: Doc[int, "width of each attention head; 0 = d_model / n_heads (Qwen3 sets it explicitly)"] = 0
     d_ff: Doc[int, "hidden size of the dense feed-forward block"] = 344
     max_seq_len: Doc[int, "maximum positions the model supports (>= data.seq_len)"] = 1024
     norm: Doc[Literal["pre", "post", "none"], "where RMSNorm sits in each block"] = "pre"
     mlp: Doc[Literal["swiglu", "silu", "gelu"], "feed-forward activation (swiglu is gated)"] = "swiglu"
     position: Doc[Literal["rope", "none"], "positional encoding: rotary or none"] = "rope"
     rope_theta: Doc[float, "RoPE base frequency"] = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    attention_bias: Doc[bool, "learned biases on the q, k and v projections (Qwen2); false = bias-free as "
+                              "Llama"] = False
+    qk_norm: Doc[bool, "RMSNorm on each query and key head before RoPE (Qwen3): bounds the attention "
+                       "logits"] = False
     tie_embeddings: Doc[bool, "share the input embedding with the output projection"] = False
+    scale_tied_logits: Doc[bool, "with tie_embeddings: divide the logits by sqrt(d_model), which keeps jaxlm's "
+                                 "sigma-1 embeddings from giving huge logits; false = plain h . E^T, as Hugging "
+                                 "Face's tied models (Llama 3.2, small Qwen2.5, SmolLM)"] = True
     norm_eps: Doc[float, "RMSNorm epsilon (> 0)"] = 1e-5
     param_dtype: Doc[Literal["float32", "bfloat16"], "dtype the parameters are stored in"] = "float32"
     compute_dtype: Doc[Literal["float32", "bfloat16"], "dtype of matmuls and activations"] = "float32"
@@ -59,7 +81,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
 
 
 @dataclass
@@ -72,7 +94,11 @@ class MoEConfig:
     every: Doc[int, "an MoE block in every `every`-th layer (>= 1)"] = 1
     first_dense: Doc[int, "leading dense layers before the first MoE layer"] = 0
     n_shared: Doc[int, "shared experts every token passes through"] = 0
+    shared_gate: Doc[bool, "scale the shared experts' output per token by sigmoid(w . x), a learned gate "
+                           "(Qwen2-MoE); false = ungated"] = False
     router: Doc[Literal["softmax", "sigmoid"], "router score function"] = "softmax"
+    norm_topk_prob: Doc[bool, "renormalise the top-k gates to sum 1 (Mixtral, Qwen3-MoE); false = the router's "
+                              "probabilities as they are (Qwen2-MoE)"] = True
     noise_std: Doc[float, "noise added to router logits during training (noisy top-k); 0 = off"] = 0.0
     aux_loss_coef: Doc[float, "weight of the load-balancing loss"] = 0.01
     z_loss_coef: Doc[float, "weight of the router z-loss"] = 0.001
@@ -177,8 +203,8 @@ class TrainConfig:
     progress: Doc[bool, "show a progress bar"] = True
     early_stop_patience: Doc[int, "stop after this many evaluations without a new best eval loss; 0 = never"] = 0
     allow_data_change: Doc[bool, "resume even though the data files changed since the checkpoint"] = False
-    init_from: Doc[Optional[str], "a Hugging Face model directory (Llama, Mixtral, Qwen2-MoE) whose weights "
-                   "start the run when run_dir has no checkpoint"] = None
+    init_from: Doc[Optional[str], "a Hugging Face model directory (Llama, Mistral, Mixtral, Qwen2/3, "
+                   "Qwen2/3-MoE) whose weights start the run when run_dir has no checkpoint"] = None
     freeze: Doc[list[str], "parameters not trained: regular expressions searched in their paths (e.g. "
                 "'embed/', 'lm_head'); `jaxlm accounting` lists the paths"] = field(default_factory=list)
     freeze_layers: Doc[int, "the first N transformer layers are not trained"] = 0

@@ -88,11 +88,18 @@ def write_hf(out: Path, arch: str, cfg, params: dict, tok, dtype: str, tokenizer
     bos = tok.eot_id if getattr(tok, "bos_id", None) is None else tok.bos_id  # a Hugging Face tokenizer's own BOS
     config["bos_token_id"] = bos
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    generation = {"bos_token_id": bos, "eos_token_id": tok.eot_id, "max_length": m.max_seq_len}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(generation_config(tok, bos), indent=2))
     write_hf_tokenizer(tok, out, m.vocab_size, m.max_seq_len)
     hf.write_checkpoint(out, arch, m, cfg.moe, params, numpy_dtype(dtype),
                         max_shard_bytes=max_shard_bytes or hf.MAX_SHARD_BYTES)
+
+
+def generation_config(tok, bos: int | None) -> dict:
+    """What is true of the model, and nothing about how long to generate (a max_length here would
+    make every transformers `generate(max_new_tokens=...)` warn that both are set). The end of text
+    also pads (jaxlm masks padding, so any id would do; this one needs no new token)."""
+    ids = {"bos_token_id": bos, "eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id}
+    return {k: v for k, v in ids.items() if v is not None}
 
 
 def main(args: argparse.Namespace) -> int:

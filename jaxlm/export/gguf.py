@@ -1,14 +1,18 @@
-"""jaxlm -> one GGUF file for llama.cpp ("llama" architecture; experts for Mixtral-style MoE).
+"""jaxlm -> one GGUF file for llama.cpp: the "llama" architecture (experts for Mixtral-style MoE),
+"qwen2" (q/k/v biases) or "qwen3" (q/k norms), as compat.py picks.
 
 Written with the `gguf` package's GGUFWriter, one tensor at a time (header and tensor table
 first, then each tensor's data), so memory holds the parameters plus one converted tensor.
 
 llama.cpp's "llama" graph applies RoPE to adjacent pairs (2i, 2i+1), jaxlm (like HF) to the
 halves (i, i + d/2): the q and k rows of each head are permuted accordingly, exactly as
-llama.cpp's convert_hf_to_gguf.py does. Types: 1-D norms and the router stay f32 (as llama.cpp's
-converter keeps them); matrices take the chosen type (Q8_0, Q4_0 or Q4_1 where the row length
-allows blocks of 32, f32 elsewhere), the embedding and output matrices included. Q4_0 and Q4_1 are
-the weights of jaxlm's `--quantize int4-g32` and `int4-g32-asym` bit for bit (compress/schemes.py).
+llama.cpp's convert_hf_to_gguf.py does. Its qwen2 and qwen3 graphs rotate halves ("neox"), so
+their rows stay as they are. Llama 3's RoPE scaling is the "rope_freqs" tensor of per-frequency
+divisors, as the converter writes it. Types: 1-D norms, biases and the router stay f32 (as
+llama.cpp's converter keeps them); matrices take the chosen type (Q8_0, Q4_0 or Q4_1 where the row
+length allows blocks of 32, f32 elsewhere), the embedding and output matrices included. Q4_0 and
+Q4_1 are the weights of jaxlm's `--quantize int4-g32` and `int4-g32-asym` bit for bit
+(compress/schemes.py).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import numpy as np
 from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.errors import warn
 from jaxlm.export import params as P
+from jaxlm.export.compat import GGUF_ARCHS, architecture
 from jaxlm.export.tokenizer_files import gguf_vocab
+from jaxlm.model.layers import rope_frequencies
 
 QTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
@@ -42,17 +48,25 @@ def gguf_tensors(cfg: ModelConfig, moe: MoEConfig, params: dict) -> list[tuple[s
     slots = P.slots(cfg, moe)
     get = lambda name, layer=None: np.asarray(P.read(params, slots[(name, layer)]), np.float32)
     H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.d_model
+    pairs = GGUF_ARCHS[architecture(cfg, moe)] == "llama"  # llama's RoPE rotates adjacent pairs
+    rows = (lambda w, n: _rope_rows(w, n)) if pairs else (lambda w, n: w)
     out = [(N[T.TOKEN_EMBD] + ".weight", lambda: get("embed"), True)]
     for i, kind in enumerate(P.layer_kinds(cfg, moe)):
-        name = lambda t, i=i: N[t].format(bid=i) + ".weight"
+        name = lambda t, i=i, part="weight": f"{N[t].format(bid=i)}.{part}"
         out += [
             (name(T.ATTN_NORM), lambda i=i: get("norm1", i), False),
-            (name(T.ATTN_Q), lambda i=i: _rope_rows(get("attn.wq", i).reshape(D, -1).T, H), True),
-            (name(T.ATTN_K), lambda i=i: _rope_rows(get("attn.wk", i).reshape(D, -1).T, K), True),
+            (name(T.ATTN_Q), lambda i=i: rows(get("attn.wq", i).reshape(D, -1).T, H), True),
+            (name(T.ATTN_K), lambda i=i: rows(get("attn.wk", i).reshape(D, -1).T, K), True),
             (name(T.ATTN_V), lambda i=i: get("attn.wv", i).reshape(D, -1).T, True),
             (name(T.ATTN_OUT), lambda i=i: get("attn.wo", i).reshape(-1, D).T, True),
             (name(T.FFN_NORM), lambda i=i: get("norm2", i), False),
         ]
+        if cfg.attention_bias:
+            out += [(name(t, part="bias"), lambda i=i, s=s: get(s, i).reshape(-1), False)
+                    for t, s in ((T.ATTN_Q, "attn.bq"), (T.ATTN_K, "attn.bk"), (T.ATTN_V, "attn.bv"))]
+        if cfg.qk_norm:
+            out += [(name(t), lambda i=i, s=s: get(s, i), False)
+                    for t, s in ((T.ATTN_Q_NORM, "attn.q_norm"), (T.ATTN_K_NORM, "attn.k_norm"))]
         if kind == "dense":
             out += [(name(t), lambda i=i, s=s: get(s, i).T, True)
                     for t, s in ((T.FFN_GATE, "mlp.gate"), (T.FFN_UP, "mlp.up"), (T.FFN_DOWN, "mlp.down"))]
@@ -61,17 +75,23 @@ def gguf_tensors(cfg: ModelConfig, moe: MoEConfig, params: dict) -> list[tuple[s
             out += [(name(t), lambda i=i, s=s: get(s, i).transpose(0, 2, 1), True)
                     for t, s in ((T.FFN_GATE_EXP, "moe.gate"), (T.FFN_UP_EXP, "moe.up"), (T.FFN_DOWN_EXP, "moe.down"))]
     out.append((N[T.OUTPUT_NORM] + ".weight", lambda: get("final_norm"), False))
-    if cfg.tie_embeddings:  # jaxlm divides tied logits by sqrt(D): a separate, scaled output matrix
+    if not cfg.tie_embeddings:
+        out.append((N[T.OUTPUT] + ".weight", lambda: get("lm_head").T, True))
+    elif cfg.scale_tied_logits:  # jaxlm divides tied logits by sqrt(D): a separate, scaled output matrix
         out.append((N[T.OUTPUT] + ".weight", lambda: get("embed") / np.float32(math.sqrt(D)), True))
     else:
-        out.append((N[T.OUTPUT] + ".weight", lambda: get("lm_head").T, True))
+        out.append((N[T.OUTPUT] + ".weight", lambda: get("embed"), True))
+    if cfg.rope_scaling.type == "llama3":  # llama.cpp divides each frequency by its factor
+        plain = rope_frequencies(cfg.head_dim, cfg.rope_theta)
+        scaled = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        out.append((N[T.ROPE_FREQS] + ".weight", lambda: plain / scaled, False))
     return out
 
 
 def write_gguf(path: Path, cfg: ModelConfig, moe: MoEConfig, params: dict, tok, dtype: str, name: str) -> None:
     import gguf
 
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
+    arch = GGUF_ARCHS[architecture(cfg, moe)]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
     w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]))
@@ -83,6 +103,9 @@ def write_gguf(path: Path, cfg: ModelConfig, moe: MoEConfig, params: dict, tok, 
     w.add_head_count(cfg.n_heads)
     w.add_head_count_kv(cfg.n_kv_heads)
     w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim * cfg.n_heads != cfg.d_model:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)

@@ -5,9 +5,12 @@ canonical name, in jaxlm's own layout (letters as in the model package):
 
   global:    embed [V, D], final_norm [D], lm_head [D, V] (untied models only)
   per layer: norm1, norm2 [D]; attn.wq [D, H, d], attn.wk / attn.wv [D, K, d], attn.wo [H, d, D];
+             model.attention_bias: attn.bq [H, d], attn.bk / attn.bv [K, d];
+             model.qk_norm: attn.q_norm / attn.k_norm [d];
              dense layers: mlp.gate / mlp.up [D, F], mlp.down [F, D];
              MoE layers:   moe.router [D, E], moe.gate / moe.up [E, D, F], moe.down [E, F, D],
-                           moe.shared.gate / moe.shared.up [D, S], moe.shared.down [S, D]
+                           moe.shared.gate / moe.shared.up [D, S], moe.shared.down [S, D],
+                           moe.shared_gate [D] (moe.shared_gate)
 
 Layers are stored stacked per segment (transformer.layer_plan): layer i lives at position r of
 the leading axis of segment s's block j. With model.share_blocks = k, layers are the applied
@@ -34,6 +37,11 @@ BLOCK_PATHS = {
     "attn.wk": ("attn", "wk_DKd"),
     "attn.wv": ("attn", "wv_DKd"),
     "attn.wo": ("attn", "wo_HdD"),
+    "attn.bq": ("attn", "bq_Hd"),
+    "attn.bk": ("attn", "bk_Kd"),
+    "attn.bv": ("attn", "bv_Kd"),
+    "attn.q_norm": ("attn", "q_norm", "scale"),
+    "attn.k_norm": ("attn", "k_norm", "scale"),
     "mlp.gate": ("ffn", "w_gate_DF"),
     "mlp.up": ("ffn", "w_up_DF"),
     "mlp.down": ("ffn", "w_down_FD"),
@@ -44,6 +52,7 @@ BLOCK_PATHS = {
     "moe.shared.gate": ("ffn", "shared", "w_gate_DF"),
     "moe.shared.up": ("ffn", "shared", "w_up_DF"),
     "moe.shared.down": ("ffn", "shared", "w_down_FD"),
+    "moe.shared_gate": ("ffn", "shared_gate_D"),
 }
 
 
@@ -67,6 +76,7 @@ def global_names(cfg: ModelConfig) -> list[str]:
 def block_names(cfg: ModelConfig, moe: MoEConfig, kind: str) -> list[str]:
     names = ["norm1", "norm2"] if cfg.norm != "none" else []
     names += ["attn.wq", "attn.wk", "attn.wv", "attn.wo"]
+    names += ["attn.bq", "attn.bk", "attn.bv"] * cfg.attention_bias + ["attn.q_norm", "attn.k_norm"] * cfg.qk_norm
     gated = cfg.mlp == "swiglu"
     if kind == "dense":
         names += ["mlp.gate"] * gated + ["mlp.up", "mlp.down"]
@@ -74,6 +84,7 @@ def block_names(cfg: ModelConfig, moe: MoEConfig, kind: str) -> list[str]:
         names += ["moe.router"] + ["moe.gate"] * gated + ["moe.up", "moe.down"]
         if moe.n_shared:
             names += ["moe.shared.gate"] * gated + ["moe.shared.up", "moe.shared.down"]
+            names += ["moe.shared_gate"] * moe.shared_gate
     return names
 
 

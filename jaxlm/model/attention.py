@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.model.kernels import AttentionMask, attention, project
-from jaxlm.model.layers import rope, weight
+from jaxlm.model.layers import RMSNorm, rope, weight
 from jaxlm.model.ops import dtype_of
 from jaxlm.parallel.sharding import constrain
 
@@ -46,16 +46,29 @@ class Attention(nnx.Module):
         self.wk_DKd = weight(rngs, (D, K, d), ("embed", "kv_heads", "head_dim"), D, pdt)
         self.wv_DKd = weight(rngs, (D, K, d), ("embed", "kv_heads", "head_dim"), D, pdt)
         self.wo_HdD = weight(rngs, (H, d, D), ("heads", "head_dim", "embed"), H * d, pdt)
+        if cfg.attention_bias:  # zero at init, as Qwen2's nn.Linear biases after its init
+            self.bq_Hd = nnx.Param(jnp.zeros((H, d), pdt), axes=("heads", "head_dim"))
+            self.bk_Kd = nnx.Param(jnp.zeros((K, d), pdt), axes=("kv_heads", "head_dim"))
+            self.bv_Kd = nnx.Param(jnp.zeros((K, d), pdt), axes=("kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.norm_eps, pdt, axis="head_dim")
+            self.k_norm = RMSNorm(d, cfg.norm_eps, pdt, axis="head_dim")
 
     def qkv(self, x_BTD, positions_BT) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Projected (and rotated) q [B, T, K, G, d], k and v [B, T, K, d]."""
+        """Projected (biased, normalised per head, rotated) q [B, T, K, G, d], k and v [B, T, K, d]."""
         cfg = self.cfg
         cdt = dtype_of(cfg.compute_dtype)
         proj = lambda w: project(x_BTD, w[...].astype(cdt), impl=cfg.projection_impl)
         q_BTHd, k_BTKd, v_BTKd = proj(self.wq_DHd), proj(self.wk_DKd), proj(self.wv_DKd)
+        if cfg.attention_bias:
+            q_BTHd = q_BTHd + self.bq_Hd[...].astype(cdt)
+            k_BTKd = k_BTKd + self.bk_Kd[...].astype(cdt)
+            v_BTKd = v_BTKd + self.bv_Kd[...].astype(cdt)
+        if cfg.qk_norm:
+            q_BTHd, k_BTKd = self.q_norm(q_BTHd), self.k_norm(k_BTKd)
         if cfg.position == "rope":
-            q_BTHd = rope(q_BTHd, positions_BT, cfg.rope_theta)
-            k_BTKd = rope(k_BTKd, positions_BT, cfg.rope_theta)
+            q_BTHd = rope(q_BTHd, positions_BT, cfg.rope_theta, cfg.rope_scaling)
+            k_BTKd = rope(k_BTKd, positions_BT, cfg.rope_theta, cfg.rope_scaling)
         q_BTHd = constrain(q_BTHd, ("batch", "length", "heads", "head_dim"))
         k_BTKd = constrain(k_BTKd, ("batch", "length", "kv_heads", "head_dim"))
         v_BTKd = constrain(v_BTKd, ("batch", "length", "kv_heads", "head_dim"))

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm.model.kernels import project
@@ -27,8 +28,10 @@ def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], fan_in: in
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
+    """Normalises the last axis (d_model, or one head's width for q/k norm: axis "head_dim")."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, axis: str = "embed"):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis,))
         self.eps = eps
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
@@ -54,11 +57,12 @@ class Embed(nnx.Module):
             x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(self.compute_dtype)
         return constrain(x_BTD, ("batch", "length", "embed"))
 
-    def attend(self, x_BTD: jax.Array) -> jax.Array:
-        """Tied output projection: logits against the embedding table."""
+    def attend(self, x_BTD: jax.Array, scaled: bool = True) -> jax.Array:
+        """Tied output projection: logits against the embedding table (divided by sqrt(D) if `scaled`)."""
         table = self.table_VD[...]
         w_DV = table if hasattr(table, "project") else table.astype(self.compute_dtype).T
-        return project(x_BTD, w_DV, impl=self.projection_impl) / math.sqrt(x_BTD.shape[-1])
+        logits_BTV = project(x_BTD, w_DV, impl=self.projection_impl)
+        return logits_BTV / math.sqrt(x_BTD.shape[-1]) if scaled else logits_BTV
 
 
 class MLP(nnx.Module):
@@ -89,10 +93,32 @@ class MLP(nnx.Module):
         return proj(h_BTF, self.w_down_FD), {}
 
 
-def rope(x_BTHd: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half convention (Llama / Hugging Face): pairs (i, i + d/2)."""
+def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
+    """RoPE's inverse frequencies [d/2] (f32), scaled if `scaling` (a RopeScalingConfig) is llama3,
+    computed as transformers' `_compute_llama3_parameters` does, operation for operation."""
+    inv_freq = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2).astype(np.float32)
+                                                       / np.float32(head_dim)))
+    if scaling is None or scaling.type == "none":
+        return inv_freq
+    low_freq_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(scaling.factor), inv_freq)
+    smooth = ((np.float32(scaling.original_max_seq_len) / wavelen - np.float32(scaling.low_freq_factor))
+              / np.float32(scaling.high_freq_factor - scaling.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / np.float32(scaling.factor) + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope(x_BTHd: jax.Array, positions_BT: jax.Array, theta: float, scaling=None) -> jax.Array:
+    """Rotary embedding, rotate-half convention (Llama / Hugging Face): pairs (i, i + d/2).
+    `scaling`: a RopeScalingConfig; None or type "none" is plain RoPE."""
     half = x_BTHd.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is None or scaling.type == "none":
+        freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    else:
+        freqs = jnp.asarray(rope_frequencies(2 * half, theta, scaling))
     angles_BTd = positions_BT[..., None].astype(jnp.float32) * freqs
     cos = jnp.cos(angles_BTd)[:, :, None, :]
     sin = jnp.sin(angles_BTd)[:, :, None, :]

@@ -58,6 +58,8 @@ class MoEBlock(nnx.Module):
         self.w_down_EFD = weight(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), F, pdt)
         # n shared experts == one MLP with n*F hidden units (the activation is per unit)
         self.shared = MLP(cfg, moe.n_shared * F, rngs) if moe.n_shared else None
+        if moe.shared_gate:  # Qwen2-MoE: the shared experts' output times sigmoid(w . x), per token
+            self.shared_gate_D = weight(rngs, (D,), ("embed",), D, pdt)
 
     def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None,
                  valid_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -77,7 +79,11 @@ class MoEBlock(nnx.Module):
         aux["moe_dropped_frac"] = jax.lax.stop_gradient(dropped)
         out_BTD = out_ND.reshape(B, T, D)
         if self.shared is not None:
-            out_BTD = out_BTD + self.shared(x_BTD)[0]
+            shared_BTD = self.shared(x_BTD)[0]
+            if self.moe.shared_gate:
+                w_D = self.shared_gate_D[...].astype(self.compute_dtype)
+                shared_BTD = jax.nn.sigmoid(jnp.einsum("btd,d->bt", x_BTD, w_D))[..., None] * shared_BTD
+            out_BTD = out_BTD + shared_BTD
         return out_BTD, aux
 
 
@@ -92,7 +98,8 @@ def token_mean(a_BT, valid_BT=None):
 
 
 def route(logits_BTE: jax.Array, moe: MoEConfig, rng, valid_BT=None) -> tuple[jax.Array, jax.Array, dict]:
-    """Top-k experts per token, their renormalised gates (f32), and the router losses/metrics.
+    """Top-k experts per token, their gates (f32; renormalised to sum 1 if moe.norm_topk_prob), and
+    the router losses/metrics.
 
     aux: moe_aux_loss = E * sum_e f_e * P_e (Switch), f_e = share of token-slots routed to e,
     P_e = mean router probability of e (sigmoid scores normalised per token); moe_z_loss =
@@ -110,7 +117,7 @@ def route(logits_BTE: jax.Array, moe: MoEConfig, rng, valid_BT=None) -> tuple[ja
         scores_BTE = jax.nn.sigmoid(logits_BTE)
         probs_BTE = scores_BTE / jnp.sum(scores_BTE, axis=-1, keepdims=True)
     top_BTK, idx_BTK = jax.lax.top_k(scores_BTE, K)
-    gate_BTK = top_BTK / jnp.sum(top_BTK, axis=-1, keepdims=True)
+    gate_BTK = top_BTK / jnp.sum(top_BTK, axis=-1, keepdims=True) if moe.norm_topk_prob else top_BTK
     f_E = token_mean(jnp.sum(jax.nn.one_hot(idx_BTK, E, dtype=jnp.float32), axis=-2), valid_BT) / K
     P_E = token_mean(probs_BTE, valid_BT)
     share_E = jax.lax.stop_gradient(E * f_E)

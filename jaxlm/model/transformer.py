@@ -207,7 +207,7 @@ class Transformer(nnx.Module):
         if cfg.norm == "pre":
             x_BTD = self.final_norm(x_BTD)
         if cfg.tie_embeddings:
-            logits_BTV = self.embed.attend(x_BTD)
+            logits_BTV = self.embed.attend(x_BTD, cfg.scale_tied_logits)
         else:
             logits_BTV = project(x_BTD, self.lm_head_DV[...].astype(dtype_of(cfg.compute_dtype)),
                                  impl=cfg.projection_impl)

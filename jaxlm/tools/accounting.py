@@ -57,15 +57,18 @@ def _mlp_matrices(m: ModelConfig) -> int:
 def count_params(m: ModelConfig, moe: MoEConfig) -> Counts:
     D, hd = m.d_model, m.head_dim
     attn = D * m.n_heads * hd * 2 + D * m.n_kv_heads * hd * 2
+    attn += (m.n_heads + 2 * m.n_kv_heads) * hd if m.attention_bias else 0  # q, k, v biases
     dense_mlp = _mlp_matrices(m) * D * m.d_ff
     expert_ff = moe.d_ff or m.d_ff
     expert = _mlp_matrices(m) * D * expert_ff
-    moe_total = moe.n_experts * expert + moe.n_shared * expert + D * moe.n_experts
-    moe_active = moe.top_k * expert + moe.n_shared * expert + D * moe.n_experts
+    shared_gate = D if moe.shared_gate else 0
+    moe_total = moe.n_experts * expert + moe.n_shared * expert + D * moe.n_experts + shared_gate
+    moe_active = moe.top_k * expert + moe.n_shared * expert + D * moe.n_experts + shared_gate
     kinds = _layer_kinds(m, moe)
     n_moe = kinds.count("moe")
     n_dense = len(kinds) - n_moe
     norms = (2 * len(kinds) + (1 if m.norm == "pre" else 0)) * D if m.norm != "none" else 0
+    norms += 2 * hd * len(kinds) if m.qk_norm else 0  # per-head q and k norms
     return Counts(
         embedding=m.vocab_size * D,
         attention=attn * len(kinds),

@@ -12,7 +12,7 @@ from optax.contrib import MuonDimensionNumbers
 from jaxlm.config import OptimConfig
 from jaxlm.config.checks import wsd_decay_steps
 
-NO_DECAY_LEAVES = ("scale",)  # RMSNorm gains
+NO_DECAY_LEAVES = ("scale", "bq_Hd", "bk_Kd", "bv_Kd")  # RMSNorm gains, attention biases
 EMBEDDING_LEAVES = ("table_VD",)
 SHAPE_LETTERS = set("DFVHKdE")  # the parameter letters of jaxlm/model/__init__.py
 MUON_RMS = 0.2  # Muon's update RMS matched to AdamW's (Liu et al. 2025), so one optim.lr serves both
@@ -41,7 +41,7 @@ def _leaf_name(path) -> str:
 
 
 def decay_mask(params, decay_embeddings: bool):
-    """True for leaves that get weight decay: matrices, not norm gains, embeddings by option."""
+    """True for leaves that get weight decay: matrices, not norm gains or biases, embeddings by option."""
 
     def decayed(path, _):
         name = _leaf_name(path)
