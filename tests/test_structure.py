@@ -27,7 +27,7 @@ LAYERS = [
     ["jaxlm.checkpoint"],  # run directories: layout, manifest, orbax, resume, loading a run
     ["jaxlm.objectives"],  # losses over (model, batch, key, frozen); a teacher is read from a run
     ["jaxlm.export.params", "jaxlm.export.compat", "jaxlm.export.hf", "jaxlm.export.hf_load",
-     "jaxlm.export.tokenizer_files", "jaxlm.export.gguf", "jaxlm.export.atomic"],  # file formats, no verbs
+     "jaxlm.export.tokenizer_files", "jaxlm.export.gguf", "jaxlm.export.atomic", "jaxlm.export.peft"],  # formats
     ["jaxlm.train"],
     ["jaxlm.inference"],
     ["jaxlm.export", "jaxlm.tools"],  # the verbs that write other formats; compile, plot
