@@ -7,6 +7,7 @@ installation ships, so `jaxlm train configs/tiny.yaml` needs no download and no 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import sysconfig
 from pathlib import Path
@@ -79,3 +80,10 @@ def read_documents(spec: str) -> list[str]:
         except UnicodeDecodeError as e:
             raise UserError(f"{path}: invalid UTF-8 at byte offset {e.start}") from None
     return docs
+
+
+def in_val_split(doc: str, val_fraction: float) -> bool:
+    """A document's split is a function of its text alone: spread over the corpus, stable when
+    other documents come or go, and identical documents never straddle train and validation."""
+    digest = hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2**64
