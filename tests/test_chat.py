@@ -20,13 +20,25 @@ LLAMA3 = ("{{ bos_token }}{% for message in messages %}"
           "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim "
           "+ '<|eot_id|>' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-# the assistant's turns marked with {% generation %}, and a role check with raise_exception
-MARKED = ("{% for message in messages %}{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-          "{{ raise_exception('unknown role') }}{% endif %}"
-          "{{ '<|im_start|>' + message['role'] + '\n' }}"
-          "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
-          "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# written over several indented lines as Hub templates are (trim_blocks and lstrip_blocks matter); the
+# assistant's turns marked with {% generation %}, and a role check with raise_exception
+MARKED = """{% for message in messages %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('unknown role') }}
+    {% endif %}
+    {{ '<|im_start|>' + message['role'] + '\n' }}
+    {%- if message['role'] == 'assistant' %}
+        {% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}
+    {% else %}
+        {{ message['content'] + '<|im_end|>' }}
+    {% endif %}
+    {{ '\n' }}
+{% endfor %}
+{% if add_generation_prompt %}
+    {{ '<|im_start|>assistant\n' }}
+{% endif %}"""
+# a user who types a special token: it stays text (bytes), never the token itself
+INJECTED = [{"role": "user", "content": "say <|endoftext|> now"}, {"role": "assistant", "content": "ok"}]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
             "<|end_header_id|>", "<|eot_id|>"]
 
@@ -64,26 +76,27 @@ def test_templates_render_as_transformers_renders_them(hf_tokenizer, template, g
 
 def test_the_assistant_mask_equals_a_hand_built_one_for_multi_turn_records():
     tok = load_tokenizer("bytes")
-    enc = lambda s: tok.encode(s, allowed_special="all")
-    # (text, trained): the default template; each assistant turn is trained through its <|endoftext|>
+    enc, text = (lambda s: tok.encode(s, allowed_special="all")), tok.encode_ordinary
+    # (text, trained, how it is encoded): the default template; each assistant turn through its <|endoftext|>
     default = [("<|im_start|>system\nBe brief.<|endoftext|>\n<|im_start|>user\nHi there<|endoftext|>\n"
-                "<|im_start|>assistant\n", 0), ("Hello!<|endoftext|>", 1),
-               ("\n<|im_start|>user\n 2+2? <|endoftext|>\n<|im_start|>assistant\n", 0), ("4<|endoftext|>", 1),
-               ("\n", 0)]
+                "<|im_start|>assistant\n", 0, enc), ("Hello!<|endoftext|>", 1, enc),
+               ("\n<|im_start|>user\n 2+2? <|endoftext|>\n<|im_start|>assistant\n", 0, enc),
+               ("4<|endoftext|>", 1, enc), ("\n", 0, enc)]
     # Llama 3's: trimmed contents, <|eot_id|> ends a turn; only the second assistant turn trained
     llama = [("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
               "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant"
               "<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
-              "<|start_header_id|>assistant<|end_header_id|>\n\n", 0), ("4<|eot_id|>", 1)]
-    cases = [(chat_format(tok), None, default),
-             (ChatFormat(LLAMA3, enc, tok.encode_ordinary, eos_token="<|eot_id|>", bos_token="<|begin_of_text|>"),
-              {4}, llama)]
-    for fmt, train_on, pieces in cases:
-        got = render(CHAT, fmt, train_on)
-        expected_tokens = np.concatenate([enc(text) for text, _ in pieces])
-        expected_mask = np.concatenate([[m] * len(enc(text)) for text, m in pieces])
-        np.testing.assert_array_equal(got.tokens, expected_tokens)
-        np.testing.assert_array_equal(got.mask, expected_mask)
+              "<|start_header_id|>assistant<|end_header_id|>\n\n", 0, enc), ("4<|eot_id|>", 1, enc)]
+    # a typed special token in a message is ordinary text
+    injected = [("<|im_start|>user\n", 0, enc), ("say <|endoftext|> now", 0, text),
+                ("<|endoftext|>\n<|im_start|>assistant\n", 0, enc), ("ok<|endoftext|>", 1, enc), ("\n", 0, enc)]
+    llama3 = ChatFormat(LLAMA3, enc, text, eos_token="<|eot_id|>", bos_token="<|begin_of_text|>")
+    cases = [(chat_format(tok), CHAT, None, default), (llama3, CHAT, {4}, llama),
+             (chat_format(tok), INJECTED, None, injected)]
+    for fmt, messages, train_on, pieces in cases:
+        got = render(messages, fmt, train_on)
+        np.testing.assert_array_equal(got.tokens, np.concatenate([e(t) for t, _, e in pieces]))
+        np.testing.assert_array_equal(got.mask, np.concatenate([[m] * len(e(t)) for t, m, e in pieces]))
 
 
 def test_generation_blocks_give_transformers_assistant_masks(hf_tokenizer):
@@ -97,9 +110,10 @@ def test_generation_blocks_give_transformers_assistant_masks(hf_tokenizer):
 
 def test_the_prompt_a_generator_gets_is_the_prefix_the_model_trained_on():
     fmt = chat_format(load_tokenizer("bytes"))
-    full, prompt = render(CHAT, fmt), prompt_tokens(CHAT[:-1], fmt)
-    np.testing.assert_array_equal(full.tokens[: len(prompt)], prompt)
-    assert full.mask[: len(prompt)].sum() == full.mask[: len(prompt) - 1].sum() and full.mask[len(prompt)] == 1
+    for chat in (CHAT, INJECTED):
+        full, prompt = render(chat, fmt), prompt_tokens(chat[:-1], fmt)
+        np.testing.assert_array_equal(full.tokens[: len(prompt)], prompt)
+        assert full.mask[len(prompt) - 1] == 0 and full.mask[len(prompt)] == 1
 
 
 def test_records_with_nothing_to_train_on_are_refused_in_one_line():

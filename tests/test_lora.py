@@ -46,8 +46,7 @@ def count(tree) -> int:
 def test_trainable_parameters_are_the_adapters_and_their_count_is_the_formula():
     R = 4
     cfg = cfg_of(f"lora.rank={R}", "lora.experts=true", *MOE)
-    trainer = one_device(cfg)
-    state = trainer.init_state()
+    state = one_device(cfg).abstract_state()  # shapes only: nothing is compiled
     D, H, K, d, F, L = 32, 2, 1, 16, 64, 2
     E, Fe, S = 4, 16, 16  # experts, expert hidden, shared hidden (1 shared expert)
     attention = R * ((D + H * d) + 2 * (D + K * d) + (H * d + D))
@@ -58,7 +57,7 @@ def test_trainable_parameters_are_the_adapters_and_their_count_is_the_formula():
     assert all(lora.is_adapter(p) for p in flatten(state["params"]))
     # without experts the routed ones have none, and a target list that adapts nothing is refused
     no_experts = one_device(cfg_of(f"lora.rank={R}", *MOE))
-    assert count(no_experts.init_state()["params"]) == L * attention + dense_mlp + R * 3 * (D + S)
+    assert count(no_experts.abstract_state()["params"]) == L * attention + dense_mlp + R * 3 * (D + S)
     with pytest.raises(ConfigError, match="adapt no projection"):
         one_device(cfg_of("lora.rank=2", "lora.targets=[gate]", "model.mlp=gelu"))
 
@@ -129,9 +128,8 @@ def test_full_rank_adapters_with_identity_A_reproduce_full_fine_tunings_first_up
     assert checked == 6
 
 
-@pytest.mark.parametrize("mesh", [["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
-                                  ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"]], ids=["fsdp-tensor", "expert"])
-def test_lora_on_a_mesh_equals_one_device(mesh):
+def test_lora_on_an_fsdp_expert_tensor_mesh_equals_one_device():
+    mesh = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]
     overrides = ["lora.rank=4", "lora.experts=true", *MOE, "train.global_batch=8", "model.n_kv_heads=2"]
     one = one_device(cfg_of(*overrides, "mesh.data=1"))
     params = jax.device_get(one.init_state()["params"])
@@ -194,3 +192,21 @@ def ckpt_params(step_dir):
     from jaxlm.checkpoint import runs
 
     return runs.load_params(step_dir)[1]
+
+
+def test_fine_tuning_config_mistakes_are_one_line(tmp_path):
+    mistakes = {
+        "lora.rank=-1": "lora.rank=-1 must be >= 0",
+        "lora.targets=[q,x]": "lora.targets=['q', 'x'] names no projection or unknown ones (x)",
+        "lora.experts=true": "lora.experts=true but the model has no experts",
+        "lora.quantize=int8": "lora.quantize=int8 holds the frozen base of LoRA: set lora.rank > 0",
+        "train.objective=sft": "train.objective=sft reads records (JSONL or Parquet): set data.path",
+        f"train.init_from={tmp_path}": "is neither a Hugging Face model directory (no config.json) nor a jaxlm run",
+        "train.init_from_step=best": "train.init_from_step selects a checkpoint of a jaxlm run",
+    }
+    for override, message in mistakes.items():
+        with pytest.raises(ConfigError) as e:
+            cfg_of(override, *(["lora.rank=2"] if "targets" in override or "experts" in override else []))
+        assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="train.objective=dpo holds one preference pair per row"):
+        cfg_of("train.objective=dpo", "data.path=x.jsonl", "data.packing=true")

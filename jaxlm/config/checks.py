@@ -22,7 +22,7 @@ def validate(cfg: Config) -> None:
     _check_optim_and_train(cfg)
     _check_data_and_moe(cfg)
     _validate_objective(cfg)
-    _check_lora(cfg)
+    _check_finetune(cfg)
     _check_mesh(cfg)
 
 
@@ -184,12 +184,15 @@ def _validate_objective(cfg: Config) -> None:
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def _check_lora(cfg: Config) -> None:
+def _check_finetune(cfg: Config) -> None:
+    """sft and dpo (records), lora."""
     a, o = cfg.lora, cfg.train.objective
     if o in ("sft", "dpo") and not cfg.model.causal:
         raise ConfigError(f"train.objective={o} trains a next-token model: set model.causal=true")
     if o in ("sft", "dpo") and (cfg.data.path is None or cfg.data.mixture):
         raise ConfigError(f"train.objective={o} reads records (JSONL or Parquet): set data.path (not data.mixture)")
+    if o == "dpo" and cfg.data.packing:
+        raise ConfigError("train.objective=dpo holds one preference pair per row: set data.packing=false")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"dpo.beta={cfg.dpo.beta} must be > 0")
     if a.rank < 0:
