@@ -108,6 +108,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--records", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=2, help="TRL then jaxlm, this many times (load drifts alike)")
     args = p.parse_args()
     from jaxlm.data.chat import chat_format, render
     from jaxlm.data.records import conversation
@@ -122,12 +123,17 @@ def main() -> int:
         work = Path(tmp)
         hf = make_model(args.config, work)
         data = write_jsonl(records, work / "sft.jsonl")
-        trl = trl_times(hf, records, args.batch, seq_len + 1, args.steps)
-        jax_t = jaxlm_times(args.config, hf, data, args.batch, seq_len, args.steps)
-    med = lambda ts: statistics.median(ts[SKIP:])
+        trl, jax_t = [], []
+        for r in range(args.rounds):
+            trl += trl_times(hf, records, args.batch, seq_len + 1, args.steps)[SKIP:]
+            jax_t += jaxlm_times(args.config, hf, data, args.batch, seq_len, args.steps)[SKIP:]
+            print(f"round {r + 1}: TRL {statistics.median(trl) * 1e3:.1f} ms, jaxlm {statistics.median(jax_t) * 1e3:.1f} "
+                  f"ms so far ({machine_line()})", flush=True)
+    med = statistics.median
     result = {"batch": args.batch, "seq_len": seq_len, "steps": args.steps, "jaxlm_step_s": med(jax_t),
               "trl_step_s": med(trl), "speedup": med(trl) / med(jax_t)}
-    print(f"SFT step (median of steps {SKIP + 1}..{args.steps}, batch {args.batch} x {seq_len} tokens): "
+    print(f"SFT step (median of steps {SKIP + 1}..{args.steps} of {args.rounds} rounds, batch {args.batch} x "
+          f"{seq_len} tokens): "
           f"jaxlm {result['jaxlm_step_s'] * 1e3:.1f} ms, TRL SFTTrainer {result['trl_step_s'] * 1e3:.1f} ms "
           f"-> jaxlm {result['speedup']:.2f}x faster (goal >= 2x)")
     print(machine_line())

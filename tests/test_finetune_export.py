@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxlm import checkpoint as ckpt
 from jaxlm.checkpoint import runs
+from jaxlm.checkpoint.resume import restore_for_training
 from jaxlm.config import load_config
 from jaxlm.errors import UserError
 from jaxlm.export.cli import export
@@ -104,4 +105,9 @@ def test_init_from_a_lora_run_starts_from_its_merged_weights_with_fresh_adapters
     other = config("model.d_ff=96", f"train.init_from={tmp_path / 'src'}", f"train.run_dir={tmp_path / 'x'}")
     with pytest.raises(UserError, match=r"is a different model: model.d_ff \(128 -> 96\)"):
         make_trainer(other, make_mesh(other.mesh, jax.devices()[:1])).initial_params()
-    assert ckpt.find_step(tmp_path / "src").name == "0"
+    # resuming that run's checkpoint in a new run_dir with another config: the way out is init_from
+    with pytest.raises(UserError) as e:
+        restore_for_training(target, None, tmp_path / "dst", str(tmp_path / "src" / "checkpoints" / "0"),
+                             ckpt.tokenizer_identity("bytes"))
+    assert "lora.rank (4 -> 2)" in str(e.value) and "use a new train.run_dir" not in str(e.value)
+    assert f"drop --resume and set train.init_from={tmp_path / 'src'} train.init_from_step=0" in str(e.value)

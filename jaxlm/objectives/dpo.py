@@ -84,7 +84,7 @@ class DPO(Objective):
         pol_w, pol_l, aux = sequence_logps(model, batch, key)
         ref_w, ref_l, _ = sequence_logps(self.reference(model, frozen), batch)
         valid = jnp.any(batch.loss_mask > 0, axis=-1).astype(jnp.float32)
-        terms = dpo_terms(pol_w, pol_l, jax.lax.stop_gradient(ref_w), jax.lax.stop_gradient(ref_l), self.cfg.dpo.beta)
+        terms = dpo_terms(pol_w, pol_l, ref_w, ref_l, self.cfg.dpo.beta)  # no gradient: reference() stops it
         return terms, aux, valid
 
     def loss(self, model, batch, key, frozen):
