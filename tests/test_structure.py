@@ -29,7 +29,7 @@ LAYERS = [
     ["jaxlm.objectives"],  # losses over (model, batch, key, frozen); a teacher is read from a run
     ["jaxlm.export.params", "jaxlm.export.compat", "jaxlm.export.hf", "jaxlm.export.hf_config", "jaxlm.export.hf_load",
      "jaxlm.export.safetensors_read", "jaxlm.export.tokenizer_files", "jaxlm.export.hf_tokenizer_files",
-     "jaxlm.export.gguf_vocab", "jaxlm.export.gguf", "jaxlm.export.atomic"],  # file formats, no verbs
+     "jaxlm.export.gguf_vocab", "jaxlm.export.gguf", "jaxlm.export.atomic", "jaxlm.export.peft"],  # formats, no verbs
     ["jaxlm.train"],
     ["jaxlm.inference"],
     ["jaxlm.eval"],  # lm-evaluation-harness over the scorer and the decoder; `jaxlm eval`

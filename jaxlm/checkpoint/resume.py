@@ -24,12 +24,13 @@ from jaxlm.parallel.mesh import all_processes_agree
 # function they compute, or the data order that the saved iterator index points into.
 # Everything else (train.steps, optim schedule/values but not optim.name, eval and log cadence, mesh,
 # checkpoint, microbatches, remat, compute dtype, run_dir) may change.
-LOCKED_SECTIONS = {"model", "moe", "data"}
+LOCKED_SECTIONS = {"model", "moe", "data", "lora"}  # lora: the adapters' shapes, the base's precision
 UNLOCKED = {
     "model.max_seq_len", "model.compute_dtype", "model.remat",  # RoPE has no learned positions
     "model.attention_impl", "model.projection_impl", "model.gmm_impl", "model.scan_layers",  # how, not what
     "model.dropout", "model.attention_dropout",
     "moe.noise_std", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.impl", "moe.capacity_factor",
+    "lora.dropout",
 }
 # rng stream; iterator state is a batch index; what is trained sizes the optimizer state
 LOCKED_TRAIN = {"train.seed", "train.global_batch", "train.freeze", "train.freeze_layers"}
@@ -138,12 +139,12 @@ def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None
                 reason = reason or "restore failed on another process"
             if reason is None and bad:
                 raise UserError(f"cannot resume from {path}: the config changed in keys that must stay the same: "
-                                f"{', '.join(bad)}; use a new train.run_dir or restore those values")
+                                f"{', '.join(bad)}; {_new_start(run_dir, path, 'restore those values')}")
             if reason is None and changed:
                 raise UserError(f"cannot resume from {path}: the data changed since it was saved "
                                 f"({', '.join(changed)}: files differ in size or content), so the saved data "
-                                "position would point into other data; restore the data, use a new train.run_dir, "
-                                "or set train.allow_data_change=true to resume anyway")
+                                "position would point into other data; restore the data, "
+                                f"{_new_start(run_dir, path, 'set train.allow_data_change=true to resume anyway')}")
         if reason is None:
             _set_aside(run_dir, step)
             return state, meta
@@ -154,6 +155,16 @@ def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None
     listing = "; ".join(f"step {s}: {r}" for s, r in sorted(tried, reverse=True))
     raise UserError(f"{run_dir}: no checkpoint in {where} can be resumed from ({listing}); nothing was changed. "
                     f"To start again from step 0, move {where} away (or delete it), or use a new train.run_dir")
+
+
+def _new_start(run_dir: Path, step_dir: Path, otherwise: str) -> str:
+    """The way out of a refused resume: a new run (from this checkpoint's weights when it belongs
+    to another run directory, where a new run_dir is what the user already has)."""
+    source = step_dir.parent.parent if step_dir.parent.name == CHECKPOINTS else step_dir.parent
+    if source.resolve() != run_dir.resolve():
+        return (f"to start a new run from its weights instead, drop --resume and set train.init_from={source} "
+                f"train.init_from_step={step_dir.name}; or {otherwise}")
+    return f"use a new train.run_dir, or {otherwise}"
 
 
 def extension_branch(saved: dict, cfg: Config) -> int | None:

@@ -4,10 +4,10 @@ straight into a mesh's shardings; and a step-0 run written around given paramete
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import dataclasses
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxlm import checkpoint as ckpt
-from jaxlm.config import Config, ConfigError, MeshConfig, from_dict, to_yaml
+from jaxlm.config import Config, ConfigError, LoraConfig, MeshConfig, from_dict, to_yaml
 from jaxlm.errors import UserError
+from jaxlm.model import lora
 from jaxlm.model.build import abstract_params, build_model
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.sharding import param_shardings, resolve_rules
@@ -123,4 +124,15 @@ def load_run(run_dir: str, step: int | None = None, mesh: Mesh | None = None) ->
         state = ckptr.restore((path / "state").absolute(), args=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
     ckpt.check_restored(path, state)
-    return Run(cfg, state["params"], tokenizer, int(meta["step"]), path, mesh)
+    cfg, params = merged_lora(cfg, state["params"], shardings)
+    return Run(cfg, params, tokenizer, int(meta["step"]), path, mesh)
+
+
+def merged_lora(cfg: Config, params: dict, shardings) -> tuple[Config, dict]:
+    """A LoRA run as inference runs it: adapters folded into the weights (W + (alpha / r) B A, so
+    decoding costs what the base model's does) and the config without adapters."""
+    if not cfg.lora.rank:
+        return cfg, params
+    base_shardings = lora.split_adapters(shardings)[0]
+    merged = jax.jit(lambda p: lora.merge(p, cfg.lora.scale), out_shardings=base_shardings)(params)
+    return dataclasses.replace(cfg, lora=LoraConfig()), merged

@@ -22,6 +22,7 @@ def validate(cfg: Config) -> None:
     _check_optim_and_train(cfg)
     _check_data_and_moe(cfg)
     _validate_objective(cfg)
+    _check_finetune(cfg)
     _check_mesh(cfg)
 
 
@@ -122,10 +123,29 @@ def _check_optim_and_train(cfg: Config) -> None:
     if t.global_batch % t.microbatches:
         raise ConfigError(
             f"train.global_batch={t.global_batch} must be divisible by train.microbatches={t.microbatches}")
-    if t.init_from is not None and not Path(t.init_from, "config.json").is_file():
-        raise ConfigError(f"train.init_from={t.init_from!r} is not a Hugging Face model directory (no config.json)")
+    _check_init_from(t)
     if t.freeze_layers > cfg.model.n_layers:
         raise ConfigError(f"train.freeze_layers={t.freeze_layers} exceeds model.n_layers={cfg.model.n_layers}")
+
+
+def is_run_dir(path: str) -> bool:
+    """A jaxlm run directory, its checkpoints/ directory, or one step directory."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    return (p / "checkpoints").is_dir() or (p / "state").is_dir() or any(c.name.isdigit() for c in p.iterdir())
+
+
+def _check_init_from(t) -> None:
+    if t.init_from is not None and not Path(t.init_from, "config.json").is_file() and not is_run_dir(t.init_from):
+        raise ConfigError(f"train.init_from={t.init_from!r} is neither a Hugging Face model directory (no config.json) "
+                          "nor a jaxlm run directory (no checkpoints/)")
+    step = t.init_from_step
+    if step is not None:
+        if isinstance(step, bool) or not (step == "best" or isinstance(step, int) and step >= 0):
+            raise ConfigError(f"train.init_from_step={step!r} must be a step number or 'best'")
+        if t.init_from is None or Path(t.init_from, "config.json").is_file():
+            raise ConfigError("train.init_from_step selects a checkpoint of a jaxlm run; set train.init_from=RUN_DIR")
 
 
 def wsd_decay_steps(decay_fraction: float, steps: int) -> int:
@@ -184,6 +204,39 @@ def _validate_objective(cfg: Config) -> None:
                               "in [0, 1]")
     elif t.teacher:
         raise ConfigError(f"train.teacher is set but train.objective={t.objective}; use train.objective=distill")
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _check_finetune(cfg: Config) -> None:
+    """sft and dpo (records), lora."""
+    a, o = cfg.lora, cfg.train.objective
+    if o in ("sft", "dpo") and not cfg.model.causal:
+        raise ConfigError(f"train.objective={o} trains a next-token model: set model.causal=true")
+    if o in ("sft", "dpo") and (cfg.data.path is None or cfg.data.mixture):
+        raise ConfigError(f"train.objective={o} reads records (JSONL or Parquet): set data.path (not data.mixture)")
+    if o == "dpo" and cfg.data.packing:
+        raise ConfigError("train.objective=dpo holds one preference pair per row: set data.packing=false")
+    if cfg.dpo.beta <= 0:
+        raise ConfigError(f"dpo.beta={cfg.dpo.beta} must be > 0")
+    if a.rank < 0:
+        raise ConfigError(f"lora.rank={a.rank} must be >= 0 (0 = no adapters)")
+    if not a.rank:
+        if a.quantize != "none":
+            raise ConfigError(f"lora.quantize={a.quantize} holds the frozen base of LoRA: set lora.rank > 0")
+        return
+    if a.alpha <= 0 or not 0 <= a.dropout < 1:
+        raise ConfigError(f"lora.alpha={a.alpha} must be > 0 and lora.dropout={a.dropout} in [0, 1)")
+    unknown = [x for x in a.targets if x not in LORA_TARGETS]
+    if unknown or not a.targets and not a.experts:
+        raise ConfigError(f"lora.targets={a.targets} names no projection or unknown ones ({', '.join(unknown)}); "
+                          f"expected some of {', '.join(LORA_TARGETS)}")
+    if a.experts and not cfg.moe.n_experts:
+        raise ConfigError("lora.experts=true but the model has no experts (moe.n_experts=0)")
+    if a.experts and a.dropout:
+        raise ConfigError(f"lora.dropout={a.dropout} is not applied inside routed experts: set lora.dropout=0 "
+                          "or lora.experts=false")
 
 
 def check_data_paths(cfg: Config) -> None:

@@ -162,6 +162,8 @@ class DataConfig:
     seq_len: Doc[int, "tokens per training row"] = 128
     val_fraction: Doc[float, "share of raw text held out for evaluation (prepared data has its own split)"] = 0.05
     seed: Doc[int, "seed of the row shuffle"] = 0
+    chat_template: Doc[Optional[str], "sft/dpo: a Jinja chat template (Hugging Face semantics), as a file or the "
+                       "template itself; null = the tokenizer's own, else a ChatML-like default"] = None
 
 
 @dataclass
@@ -195,8 +197,9 @@ class TrainConfig:
                  "unless set"] = "runs/default"
     peak_flops_per_device: Doc[float, "for MFU; 0 = measure a matmul on this machine"] = 0.0
     z_loss_coef: Doc[float, "weight of the output z-loss (log-partition squared)"] = 0.0
-    objective: Doc[Literal["next_token", "mdlm", "distill"],
-                   "what the step minimises (train/objectives.py, diffusion.py, distill.py)"] = "next_token"
+    objective: Doc[Literal["next_token", "mdlm", "distill", "sft", "dpo"],
+                   "what the step minimises (jaxlm/objectives/): sft trains on chat records' assistant tokens, "
+                   "dpo on preference records"] = "next_token"
     teacher: Doc[Optional[str], "distill: the teacher's run directory (its newest valid checkpoint)"] = None
     deterministic: Doc[Literal["auto", True, False],
                        "bit-exact runs and resumes; auto: where free (CPU, TPU), not on GPU"] = "auto"
@@ -204,7 +207,10 @@ class TrainConfig:
     early_stop_patience: Doc[int, "stop after this many evaluations without a new best eval loss; 0 = never"] = 0
     allow_data_change: Doc[bool, "resume even though the data files changed since the checkpoint"] = False
     init_from: Doc[Optional[str], "a Hugging Face model directory (Llama, Mistral, Mixtral, Qwen2/3, "
-                   "Qwen2/3-MoE) whose weights start the run when run_dir has no checkpoint"] = None
+                   "Qwen2/3-MoE) or a jaxlm run directory whose weights start the run when run_dir has no "
+                   "checkpoint"] = None
+    init_from_step: Doc[Optional[Any], "with a jaxlm run in train.init_from: its step N or 'best' (lowest eval "
+                        "loss); null = its newest valid checkpoint"] = None
     freeze: Doc[list[str], "parameters not trained: regular expressions searched in their paths (e.g. "
                 "'embed/', 'lm_head'); `jaxlm accounting` lists the paths"] = field(default_factory=list)
     freeze_layers: Doc[int, "the first N transformer layers are not trained"] = 0
@@ -233,6 +239,32 @@ class DistillConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters: each targeted projection computes W x + (alpha / rank) B A x with A [rank x in]
+    (normal) and B [out x rank] (zero) trained, everything else frozen (QLoRA: held in int8)."""
+
+    rank: Doc[int, "adapter rank; 0 = no adapters"] = 0
+    alpha: Doc[float, "the update is scaled by alpha / rank"] = 16.0
+    dropout: Doc[float, "dropout on the adapters' input (training only)"] = 0.0
+    targets: Doc[list[str], "projections that get adapters: q, k, v, o (attention), gate, up, down (dense and "
+                 "shared-expert MLPs)"] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    experts: Doc[bool, "also adapt the routed experts' gate, up and down (MoE)"] = False
+    quantize: Doc[Literal["none", "int8"], "QLoRA: hold the frozen base's dense projections in int8 (per-channel "
+                  "scales), dequantized in the matmul"] = "none"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (train.objective=dpo) against the frozen starting policy."""
+
+    beta: Doc[float, "strength of the implicit KL to the reference: reward = beta * log(policy / reference)"] = 0.1
+
+
+@dataclass
 class CheckpointConfig:
     every: Doc[int, "steps between checkpoints (and one at the last step); 0 disables checkpoints"] = 1000
     keep: Doc[int, "newest checkpoints to keep (>= 1)"] = 3
@@ -252,6 +284,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 def from_dict(cls, raw: dict, prefix: str):

@@ -7,6 +7,7 @@ installation ships, so `jaxlm train configs/tiny.yaml` needs no download and no 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import sysconfig
 from pathlib import Path
@@ -89,3 +90,10 @@ def read_documents(spec: str, text_field: str = "text") -> list[str]:
     if not docs:
         raise UserError(f"{spec} holds no text (every document is empty)")
     return docs
+
+
+def in_val_split(doc: str, val_fraction: float) -> bool:
+    """A document's split is a function of its text alone: spread over the corpus, stable when
+    other documents come or go, and identical documents never straddle train and validation."""
+    digest = hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2**64

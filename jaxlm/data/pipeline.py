@@ -159,8 +159,9 @@ class BatchIterator:
     """Yields this process's slice of each global batch as numpy arrays; state = next batch index."""
 
     def __init__(self, dataset: grain.MapDataset, global_batch: int,
-                 process_index: int | None = None, process_count: int | None = None, start: int = 0):
-        self.dataset, self.global_batch = dataset, global_batch
+                 process_index: int | None = None, process_count: int | None = None, start: int = 0,
+                 check=None):
+        self.dataset, self.global_batch, self.check = dataset, global_batch, check  # check(batch): refuse bad ones
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if global_batch % self.process_count:
@@ -178,7 +179,10 @@ class BatchIterator:
     def __next__(self) -> Batch:
         rows = [self.dataset[i] for i in self.local_rows(self.next_index)]
         self.next_index += 1
-        return Batch.stack(rows)
+        batch = Batch.stack(rows)
+        if self.check is not None:
+            self.check(batch)
+        return batch
 
     def get_state(self) -> dict:
         return {"next_index": self.next_index}

@@ -15,8 +15,9 @@ import jax
 import numpy as np
 
 from jaxlm.config import Config, DataConfig
-from jaxlm.data.corpus import default_corpus, default_corpus_paths, expand_inputs, read_documents
+from jaxlm.data.corpus import default_corpus, default_corpus_paths, expand_inputs, in_val_split, read_documents
 from jaxlm.data.pipeline import BatchIterator, TokenStream, mixture, row_dataset
+from jaxlm.data.records import RECORD_OBJECTIVES, build_record_data
 from jaxlm.data.shards import unfinished_prepare
 from jaxlm.data.token_cache import cached_streams
 from jaxlm.tokenizer.tokenizer import load_tokenizer
@@ -25,13 +26,6 @@ from jaxlm.errors import UserError, warn
 
 def is_prepared(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "metadata.json"))
-
-
-def in_val_split(doc: str, val_fraction: float) -> bool:
-    """A document's split is a function of its text alone: spread over the corpus, stable when
-    other documents come or go, and identical documents never straddle train and validation."""
-    digest = hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < val_fraction * 2**64
 
 
 def _stream(encoded: list[np.ndarray], dtype) -> TokenStream:
@@ -100,6 +94,8 @@ def build_data(cfg: Config) -> tuple[BatchIterator, list[dict]]:
     if tokenizer.n_vocab > cfg.model.vocab_size:
         raise UserError(f"data.tokenizer={data.tokenizer!r} has {tokenizer.n_vocab} tokens but "
                         f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.n_vocab}")
+    if t.objective in RECORD_OBJECTIVES:  # chat or preference records, rendered by a chat template
+        return build_record_data(cfg, tokenizer)
     sources = [(s.path, s.weight) for s in data.mixture] or [(data.path, 1.0)]
     train_sets, val_sets, no_val = [], [], []
     for i, (path, weight) in enumerate(sources):

@@ -1,8 +1,11 @@
-"""`jaxlm export RUN_DIR [--step N] --format hf|gguf -o OUT [--dtype ...] [--force]`.
+"""`jaxlm export RUN_DIR [--step N] --format hf|gguf|peft -o OUT [--merge] [--dtype ...] [--force]`.
 
 hf:   a directory that transformers loads with no custom code (config.json,
       generation_config.json, model.safetensors or shards + index, tokenizer files).
 gguf: one .gguf file for llama.cpp (weights, llama metadata, the tokenizer).
+peft: a run trained with LoRA: its adapters (adapter_model.safetensors + adapter_config.json), which
+      the `peft` library loads onto the hf export of the same run (the base model).
+A LoRA run's hf or gguf export is its base model; with --merge, the adapters folded into the weights.
 """
 
 from __future__ import annotations
@@ -17,17 +20,21 @@ import numpy as np
 from jaxlm import checkpoint as ckpt
 from jaxlm.errors import UserError
 
-DTYPES = {"hf": ("f32", "bf16", "f16"), "gguf": ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")}
+DTYPES = {"hf": ("f32", "bf16", "f16"), "gguf": ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"),
+          "peft": ("f32", "bf16", "f16")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory (or its checkpoints/, or one step directory)")
     parser.add_argument("--step", type=ckpt.step_arg,
                         help="the checkpoint step to export, or 'best' (lowest eval loss); default: the newest valid one")
-    parser.add_argument("--format", required=True, choices=sorted(DTYPES), help="hf (transformers) or gguf (llama.cpp)")
-    parser.add_argument("-o", "--output", required=True, help="output directory (hf) or .gguf file (gguf)")
-    parser.add_argument("--dtype", help="weights: f32, bf16, f16 (and q8_0, q4_0, q4_1 for gguf); default: the "
-                                        "checkpoint's param_dtype (f32 or bf16)")
+    parser.add_argument("--format", required=True, choices=sorted(DTYPES),
+                        help="hf (transformers), gguf (llama.cpp) or peft (a LoRA run's adapters)")
+    parser.add_argument("-o", "--output", required=True, help="output directory (hf, peft) or .gguf file (gguf)")
+    parser.add_argument("--merge", action="store_true", help="a LoRA run: fold the adapters into the weights "
+                                                             "(hf, gguf); without it the export is the base model")
+    parser.add_argument("--dtype", help="weights: f32, bf16, f16 (and q8_0, q4_0, q4_1 for gguf); default: the checkpoint's "
+                                        "param_dtype (f32 or bf16)")
     parser.add_argument("--tokenizer", help="tokenizer spec to ship with the model (default: the one the run "
                                             "recorded, data.tokenizer)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
@@ -51,7 +58,8 @@ def load_tokenizer_for(step_dir: Path, spec: str | None, cfg):
 
 
 def export(run_dir: Path, fmt: str, output: Path, step: int | None = None, dtype: str | None = None,
-           tokenizer: str | None = None, force: bool = False, max_shard_bytes: int | None = None) -> Path:
+           tokenizer: str | None = None, force: bool = False, max_shard_bytes: int | None = None,
+           merge: bool = False) -> Path:
     from jaxlm.checkpoint import runs
     from jaxlm.export.atomic import atomic_output
     from jaxlm.export.compat import check_exportable
@@ -64,17 +72,45 @@ def export(run_dir: Path, fmt: str, output: Path, step: int | None = None, dtype
         raise UserError(f"--dtype {dtype} is not available for --format {fmt}; expected one of {', '.join(DTYPES[fmt])}")
     if output.exists() and not force:
         raise UserError(f"{output} already exists; pass --force to replace it")
+    check_lora_export(cfg, fmt, merge)
     tok = load_tokenizer_for(step_dir, tokenizer, cfg)
     _, params = runs.load_params(step_dir)
+    params = adapters_for(fmt, merge, cfg, params)
     m, moe = cfg.model, cfg.moe
-    with atomic_output(output, force, directory=fmt == "hf") as tmp:
-        if fmt == "gguf":
+    with atomic_output(output, force, directory=fmt in ("hf", "peft")) as tmp:
+        if fmt == "peft":
+            from jaxlm.export.peft import write_peft
+
+            write_peft(tmp, arch, cfg, params, numpy_dtype(dtype), base=str(run_dir))
+        elif fmt == "gguf":
             from jaxlm.export.gguf import write_gguf
 
             write_gguf(tmp, m, moe, params, tok, dtype, name=run_dir.absolute().name)
         else:
             write_hf(tmp, arch, cfg, params, tok, dtype, tokenizer or cfg.data.tokenizer, max_shard_bytes)
     return output
+
+
+def check_lora_export(cfg, fmt: str, merge: bool) -> None:
+    if fmt == "peft" and not cfg.lora.rank:
+        raise UserError("--format peft exports LoRA adapters, but this run was trained without them (lora.rank=0); "
+                        "use --format hf")
+    if merge and (fmt == "peft" or not cfg.lora.rank):
+        raise UserError("--merge folds LoRA adapters into the weights of an hf or gguf export of a run trained with "
+                        f"LoRA; this {'is a peft export' if fmt == 'peft' else 'run has none (lora.rank=0)'}")
+
+
+def adapters_for(fmt: str, merge: bool, cfg, params: dict) -> dict:
+    """A LoRA run's parameters as the format takes them: all (peft), merged (--merge) or the base."""
+    from jaxlm.model import lora
+
+    if not cfg.lora.rank or fmt == "peft":
+        return params
+    if merge:
+        return lora.merge(params, cfg.lora.scale)
+    print("jaxlm: note: exporting the base model without its LoRA adapters (--merge folds them in; "
+          "--format peft writes them)", file=sys.stderr)
+    return lora.split_adapters(params)[0]
 
 
 def write_hf(out: Path, arch: str, cfg, params: dict, tok, dtype: str, tokenizer_spec: str,
@@ -103,6 +139,7 @@ def generation_config(tok, bos: int | None) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    out = export(Path(args.run_dir), args.format, Path(args.output), args.step, args.dtype, args.tokenizer, args.force)
+    out = export(Path(args.run_dir), args.format, Path(args.output), args.step, args.dtype, args.tokenizer, args.force,
+                 merge=args.merge)
     print(f"exported {args.run_dir} to {out} ({args.format})", file=sys.stderr)
     return 0

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
-from jaxlm.model.kernels import AttentionMask, attention, project
+from jaxlm.model.kernels import AttentionMask, attention
 from jaxlm.model.layers import RMSNorm, rope, weight
+from jaxlm.model.lora import add_adapters, adapted
 from jaxlm.model.ops import dtype_of
 from jaxlm.parallel.sharding import constrain
 
@@ -38,7 +39,7 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora=None):
         D, H, K, d = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         pdt = dtype_of(cfg.param_dtype)
         self.cfg = cfg
@@ -53,13 +54,19 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.norm_eps, pdt, axis="head_dim")
             self.k_norm = RMSNorm(d, cfg.norm_eps, pdt, axis="head_dim")
+        add_adapters(self, lora, rngs)
 
-    def qkv(self, x_BTD, positions_BT) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Projected (biased, normalised per head, rotated) q [B, T, K, G, d], k and v [B, T, K, d]."""
+    def qkv(self, x_BTD, positions_BT, key=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Projected (biased, normalised per head, rotated) q [B, T, K, G, d], k and v [B, T, K, d];
+        `key`: LoRA dropout."""
         cfg = self.cfg
         cdt = dtype_of(cfg.compute_dtype)
-        proj = lambda w: project(x_BTD, w[...].astype(cdt), impl=cfg.projection_impl)
-        q_BTHd, k_BTKd, v_BTKd = proj(self.wq_DHd), proj(self.wk_DKd), proj(self.wv_DKd)
+
+        def proj(name, i):
+            k = None if key is None else jax.random.fold_in(key, i)
+            return adapted(self, name, x_BTD, getattr(self, name)[...].astype(cdt), 1, cdt, cfg.projection_impl, k)
+
+        q_BTHd, k_BTKd, v_BTKd = proj("wq_DHd", 1), proj("wk_DKd", 2), proj("wv_DKd", 3)
         if cfg.attention_bias:
             q_BTHd = q_BTHd + self.bq_Hd[...].astype(cdt)
             k_BTKd = k_BTKd + self.bk_Kd[...].astype(cdt)
@@ -75,16 +82,20 @@ class Attention(nnx.Module):
         B, T, H, d = q_BTHd.shape
         return q_BTHd.reshape(B, T, cfg.n_kv_heads, H // cfg.n_kv_heads, d), k_BTKd, v_BTKd
 
-    def out(self, o_BTKGd) -> jax.Array:
+    def out(self, o_BTKGd, key=None) -> jax.Array:
         cfg = self.cfg
         B, T, K, G, d = o_BTKGd.shape
-        return project(o_BTKGd.reshape(B, T, K * G, d), self.wo_HdD[...].astype(dtype_of(cfg.compute_dtype)),
-                       n_in=2, impl=cfg.projection_impl)
+        cdt = dtype_of(cfg.compute_dtype)
+        return adapted(self, "wo_HdD", o_BTKGd.reshape(B, T, K * G, d), self.wo_HdD[...].astype(cdt), 2, cdt,
+                       cfg.projection_impl, key)
 
     def __call__(self, x_BTD, positions_BT, mask: AttentionMask, dropout_key=None) -> jax.Array:
-        q_BTKGd, k_BTKd, v_BTKd = self.qkv(x_BTD, positions_BT)
+        """`dropout_key` drops attention probabilities and (keys folded from it) LoRA inputs."""
+        lora_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
+        q_BTKGd, k_BTKd, v_BTKd = self.qkv(x_BTD, positions_BT, lora_key)
         dropout = (self.cfg.attention_dropout, dropout_key)
-        return self.out(attention(q_BTKGd, k_BTKd, v_BTKd, mask, self.cfg.attention_impl, dropout))
+        out_key = None if lora_key is None else jax.random.fold_in(lora_key, 4)
+        return self.out(attention(q_BTKGd, k_BTKd, v_BTKd, mask, self.cfg.attention_impl, dropout), out_key)
 
     def cached(self, x_BTD, positions_BT, mask: AttentionMask, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Decode mode: writes this step's keys and values at their positions, attends over the cache."""

@@ -10,7 +10,15 @@ from jaxlm.model.transformer import Transformer
 
 
 def build_model(cfg: Config, seed: int) -> Transformer:
-    return Transformer(cfg.model, cfg.moe, nnx.Rngs(params=seed))
+    """The model of `cfg`, with LoRA adapters on its targeted projections when lora.rank > 0 (drawn
+    from a stream of their own, so the base weights are those of the same seed without LoRA)."""
+    if not cfg.lora.rank:
+        return Transformer(cfg.model, cfg.moe, nnx.Rngs(params=seed))
+    rngs = nnx.Rngs(params=seed, lora=jax.random.fold_in(jax.random.key(seed), LORA_STREAM))
+    return Transformer(cfg.model, cfg.moe, rngs, cfg.lora)
+
+
+LORA_STREAM = 0x10A
 
 
 def abstract_params(cfg: Config) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.model.kernels import project
+from jaxlm.model.lora import add_adapters, adapted
 from jaxlm.model.ops import dtype_of
 from jaxlm.parallel.sharding import constrain, unshard
 
@@ -68,7 +69,7 @@ class Embed(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU (gate * up, SiLU-gated) or a plain two-matrix MLP with SiLU or GELU."""
 
-    def __init__(self, cfg, d_ff: int, rngs: nnx.Rngs):
+    def __init__(self, cfg, d_ff: int, rngs: nnx.Rngs, lora=None):
         D, pdt = cfg.d_model, dtype_of(cfg.param_dtype)
         self.kind = cfg.mlp
         self.compute_dtype = dtype_of(cfg.compute_dtype)
@@ -77,20 +78,26 @@ class MLP(nnx.Module):
             self.w_gate_DF = weight(rngs, (D, d_ff), ("embed", "mlp"), D, pdt)
         self.w_up_DF = weight(rngs, (D, d_ff), ("embed", "mlp"), D, pdt)
         self.w_down_FD = weight(rngs, (d_ff, D), ("mlp", "embed"), d_ff, pdt)
+        add_adapters(self, lora, rngs)
 
     def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None, valid_BT=None) -> tuple[jax.Array, dict]:
-        """Same calling convention as the MoE block: (output, aux metrics); `rng`, `valid_BT` unused."""
-        cast = lambda w: w[...].astype(self.compute_dtype)
-        proj = lambda x, w: project(x, cast(w), impl=self.projection_impl)
-        up_BTF = proj(x_BTD, self.w_up_DF)
+        """Same calling convention as the MoE block: (output, aux metrics); `rng` drops LoRA inputs;
+        `valid_BT` unused."""
+        cdt = self.compute_dtype
+
+        def proj(x, name, i):
+            key = None if rng is None else jax.random.fold_in(rng, 2000 + i)
+            return adapted(self, name, x, getattr(self, name)[...].astype(cdt), 1, cdt, self.projection_impl, key)
+
+        up_BTF = proj(x_BTD, "w_up_DF", 1)
         if self.kind == "swiglu":
-            h_BTF = jax.nn.silu(proj(x_BTD, self.w_gate_DF)) * up_BTF
+            h_BTF = jax.nn.silu(proj(x_BTD, "w_gate_DF", 2)) * up_BTF
         elif self.kind == "silu":
             h_BTF = jax.nn.silu(up_BTF)
         else:
             h_BTF = jax.nn.gelu(up_BTF)
         h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
-        return proj(h_BTF, self.w_down_FD), {}
+        return proj(h_BTF, "w_down_FD", 3), {}
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:

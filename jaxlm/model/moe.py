@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec
 from jaxlm.config import ModelConfig, MoEConfig
 from jaxlm.model.kernels import grouped_matmul
 from jaxlm.model.layers import MLP, weight
+from jaxlm.model.lora import PREFIX, add_adapters
 from jaxlm.model.ops import dtype_of
 from jaxlm.parallel.sharding import active_mesh_rules, spec_for
 
@@ -46,7 +47,7 @@ RAGGED_A2A = jax.lax.ragged_all_to_all
 
 
 class MoEBlock(nnx.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, rngs: nnx.Rngs, lora=None):
         pdt = dtype_of(cfg.param_dtype)
         E, D, F = moe.n_experts, cfg.d_model, moe.d_ff or cfg.d_ff
         self.moe, self.kind, self.compute_dtype = moe, cfg.mlp, dtype_of(cfg.compute_dtype)
@@ -57,9 +58,11 @@ class MoEBlock(nnx.Module):
         self.w_up_EDF = weight(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), D, pdt)
         self.w_down_EFD = weight(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), F, pdt)
         # n shared experts == one MLP with n*F hidden units (the activation is per unit)
-        self.shared = MLP(cfg, moe.n_shared * F, rngs) if moe.n_shared else None
+        self.shared = MLP(cfg, moe.n_shared * F, rngs, lora) if moe.n_shared else None
         if moe.shared_gate:  # Qwen2-MoE: the shared experts' output times sigmoid(w . x), per token
             self.shared_gate_D = weight(rngs, (D,), ("embed",), D, pdt)
+        add_adapters(self, lora, rngs, experts=True)
+        self.lora_scale = lora.scale if lora is not None and lora.experts else 0.0
 
     def __call__(self, x_BTD: jax.Array, rng: jax.Array | None = None,
                  valid_BT: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -70,16 +73,20 @@ class MoEBlock(nnx.Module):
         idx_BTK, gate_BTK, aux = route(logits_BTE, moe, rng, valid_BT)
         ws = {k: getattr(self, k)[...].astype(self.compute_dtype)
               for k in ("w_gate_EDF", "w_up_EDF", "w_down_EFD") if hasattr(self, k)}
+        for k in list(ws):  # LoRA adapters of the experts: "<weight>/a" [E, in, R], "<weight>/b" [E, R, out]
+            if hasattr(self, PREFIX + k):
+                adapter = getattr(self, PREFIX + k)
+                ws[k + "/a"], ws[k + "/b"] = (getattr(adapter, ab)[...].astype(self.compute_dtype) for ab in "ab")
         valid_N = None if valid_BT is None else valid_BT.reshape(B * T)
         out_ND, keep_NK = run_experts(x_BTD.reshape(B * T, D), idx_BTK.reshape(B * T, -1),
-                                      gate_BTK.reshape(B * T, -1), ws, moe, ExpertMLP(self.kind, self.gmm_impl),
-                                      valid_N)
+                                      gate_BTK.reshape(B * T, -1), ws, moe,
+                                      ExpertMLP(self.kind, self.gmm_impl, self.lora_scale), valid_N)
         served = keep_NK.astype(jnp.float32)
         dropped = 1.0 - (jnp.mean(served) if valid_N is None else token_mean(jnp.mean(served, axis=-1), valid_N))
         aux["moe_dropped_frac"] = jax.lax.stop_gradient(dropped)
         out_BTD = out_ND.reshape(B, T, D)
         if self.shared is not None:
-            shared_BTD = self.shared(x_BTD)[0]
+            shared_BTD = self.shared(x_BTD, rng)[0]
             if self.moe.shared_gate:
                 w_D = self.shared_gate_D[...].astype(self.compute_dtype)
                 shared_BTD = jax.nn.sigmoid(jnp.einsum("btd,d->bt", x_BTD, w_D))[..., None] * shared_BTD
@@ -136,6 +143,7 @@ def route(logits_BTE: jax.Array, moe: MoEConfig, rng, valid_BT=None) -> tuple[ja
 class ExpertMLP(NamedTuple):
     activation: str  # model.mlp: swiglu | silu | gelu
     gmm_impl: str  # the dropless path's grouped-matmul kernel (model.gmm_impl)
+    lora_scale: float = 0.0  # alpha / rank of the experts' LoRA adapters (ws "<weight>/a", "/b")
 
 
 def run_experts(x_ND, idx_NK, gate_NK, ws: dict, moe: MoEConfig, kind: ExpertMLP,
@@ -157,8 +165,7 @@ def run_experts(x_ND, idx_NK, gate_NK, ws: dict, moe: MoEConfig, kind: ExpertMLP
     if not (ep_axes or tp_axes or tok_axes):
         return _local(x_ND, idx_NK, gate_NK, ws, moe, kind, (), 1, (), valid_N)
     tok = PartitionSpec(tok_axes or None, None)
-    down_spec = PartitionSpec(w_spec[0], w_spec[2], None)
-    w_specs = {k: down_spec if k == "w_down_EFD" else w_spec for k in ws}
+    w_specs = _weight_specs(ws, w_spec)
     ep_size = math.prod(mesh.shape[a] for a in ep_axes)
 
     def body(x, idx, gate, w, *valid):
@@ -169,6 +176,17 @@ def run_experts(x_ND, idx_NK, gate_NK, ws: dict, moe: MoEConfig, kind: ExpertMLP
         args, specs = args + (valid_N,), specs + (PartitionSpec(tok_axes or None),)
     # check_vma off: Pallas kernels inside (megablox) do not declare how outputs vary over the mesh
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tok, tok), check_vma=False)(*args)
+
+
+def _weight_specs(ws: dict, w_spec: PartitionSpec) -> dict:
+    """Per-device specs of the expert weights (E over the expert axes, F over tensor) and of their
+    LoRA factors (the rank axis whole; A of gate/up and B of down need no F)."""
+    E, _, F = w_spec
+    specs = {"w_gate_EDF": w_spec, "w_up_EDF": w_spec, "w_down_EFD": PartitionSpec(E, F, None),
+             "w_gate_EDF/a": PartitionSpec(E, None, None), "w_up_EDF/a": PartitionSpec(E, None, None),
+             "w_gate_EDF/b": PartitionSpec(E, None, F), "w_up_EDF/b": PartitionSpec(E, None, F),
+             "w_down_EFD/a": PartitionSpec(E, F, None), "w_down_EFD/b": PartitionSpec(E, None, None)}
+    return {k: specs[k] for k in ws}
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -225,16 +243,29 @@ def _act(kind, gate, up):
 
 def _batched_mlp(x_GMD, ws, kind):
     """Every local expert on its own [M, D] rows (capacity buffers). F may be a tensor shard."""
-    kind = kind.activation
-    up = jnp.einsum("gmd,gdf->gmf", x_GMD, ws["w_up_EDF"])
-    gate = jnp.einsum("gmd,gdf->gmf", x_GMD, ws["w_gate_EDF"]) if kind == "swiglu" else None
-    return jnp.einsum("gmf,gfd->gmd", _act(kind, gate, up), ws["w_down_EFD"])
+    def mm(x, w):  # x @ w per expert, plus its LoRA update where it has one
+        y = jnp.einsum("gmi,gio->gmo", x, ws[w])
+        if w + "/a" not in ws:
+            return y
+        h = jnp.einsum("gmi,gir->gmr", x, ws[w + "/a"])
+        return y + kind.lora_scale * jnp.einsum("gmr,gro->gmo", h, ws[w + "/b"])
+
+    act = kind.activation
+    up = mm(x_GMD, "w_up_EDF")
+    gate = mm(x_GMD, "w_gate_EDF") if act == "swiglu" else None
+    return mm(_act(act, gate, up), "w_down_EFD")
 
 
 def _ragged_mlp(x_MD, ws, sizes_G, kind):
     """Rows sorted by local expert, sizes_G rows each; rows past sum(sizes_G) come out 0."""
+    def gmm(x, w):  # grouped x @ w, plus its LoRA update where it has one
+        y = grouped_matmul(x, ws[w], sizes_G, kind.gmm_impl)
+        if w + "/a" not in ws:
+            return y
+        h = grouped_matmul(x, ws[w + "/a"], sizes_G, kind.gmm_impl)
+        return y + kind.lora_scale * grouped_matmul(h, ws[w + "/b"], sizes_G, kind.gmm_impl)
+
     act = kind.activation
-    gmm = lambda x, w: grouped_matmul(x, ws[w], sizes_G, kind.gmm_impl)
     up = gmm(x_MD, "w_up_EDF")
     gate = gmm(x_MD, "w_gate_EDF") if act == "swiglu" else None
     return gmm(_act(act, gate, up), "w_down_EFD")

@@ -43,17 +43,17 @@ def layer_plan(cfg: ModelConfig, moe: MoEConfig) -> list[tuple[tuple[str, ...], 
 class Block(nnx.Module):
     """One transformer layer; `norm` picks pre-norm, post-norm or no norm."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, kind: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, kind: str, rngs: nnx.Rngs, lora=None):
         pdt = dtype_of(cfg.param_dtype)
         self.norm_kind = cfg.norm
         self.dropout = cfg.dropout
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, lora)
         if kind == "moe":
             from jaxlm.model.moe import MoEBlock
 
-            self.ffn = MoEBlock(cfg, moe, rngs)
+            self.ffn = MoEBlock(cfg, moe, rngs, lora)
         else:
-            self.ffn = MLP(cfg, cfg.d_ff, rngs)
+            self.ffn = MLP(cfg, cfg.d_ff, rngs, lora)
         if cfg.norm != "none":
             self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
             self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
@@ -98,8 +98,8 @@ class Unit(nnx.Module):
     """Blocks of the given kinds applied in order, each `cfg.share_blocks` times in a row; aux
     metrics are summed over the applications."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, kinds: tuple[str, ...], rngs: nnx.Rngs):
-        self.blocks = nnx.List([Block(cfg, moe, kind, rngs) for kind in kinds])
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, kinds: tuple[str, ...], rngs: nnx.Rngs, lora=None):
+        self.blocks = nnx.List([Block(cfg, moe, kind, rngs, lora) for kind in kinds])
         self.share = cfg.share_blocks
 
     def __call__(self, x_BTD, positions_BT, mask, rng, caches: list | None = None):
@@ -120,11 +120,12 @@ class Unit(nnx.Module):
 class Segment(nnx.Module):
     """`repeats` copies of a Unit with parameters stacked on a leading axis, run by lax.scan."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, kinds: tuple[str, ...], repeats: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, kinds: tuple[str, ...], repeats: int, rngs: nnx.Rngs,
+                 lora=None):
         @nnx.split_rngs(splits=repeats)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def create(rngs):
-            return Unit(cfg, moe, kinds, rngs)
+            return Unit(cfg, moe, kinds, rngs, lora)
 
         self.units = create(rngs)
         self.repeats = repeats
@@ -157,11 +158,12 @@ class Segment(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, rngs: nnx.Rngs, lora=None):
+        """`lora`: a LoraConfig whose rank > 0 gives the targeted projections adapters (model/lora.py)."""
         pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs, pdt, cdt, cfg.projection_impl)
-        self.segments = nnx.List([Segment(cfg, moe, kinds, n, rngs) for kinds, n in layer_plan(cfg, moe)])
+        self.segments = nnx.List([Segment(cfg, moe, kinds, n, rngs, lora) for kinds, n in layer_plan(cfg, moe)])
         if cfg.norm == "pre":
             self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         if not cfg.tie_embeddings:

@@ -8,7 +8,7 @@ data-parallel shards combine into the exact global mean.
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +34,9 @@ class Objective(abc.ABC):
         shardings on `mesh`: all that lowering a step needs (`jaxlm compile` for devices it lacks)."""
         return {}
 
-    def load_frozen(self, abstract) -> Any:
-        """The arrays `frozen()` describes, read and placed in their shardings."""
+    def load_frozen(self, abstract, initial_params: Callable[[], Any]) -> Any:
+        """The arrays `frozen()` describes, read and placed in their shardings. `initial_params()`
+        gives the whole parameter tree the run started from (what a reference policy copies)."""
         return abstract
 
     def count(self, batch: Batch) -> jax.Array:

@@ -52,7 +52,7 @@ class Distill(NextToken):
         self.teacher_graphdef = graphdef
         return target
 
-    def load_frozen(self, abstract):
+    def load_frozen(self, abstract, initial_params):
         return ckpt.restore_params(self.step_dir, abstract)
 
     def loss(self, model, batch, key, frozen):

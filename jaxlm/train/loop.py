@@ -152,9 +152,7 @@ class TrainingRun:
         self.tokens_seen = 0
         if not self.t.init_from:
             return self.trainer.init_state()
-        from jaxlm.export.hf_load import load_hf_params
-
-        state = self.trainer.state_from_params(load_hf_params(self.t.init_from, self.cfg, self.trainer.param_shardings))
+        state = self.trainer.state_from_params(self.trainer.initial_params())
         _say(f"initialised from {self.t.init_from}")
         return state
 

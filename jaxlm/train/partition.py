@@ -7,19 +7,34 @@ expressions, searched), or in part: `train.freeze_layers: N` freezes the rows of
 transformer layers in every layer-stacked leaf, which is split along its layer axis (the rows
 are joined again inside the step, before the model runs).
 
+With `lora.rank > 0` every leaf outside the LoRA adapters is frozen (model/lora.py), and with
+`lora.quantize` (QLoRA) the frozen dense projections are *held* quantized: the step reads them
+through their `.project` (dequantized in the matmul); a checkpoint gets them dequantized, which
+re-quantizes to the same bytes, so a resumed run holds exactly what the uninterrupted one held.
+
 With nothing frozen the partition is the identity: no leaf moves and the step is unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm.config import Config, ConfigError
+from jaxlm.model.lora import is_adapter
+from jaxlm.model.quantized import projection_weights, quantize
 from jaxlm.model.transformer import layer_plan
+
+# How QLoRA holds a frozen projection: fn(w, first_in, n_in) -> a pytree with .project(x, n_in) (what
+# kernels.project calls) and .dequantize(), whose quantize(dequantize(q)) == q bit for bit (so a
+# checkpoint's float copy re-quantizes exactly). The int4 group-wise quantizer of jaxlm/compress
+# plugs in here under "int4" (and in lora.quantize's choices).
+QUANTIZERS = {"int8": functools.partial(quantize, exact=True)}
 
 Tree = dict  # a nested dict of arrays (nnx.to_pure_dict)
 
@@ -62,10 +77,13 @@ def layer_rows(cfg: Config) -> dict[str, list[int]]:
 
 @dataclass(frozen=True)
 class Partition:
-    """frozen_leaves: paths (key tuples) frozen whole; frozen_rows: path -> n, its rows [0, n) frozen."""
+    """frozen_leaves: paths (key tuples) frozen whole; frozen_rows: path -> n, its rows [0, n) frozen;
+    held: frozen leaves held quantized, path -> (first input dim, input dims, dtype); quantizer: its name."""
 
     frozen_leaves: frozenset = frozenset()
     frozen_rows: dict = field(default_factory=dict)
+    held: dict = field(default_factory=dict)
+    quantizer: str = "int8"
 
     @property
     def trivial(self) -> bool:
@@ -78,7 +96,9 @@ class Partition:
             return params, {}
         trainable, frozen = {}, {}
         for path, leaf in flatten(params).items():
-            if path in self.frozen_leaves:
+            if path in self.held:
+                frozen[path] = self._hold(leaf, *self.held[path][:2])
+            elif path in self.frozen_leaves:
                 frozen[path] = leaf
             elif path in self.frozen_rows:
                 n = self.frozen_rows[path]
@@ -87,14 +107,35 @@ class Partition:
                 trainable[path] = leaf
         return unflatten(trainable), unflatten(frozen)
 
-    def merge(self, trainable: Tree, frozen: Tree) -> Tree:
-        """The full parameter tree again (inside the step: rows are concatenated)."""
+    def merge(self, trainable: Tree, frozen: Tree, held: bool = True) -> Tree:
+        """The full parameter tree again (inside the step: rows are concatenated); held=False gives
+        held leaves back as arrays of their dtype (what a checkpoint keeps)."""
         if self.trivial:
             return trainable
         flat, frozen_flat = flatten(trainable), flatten(frozen)
         for path, leaf in frozen_flat.items():
             flat[path] = jnp.concatenate([leaf, flat[path]]) if path in self.frozen_rows else leaf
+        for path in self.held if not held else ():
+            flat[path] = flat[path].dequantize().astype(self.held[path][2])
         return unflatten(flat)
+
+    def _hold(self, leaf, first_in: int, n_in: int):
+        """The quantized form of a frozen leaf (an array, or a ShapeDtypeStruct), placed like it: the
+        values as the leaf, the scales with their reduced input dims whole."""
+        fn = functools.partial(QUANTIZERS[self.quantizer], first_in=first_in, n_in=n_in)
+        sharding = getattr(leaf, "sharding", None)
+        out = None
+        if isinstance(sharding, NamedSharding):
+            spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
+            whole = PartitionSpec(*[None if first_in <= i < first_in + n_in else e for i, e in enumerate(spec)])
+            shapes = jax.eval_shape(fn, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+            out = jax.tree.map(lambda s: sharding if s.shape == tuple(leaf.shape) else
+                               NamedSharding(sharding.mesh, whole), shapes)
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            shapes = jax.eval_shape(fn, leaf)
+            return shapes if out is None else jax.tree.map(
+                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, out)
+        return jax.jit(fn, out_shardings=out)(leaf)
 
 
 def _rows(leaf, start: int, stop: int | None):
@@ -108,11 +149,15 @@ def _rows(leaf, start: int, stop: int | None):
 
 
 def make_partition(cfg: Config, abstract_params: Tree) -> Partition:
-    """The partition `train.freeze` and `train.freeze_layers` ask for; a pattern that matches no
-    parameter, or a freeze that leaves nothing to train, is a one-line ConfigError."""
+    """The partition `train.freeze`, `train.freeze_layers` and `lora` ask for; a pattern that matches
+    no parameter, or a freeze that leaves nothing to train, is a one-line ConfigError."""
     t = cfg.train
-    paths = list(flatten(abstract_params))
-    frozen = set()
+    flat = flatten(abstract_params)
+    paths = list(flat)
+    frozen = {p for p in paths if not is_adapter(p)} if cfg.lora.rank else set()
+    if cfg.lora.rank and len(frozen) == len(paths):
+        raise ConfigError(f"lora.targets={cfg.lora.targets} (experts: {cfg.lora.experts}) adapt no projection of "
+                          "this model")
     for pattern in t.freeze:
         hits = {p for p in paths if re.search(pattern, path_name(p))}
         if not hits:
@@ -131,4 +176,8 @@ def make_partition(cfg: Config, abstract_params: Tree) -> Partition:
                         rows[p] = n
     if len(frozen) == len(paths):
         raise ConfigError("train.freeze and train.freeze_layers freeze every parameter; nothing would be trained")
-    return Partition(frozenset(frozen), rows)
+    held = {}
+    if cfg.lora.rank and cfg.lora.quantize != "none":
+        projections = projection_weights(cfg)
+        held = {p: (*projections[p], flat[p].dtype) for p in frozen if p in projections}
+    return Partition(frozenset(frozen), rows, held, cfg.lora.quantize)

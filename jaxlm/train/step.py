@@ -166,7 +166,7 @@ class Trainer:
     @functools.cached_property
     def objective_frozen(self):
         """The objective's fixed arrays, read on first use: lowering alone never reads them."""
-        return self.spec.objective.load_frozen(self.abstract_frozen["objective"])
+        return self.spec.objective.load_frozen(self.abstract_frozen["objective"], self.initial_params)
 
     @property
     def frozen(self) -> dict:
@@ -192,6 +192,12 @@ class Trainer:
     def batch_sharding(self) -> NamedSharding:
         return batch_sharding(self.mesh, self.rules)
 
+    def initial_params(self):
+        """The whole parameter tree the run starts from: train.init_from, else the seeded init."""
+        from jaxlm.train.start import initial_params
+
+        return initial_params(self.cfg, self)
+
     def init_state(self) -> dict:
         """Step 0 from the config's initialisation (seeded by train.seed)."""
         return self.state_from_params(self.jit_init_params())
@@ -204,7 +210,7 @@ class Trainer:
 
     def saved_state(self, state) -> dict:
         """What a checkpoint holds: the state with the whole parameter tree."""
-        return {**state, "params": self.partition.merge(state["params"], self.frozen_params)}
+        return {**state, "params": self.partition.merge(state["params"], self.frozen_params, held=False)}
 
     def adopt(self, saved) -> dict:
         """The train state from a restored `saved_state` (its frozen parameters are kept here)."""
