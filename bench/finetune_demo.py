@@ -1,5 +1,5 @@
 """Fine-tuning demonstrations on 2 CPU cores, offline: a byte-level model pretrained here on
-TinyShakespeare, then taught the built-in arithmetic task (jaxlm/data/tasks.py).
+TinyShakespeare, then taught the built-in arithmetic task (jaxlm/eval/tasks/arithmetic.py).
 
     JAXLM_BENCH_DATA=~/data python bench/finetune_demo.py [--work DIR] [--stages pretrain,sft,lora,dpo]
 
@@ -140,7 +140,7 @@ def main() -> int:
     p.add_argument("--work", default="runs/finetune_demo")
     p.add_argument("--stages", default="pretrain,sft,lora,dpo")
     args = p.parse_args()
-    from jaxlm.data.tasks import arithmetic, write_jsonl
+    from jaxlm.eval.tasks.arithmetic import arithmetic, write_jsonl
 
     work = Path(args.work)
     sft_train, sft_test = arithmetic(N_TRAIN, N_TEST, seed=0, ops="+")

@@ -4,7 +4,7 @@
     pip install trl                      # and torch (CPU), transformers
     python bench/sft_trl.py [--config configs/bench.yaml] [--batch 8] [--steps 12] [--records 512]
 
-Both train on the built-in arithmetic chat records (jaxlm/data/tasks.py), prompt + completion, with
+Both train on the built-in arithmetic chat records (jaxlm/eval/tasks/arithmetic.py), prompt + completion, with
 the loss on the completion only, one conversation per row (no packing), AdamW with clipping at 1.0.
 jaxlm pads every row to data.seq_len, set to the longest record, so it never does less work than
 TRL, which pads each batch to its longest row. The first steps (compilation, warm-up) are left
@@ -112,7 +112,7 @@ def main() -> int:
     args = p.parse_args()
     from jaxlm.data.chat import chat_format, render
     from jaxlm.data.records import conversation
-    from jaxlm.data.tasks import arithmetic, write_jsonl
+    from jaxlm.eval.tasks.arithmetic import arithmetic, write_jsonl
     from jaxlm.tokenizer.tokenizer import load_tokenizer
 
     print(machine_line(), flush=True)

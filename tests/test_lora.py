@@ -12,10 +12,10 @@ from flax import nnx
 
 from jaxlm.config import ConfigError, load_config
 from jaxlm.data.batch import Batch
-from jaxlm.data.tasks import arithmetic, write_jsonl
+from jaxlm.eval.tasks.arithmetic import arithmetic, write_jsonl
 from jaxlm.model import lora
 from jaxlm.model.build import build_model
-from jaxlm.model.quantized import Int8Weight
+from jaxlm.compress.quantize import QuantizedWeight
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.train.loop import train
 from jaxlm.train.partition import flatten
@@ -148,18 +148,20 @@ def test_lora_on_an_fsdp_expert_tensor_mesh_equals_one_device():
     assert any(any(e is not None for e in spec) for spec in specs)  # adapters are split like their weights
 
 
-def test_qlora_holds_the_frozen_projections_in_int8_and_stays_close_to_lora():
+@pytest.mark.parametrize("scheme, rel", [("int8", 1e-3), ("int4-g32", 2e-2)])
+def test_qlora_holds_the_frozen_matrices_quantized_and_stays_close_to_lora(scheme, rel):
     batch = batch_of(1)
     losses = {}
-    for quantize in ("none", "int8"):
+    for quantize in ("none", scheme):
         trainer = one_device(cfg_of("lora.rank=4", f"lora.quantize={quantize}"))
         state = trainer.init_state()
         loss, _ = trainer.loss_and_grads(state["params"], jax.device_put(batch, trainer.batch_sharding))
         losses[quantize] = float(loss)
-    held = [leaf for leaf in flatten(trainer.frozen_params).values() if isinstance(leaf, Int8Weight)]
-    assert len(held) == 7 + 1  # q, k, v, o, gate, up, down (stacked over the layers) and the output head
-    assert all(h.values.dtype == jnp.int8 for h in held)
-    assert losses["int8"] != losses["none"] and losses["int8"] == pytest.approx(losses["none"], rel=1e-3)
+    held = [leaf for leaf in flatten(trainer.frozen_params).values() if isinstance(leaf, QuantizedWeight)]
+    # q, k, v, o, gate, up, down (stacked over the layers), the output head and the embedding table
+    assert len(held) == 7 + 2
+    assert all(h.scheme.name == scheme and h.codes.dtype == jnp.uint8 for h in held)
+    assert losses[scheme] != losses["none"] and losses[scheme] == pytest.approx(losses["none"], rel=rel)
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +171,10 @@ def records(tmp_path_factory):
 
 
 def test_a_resumed_qlora_sft_run_is_bit_identical_to_an_uninterrupted_one(records, tmp_path):
-    """The adapters, their optimizer state and the int8 base all come back exactly (the saved
+    """The adapters, their optimizer state and the 4-bit base all come back exactly (the saved
     float base re-quantizes to the same bytes)."""
     def run(name, steps):
-        cfg = cfg_of("lora.rank=4", "lora.quantize=int8", "lora.dropout=0.1", "train.objective=sft",
+        cfg = cfg_of("lora.rank=4", "lora.quantize=int4-g32", "lora.dropout=0.1", "train.objective=sft",
                      f"data.path={records}", "data.packing=true", "data.seq_len=96", "model.max_seq_len=96",
                      "optim.lr=0.01", "optim.schedule=constant", f"train.steps={steps}", "checkpoint.every=3", "train.eval_every=0",
                      "train.log_every=1", "train.progress=false", "mesh.data=1", f"train.run_dir={tmp_path / name}")
@@ -185,7 +187,7 @@ def test_a_resumed_qlora_sft_run_is_bit_identical_to_an_uninterrupted_one(record
     saved = [ckpt_params(tmp_path / name / "checkpoints" / "6") for name in ("whole", "split")]
     jax.tree.map(np.testing.assert_array_equal, *saved)
     meta = json.loads((tmp_path / "split" / "checkpoints" / "6" / "meta" / "metadata").read_text())
-    assert meta["config"]["lora"]["quantize"] == "int8"
+    assert meta["config"]["lora"]["quantize"] == "int4-g32"
 
 
 def ckpt_params(step_dir):

@@ -249,8 +249,9 @@ class LoraConfig:
     targets: Doc[list[str], "projections that get adapters: q, k, v, o (attention), gate, up, down (dense and "
                  "shared-expert MLPs)"] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
     experts: Doc[bool, "also adapt the routed experts' gate, up and down (MoE)"] = False
-    quantize: Doc[Literal["none", "int8"], "QLoRA: hold the frozen base's dense projections in int8 (per-channel "
-                  "scales), dequantized in the matmul"] = "none"
+    quantize: Doc[Literal["none", "int8", "int4-g32", "int4-g64", "int4-g128"],
+                  "QLoRA: hold the frozen base's matrices quantized (jaxlm/compress: int8 per channel, or 4-bit "
+                  "with a scale per group of 32/64/128 inputs), dequantized in the matmul"] = "none"
 
     @property
     def scale(self) -> float:

@@ -8,9 +8,11 @@ transformer layers in every layer-stacked leaf, which is split along its layer a
 are joined again inside the step, before the model runs).
 
 With `lora.rank > 0` every leaf outside the LoRA adapters is frozen (model/lora.py), and with
-`lora.quantize` (QLoRA) the frozen dense projections are *held* quantized: the step reads them
-through their `.project` (dequantized in the matmul); a checkpoint gets them dequantized, which
-re-quantizes to the same bytes, so a resumed run holds exactly what the uninterrupted one held.
+`lora.quantize` (QLoRA) the frozen matrices are *held* quantized by a jaxlm/compress scheme (int8
+per channel, or 4-bit in groups): the step reads them through their `.project` (dequantized in the
+matmul). A checkpoint gets them dequantized, which re-quantizes to the same bytes (a symmetric
+scheme maps each group's largest weight to -2^(bits-1), so the dequantized copy gives the same
+scale back), so a resumed run holds exactly what the uninterrupted one held.
 
 With nothing frozen the partition is the identity: no leaf moves and the step is unchanged.
 """
@@ -23,18 +25,14 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
+from jaxlm.compress.quantize import quantize, quantized_weights
+from jaxlm.compress.schemes import SCHEMES
 from jaxlm.config import Config, ConfigError
 from jaxlm.model.lora import is_adapter
-from jaxlm.model.quantized import projection_weights, quantize
 from jaxlm.model.transformer import layer_plan
-
-# How QLoRA holds a frozen projection: fn(w, first_in, n_in) -> a pytree with .project(x, n_in) (what
-# kernels.project calls) and .dequantize(), whose quantize(dequantize(q)) == q bit for bit (so a
-# checkpoint's float copy re-quantizes exactly). The int4 group-wise quantizer of jaxlm/compress
-# plugs in here under "int4" (and in lora.quantize's choices).
-QUANTIZERS = {"int8": functools.partial(quantize, exact=True)}
+from jaxlm.parallel.sharding import resolve_rules, spec_for
 
 Tree = dict  # a nested dict of arrays (nnx.to_pure_dict)
 
@@ -78,12 +76,15 @@ def layer_rows(cfg: Config) -> dict[str, list[int]]:
 @dataclass(frozen=True)
 class Partition:
     """frozen_leaves: paths (key tuples) frozen whole; frozen_rows: path -> n, its rows [0, n) frozen;
-    held: frozen leaves held quantized, path -> (first input dim, input dims, dtype); quantizer: its name."""
+    held: frozen leaves held quantized, path -> (first input dim, input dims, transposed, logical
+    axes of the quantized arrays, dtype) as `compress.quantized_weights` gives them; scheme: the
+    compress scheme they are held in; rules: the logical-axis rules that place them."""
 
     frozen_leaves: frozenset = frozenset()
     frozen_rows: dict = field(default_factory=dict)
     held: dict = field(default_factory=dict)
-    quantizer: str = "int8"
+    scheme: str = "int8"
+    rules: dict = field(default_factory=dict)
 
     @property
     def trivial(self) -> bool:
@@ -97,7 +98,7 @@ class Partition:
         trainable, frozen = {}, {}
         for path, leaf in flatten(params).items():
             if path in self.held:
-                frozen[path] = self._hold(leaf, *self.held[path][:2])
+                frozen[path] = self._hold(leaf, *self.held[path][:4])
             elif path in self.frozen_leaves:
                 frozen[path] = leaf
             elif path in self.frozen_rows:
@@ -116,23 +117,21 @@ class Partition:
         for path, leaf in frozen_flat.items():
             flat[path] = jnp.concatenate([leaf, flat[path]]) if path in self.frozen_rows else leaf
         for path in self.held if not held else ():
-            flat[path] = flat[path].dequantize().astype(self.held[path][2])
+            flat[path] = flat[path].dequantize().astype(self.held[path][4])
         return unflatten(flat)
 
-    def _hold(self, leaf, first_in: int, n_in: int):
-        """The quantized form of a frozen leaf (an array, or a ShapeDtypeStruct), placed like it: the
-        values as the leaf, the scales with their reduced input dims whole."""
-        fn = functools.partial(QUANTIZERS[self.quantizer], first_in=first_in, n_in=n_in)
+    def _hold(self, leaf, first_in: int, n_in: int, transposed: bool, axes: tuple):
+        """The quantized form of a frozen leaf (an array, or a ShapeDtypeStruct); on a mesh its codes
+        and scales are placed by the logical axes they carry, as decoding places them."""
+        fn = functools.partial(quantize, scheme=SCHEMES[self.scheme], first_in=first_in, n_in=n_in,
+                               transposed=transposed, axes=axes)
         sharding = getattr(leaf, "sharding", None)
+        shapes = jax.eval_shape(fn, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
         out = None
         if isinstance(sharding, NamedSharding):
-            spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
-            whole = PartitionSpec(*[None if first_in <= i < first_in + n_in else e for i, e in enumerate(spec)])
-            shapes = jax.eval_shape(fn, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-            out = jax.tree.map(lambda s: sharding if s.shape == tuple(leaf.shape) else
-                               NamedSharding(sharding.mesh, whole), shapes)
+            mesh = sharding.mesh
+            out = jax.tree.map(lambda s: NamedSharding(mesh, spec_for(s.shape, axes, mesh, self.rules)), shapes)
         if isinstance(leaf, jax.ShapeDtypeStruct):
-            shapes = jax.eval_shape(fn, leaf)
             return shapes if out is None else jax.tree.map(
                 lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, out)
         return jax.jit(fn, out_shardings=out)(leaf)
@@ -178,6 +177,6 @@ def make_partition(cfg: Config, abstract_params: Tree) -> Partition:
         raise ConfigError("train.freeze and train.freeze_layers freeze every parameter; nothing would be trained")
     held = {}
     if cfg.lora.rank and cfg.lora.quantize != "none":
-        projections = projection_weights(cfg)
-        held = {p: (*projections[p], flat[p].dtype) for p in frozen if p in projections}
-    return Partition(frozenset(frozen), rows, held, cfg.lora.quantize)
+        matrices = quantized_weights(cfg)
+        held = {p: (*matrices[p], flat[p].dtype) for p in frozen if p in matrices}
+    return Partition(frozenset(frozen), rows, held, cfg.lora.quantize, resolve_rules(cfg.mesh.rules))
