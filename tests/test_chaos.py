@@ -15,7 +15,7 @@ from conftest import REPO
 KILLS, STEPS, EVERY = 4, 60, 10
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # about 4 minutes: python -m pytest -m demo tests/test_chaos.py
 def test_a_job_killed_and_restarted_four_times_ends_as_an_uninterrupted_run(tmp_path):
     out = tmp_path / "chaos.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "chaos.py"), "--kills", str(KILLS), "--steps",

@@ -107,6 +107,9 @@ def plan(markdown: str) -> list[tuple[int, str | None, str]]:
             result.append((n, reason, block))
         elif re.search(r"\bpip install\b", block):
             raise AssertionError(f"README bash block {n} runs `pip install`; mark it `<!-- readme-test: skip (reason) -->`")
+        elif re.search(r"^# not run in CI", block, re.M):  # the old convention: the test ran such blocks anyway
+            raise AssertionError(f"README bash block {n} says `# not run in CI`; mark it "
+                                 "`<!-- readme-test: skip (reason) -->` instead")
         else:
             result.append((n, None, rewrite(block, steps)))
     return result
@@ -207,9 +210,11 @@ def test_plan_skips_marked_blocks_and_shortens_training_keeping_the_order_of_exp
     ]
 
 
-def test_plan_refuses_an_unmarked_pip_install():
+def test_plan_refuses_an_unmarked_pip_install_and_the_old_skip_comment():
     with pytest.raises(AssertionError, match=r"block 1 runs `pip install`; mark it"):
         plan("```bash\npip install -e '.[dev]'\n```\n")
+    with pytest.raises(AssertionError, match=r"block 1 says `# not run in CI`; mark it"):
+        plan("```bash\n# not run in CI: downloads\njaxlm import x -o y\n```\n")
 
 
 @pytest.mark.slow
