@@ -303,18 +303,20 @@ def test_block_diffusion_finishes_each_block_before_the_next(mask_loving_model):
         assert not (gen[: 8 * block] == MASK).any() and (gen[8 * (block + 1):] == MASK).all()
 
 
-def test_the_generate_adapter_prints_the_continuation_and_its_speed(mask_loving_model):
+def test_the_generate_adapter_samples_the_continuation_and_says_its_speed(mask_loving_model):
     import argparse
 
     from jaxlm.tokenizer.tokenizer import load_tokenizer
-    from jaxlm.inference.diffusion import add_arguments, generate_mdlm
+    from jaxlm.inference.diffusion import add_arguments, completion, generate_mdlm, speed
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=5)  # a generate CLI's own flag is kept
     add_arguments(parser)
     args = parser.parse_args(["--sampler", "mdlm", "--steps", "4", "--max-new-tokens", "12", "--block-size", "6"])
-    lines = []
-    sample = generate_mdlm(mask_loving_model, mdlm_config(), load_tokenizer("bytes"), "To be", args, out=lines.append)
+    sample = generate_mdlm(mask_loving_model, mdlm_config(), load_tokenizer("bytes"), "To be", args)
     assert sample.tokens.shape == (1, 17) and sample.steps == 4  # two blocks of 6, two steps each
-    assert lines[0] == load_tokenizer("bytes").decode(sample.tokens[0].tolist()) and lines[0].startswith("To be")
-    assert lines[1].startswith("[mdlm: 12 tokens in 4 steps") and lines[1].endswith("tokens/s]")
+    assert completion(sample, None) == (sample.tokens[0, 5:].tolist(), False)  # the prompt is not echoed
+    new, eot = sample.tokens[0, 5:].tolist(), int(sample.tokens[0, 9])  # as if it were end-of-text
+    ids, stopped = completion(sample, eot)  # the text stops before its first occurrence
+    assert stopped and eot not in ids and new[: len(ids) + 1] == ids + [eot]
+    assert speed("mdlm", sample).startswith("mdlm: 12 tokens in 4 steps") and speed("mdlm", sample).endswith("tokens/s")

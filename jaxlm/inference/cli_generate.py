@@ -4,29 +4,38 @@ How a checkpoint generates depends on what it was trained for: GENERATORS maps t
 train.objective to its generator (next_token: the autoregressive KV-cache decoder below; other
 objectives, e.g. masked diffusion, add their own row).
 
-One prompt: its continuation streams to stdout. --prompt-file: one prompt per line, decoded as
-one batch, one JSON line {"prompt", "completion"} each. The decode speed goes to stderr.
+Every generator prints alike (report.py): the continuation alone, ending with a newline, or one
+JSON line per prompt of a --prompt-file; speed and stops on stderr. --chat renders the prompts with
+the run's chat template and stops at its end-of-turn (prompts.py); --min-new-tokens and
+--max-thinking-tokens force a thinking budget (budget.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
-import json
-import sys
 import time
 from typing import Callable
 
 from jaxlm import checkpoint as ckpt
 from jaxlm.errors import UserError
 from jaxlm.checkpoint.runs import Run, load_run
+from jaxlm.inference.report import Stream, print_completions, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory (with checkpoints/) written by `jaxlm train`")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="the text to continue")
-    src.add_argument("--prompt-file", help="a text file with one prompt per line, decoded as one batch")
+    src.add_argument("--prompt", help="the text to continue (with --chat: one user message)")
+    src.add_argument("--prompt-file", help="a text file with one prompt per line, decoded as one batch "
+                                           '(with --chat: one {"messages": [...]} per line)')
+    parser.add_argument("--chat", action="store_true",
+                        help="render the prompts with the run's chat template (as SFT does), print the reply")
+    parser.add_argument("--min-new-tokens", type=int, default=0, metavar="N",
+                        help="budget forcing: no end-of-text (end-of-turn) before N new tokens")
+    parser.add_argument("--max-thinking-tokens", type=int, metavar="N",
+                        help="budget forcing: after N new tokens append --answer-cue, then up to --max-new-tokens more")
+    parser.add_argument("--answer-cue", default="\nFinal answer:",
+                        help="what ends the thinking; a typed \\n is a newline (default: '\\nFinal answer:')")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt (default 200)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
@@ -45,45 +54,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_diffusion_arguments(parser)  # --sampler, --steps, --block-size for masked-diffusion checkpoints
 
 
-def read_prompts(args) -> list[str]:
-    if args.prompt is not None:
-        return [args.prompt]
-    try:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
-    except OSError as e:
-        raise UserError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.start}); expected one prompt "
-                        "per line") from None
-    if not prompts:
-        raise UserError(f"--prompt-file {args.prompt_file} holds no prompt; expected one prompt per line")
-    return prompts
+def budget_flags(args) -> tuple[int, int | None]:
+    """(--min-new-tokens, --max-thinking-tokens), checked against --max-new-tokens and each other."""
+    if args.min_new_tokens < 0 or (args.max_thinking_tokens is not None and args.max_thinking_tokens < 1):
+        raise UserError("--min-new-tokens must be >= 0 and --max-thinking-tokens >= 1")
+    limit = args.max_new_tokens if args.max_thinking_tokens is None else args.max_thinking_tokens + args.max_new_tokens
+    if args.min_new_tokens > limit:
+        raise UserError(f"--min-new-tokens {args.min_new_tokens} is more than the {limit} new tokens asked for "
+                        "(--max-new-tokens, plus --max-thinking-tokens when given)")
+    if args.draft and (args.min_new_tokens or args.max_thinking_tokens is not None):
+        raise UserError("--min-new-tokens and --max-thinking-tokens are not supported with --draft")
+    return args.min_new_tokens, args.max_thinking_tokens
 
 
-def say(msg: str) -> None:
-    print(f"jaxlm: {msg}", file=sys.stderr, flush=True)
+def make_budget(args, tok):
+    from jaxlm.inference.budget import Budget
+
+    min_new, think = budget_flags(args)
+    cue_text = args.answer_cue.replace("\\n", "\n")  # a shell passes "\n" as two characters
+    cue = tuple(tok.encode(cue_text, allowed_special="all")) if think is not None else ()
+    return Budget(min_new, think, cue)
+
+
+def quantized(args, run: Run) -> dict:
+    if not args.quantize:
+        return run.params
+    from jaxlm.compress.quantize import quantize_params, weight_bytes
+
+    before = weight_bytes(run.params)
+    params = quantize_params(run.params, run.cfg, args.quantize)
+    after = weight_bytes(params)
+    say(f"{args.quantize} weights: {after / 2**20:.1f} MiB instead of {before / 2**20:.1f} MiB "
+        f"({(before - after) / 2**20:.1f} MiB saved, {before / after:.2f}x smaller)")
+    return params
 
 
 def autoregressive(args, run: Run) -> int:
-    """The KV-cache decoder, with --draft (speculative) and --quantize (weight-only schemes)."""
+    """The KV-cache decoder, with --chat, budget forcing, --draft (speculative) and --quantize."""
     from jaxlm.inference.decode import Decoder, generate
+    from jaxlm.inference.prompts import chat_prompts, plain_prompts
     from jaxlm.inference.sampling import Sampling
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     tok = run.tokenizer
-    texts = read_prompts(args)
-    prompts = [tok.encode(t, allowed_special="all") or [tok.eot_id] for t in texts]
-    params = run.params
-    if args.quantize:
-        from jaxlm.compress.quantize import quantize_params, weight_bytes
-
-        before = weight_bytes(params)
-        params = quantize_params(params, run.cfg, args.quantize)
-        after = weight_bytes(params)
-        say(f"{args.quantize} weights: {after / 2**20:.1f} MiB instead of {before / 2**20:.1f} MiB "
-            f"({(before - after) / 2**20:.1f} MiB saved, {before / after:.2f}x smaller)")
-    target = Decoder(run.cfg, params, run.mesh)
+    budget = make_budget(args, tok)
+    prompts = chat_prompts(args, tok, run.cfg) if args.chat else plain_prompts(args, tok)
+    target = Decoder(run.cfg, quantized(args, run), run.mesh)
     draft = None
     if args.draft:
         from jaxlm.inference.speculative import check_pair
@@ -92,47 +108,49 @@ def autoregressive(args, run: Run) -> int:
         draft = Decoder(draft_run.cfg, draft_run.params, run.mesh)
         check_pair(target, draft, tok, draft_run.tokenizer)
 
-    stream = len(prompts) == 1
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stream = Stream(tok) if len(prompts.tokens) == 1 else None
     clock = {"first": None, "n": 0}
 
     def on_tokens(row: int, new: list[int]) -> None:
         clock["first"] = clock["first"] or time.perf_counter()
         clock["n"] += len(new)
         if stream:
-            sys.stdout.write(utf8.decode(b"".join(tok.decode_single_token_bytes(t) for t in new)))
-            sys.stdout.flush()
+            stream.write(new)
 
     start = time.perf_counter()
     if draft is None:
-        outputs = generate(target, prompts, args.max_new_tokens, sampling, args.seed, tok.eot_id, on_tokens)
+        outputs = generate(target, prompts.tokens, args.max_new_tokens, sampling, args.seed, prompts.stop_id,
+                           on_tokens, budget=budget)
         extra = ""
     else:
         from jaxlm.inference.speculative import speculative_generate
 
-        outputs, stats = speculative_generate(target, draft, prompts, args.max_new_tokens, args.lookahead,
-                                              sampling, args.seed, tok.eot_id, on_tokens)
+        outputs, stats = speculative_generate(target, draft, prompts.tokens, args.max_new_tokens, args.lookahead,
+                                              sampling, args.seed, prompts.stop_id, on_tokens)
         extra = f", draft acceptance {stats.acceptance_rate:.1%} over {stats.rounds} rounds"
     end = time.perf_counter()
-    if stream:
-        sys.stdout.write(utf8.decode(b"", final=True) + "\n")
-    else:
-        for text, out in zip(texts, outputs):
-            print(json.dumps({"prompt": text, "completion": tok.decode(out)}, ensure_ascii=False))
-    n = sum(map(len, outputs))
-    rate = (clock["n"] - len(prompts)) / (end - clock["first"]) if clock["first"] and end > clock["first"] else 0.0
-    say(f"{n} tokens for {len(prompts)} prompt(s) in {end - start:.2f} s; {rate:.1f} tokens/s after the first "
+    print_completions(prompts.labels, outputs, outputs.stopped, tok, prompts.stop_id, prompts.key, stream)
+    n, rows = sum(map(len, outputs)), len(prompts.tokens)
+    rate = (clock["n"] - rows) / (end - clock["first"]) if clock["first"] and end > clock["first"] else 0.0
+    say(f"{n} tokens for {rows} prompt(s) in {end - start:.2f} s; {rate:.1f} tokens/s after the first "
         f"(which took {(clock['first'] or end) - start:.2f} s, compilation included){extra}")
     return 0
 
 
 def masked_diffusion(args, run: Run) -> int:
     """mdlm checkpoints: --sampler mdlm | llada | block, --steps, --block-size (inference/diffusion.py)."""
-    from jaxlm.inference.diffusion import generate_mdlm
+    from jaxlm.inference.diffusion import completion, generate_mdlm, speed
+    from jaxlm.inference.prompts import read_prompts
 
-    model = run.model()
-    for prompt in read_prompts(args):
-        generate_mdlm(model, run.cfg, run.tokenizer, prompt, args)
+    model, tok = run.model(), run.tokenizer
+    texts, completions, stopped = read_prompts(args), [], []
+    for prompt in texts:
+        sample = generate_mdlm(model, run.cfg, tok, prompt, args)
+        ids, stop = completion(sample, tok.eot_id)
+        completions.append(ids)
+        stopped.append(stop)
+        say(speed(args.sampler, sample))
+    print_completions(texts, completions, stopped, tok, tok.eot_id)
     return 0
 
 
@@ -143,7 +161,8 @@ GENERATORS: dict[str, Callable[[argparse.Namespace, Run], int]] = {
 
 # the flags only one generator reads (the prompt, --max-new-tokens, --temperature, --seed and --step
 # are everyone's): given to a run whose generator does not read them, they are refused, not ignored
-READS = {autoregressive: ("top_k", "top_p", "draft", "lookahead", "quantize"),
+READS = {autoregressive: ("top_k", "top_p", "draft", "lookahead", "quantize", "chat", "min_new_tokens",
+                          "max_thinking_tokens", "answer_cue"),
          masked_diffusion: ("sampler", "steps", "block_size")}
 
 
@@ -166,6 +185,7 @@ def main(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
     Sampling(args.temperature, args.top_k, args.top_p)  # checks the values before the checkpoint is read
+    budget_flags(args)
     run = load_run(args.run_dir, args.step)
     objective = run.cfg.train.objective
     if objective not in GENERATORS:

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.config import Config
+from jaxlm.inference.budget import Budget, StepControls, mask_stop
 from jaxlm.inference.cache import bucket, init_caches
 from jaxlm.inference.sampling import Sampling, sample
 from jaxlm.model import kernels
@@ -94,10 +95,13 @@ class Decoder:
         """f32 logits [B, T, V] of T new tokens per row at their positions, and the updated caches."""
         return self.program.forward(params, tokens_BT, positions_BT, caches)
 
-    def step(self, params, caches, tokens_B, start_B, i, key, sampling: Sampling):
-        """Step i: runs each row's pending token at position start_B + i, samples the next."""
+    def step(self, params, caches, tokens_B, start_B, i, key, controls: StepControls, sampling: Sampling):
+        """Step i: runs each row's pending token at position start_B + i, samples the next (a
+        row's stop token masked out where `controls` suppress it; its forced token where it has one)."""
         logits_B1V, caches = self.forward(params, tokens_B[:, None], (start_B + i)[:, None], caches)
-        return sample(logits_B1V[:, 0], jax.random.fold_in(key, i), sampling), caches
+        logits_BV = mask_stop(logits_B1V[:, 0], controls)
+        sampled_B = sample(logits_BV, jax.random.fold_in(key, i), sampling)
+        return jnp.where(controls.force_B >= 0, controls.force_B, sampled_B), caches
 
     def prefill(self, caches, prompts: list[list[int]]):
         """Writes every prompt but its last token (right-padded; padding lands in slots that are
@@ -115,13 +119,21 @@ class Decoder:
         return caches, jnp.asarray(pending), jnp.asarray(lengths - 1, jnp.int32)
 
 
+class Completions(list):
+    """The generated tokens of each row (a list of lists), and which rows ended at the stop token."""
+
+    def __init__(self, rows: int):
+        super().__init__([] for _ in range(rows))
+        self.stopped = np.zeros(rows, bool)
+
+
 class Outputs:
     """Generated tokens per row; a row ends at the stop token (not kept), at `limit` tokens, or
     when `until(row, its tokens)` says so (stop strings: the caller cuts the text)."""
 
     def __init__(self, rows: int, limit: int, stop_id: int | None,
                  until: Callable[[int, list[int]], bool] | None = None):
-        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.tokens = Completions(rows)
         self.done = np.zeros(rows, bool)
         self.limit, self.stop_id, self.until = limit, stop_id, until
 
@@ -132,7 +144,7 @@ class Outputs:
             if self.done[row]:
                 break
             if t == self.stop_id:
-                self.done[row] = True
+                self.done[row] = self.tokens.stopped[row] = True
                 break
             kept.append(int(t))
             self.done[row] = len(self.tokens[row]) + len(kept) >= self.limit
@@ -164,14 +176,16 @@ def check_room(dec: Decoder, prompts: list[list[int]], max_new: int) -> int:
 
 def generate(dec: Decoder, prompts: list[list[int]], max_new: int, sampling: Sampling, seed: int = 0,
              stop_id: int | None = None, on_tokens: Callable[[int, list[int]], None] | None = None,
-             until: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+             until: Callable[[int, list[int]], bool] | None = None, budget: Budget = Budget()) -> Completions:
     """Continues each prompt by up to `max_new` tokens (fewer at `stop_id`, where `until(row, its
-    tokens)` is true, or at max_seq_len); decoding ends when every row has ended.
+    tokens)` is true, or at max_seq_len); decoding ends when every row has ended. `budget` forces
+    (budget.py): no stop before its min_new tokens, its cue after its thinking tokens, then up to
+    `max_new` more.
 
     `on_tokens(row, tokens)` sees each row's new tokens as they come (streaming). The step after
     the one being read is already queued on the device, so reading a token costs no idle time.
     """
-    max_new = check_room(dec, prompts, max_new)
+    max_new = check_room(dec, prompts, budget.total(max_new))
     out = Outputs(len(prompts), max_new, stop_id, until)
     if max_new == 0:
         return out.tokens
@@ -188,7 +202,8 @@ def generate(dec: Decoder, prompts: list[list[int]], max_new: int, sampling: Sam
 
     queued = None
     for i in range(max_new):
-        tokens, caches = dec.step_fn(dec.params, caches, tokens, start, i, key, sampling=sampling)
+        controls = budget.controls(i, len(prompts), stop_id)
+        tokens, caches = dec.step_fn(dec.params, caches, tokens, start, i, key, controls, sampling=sampling)
         if queued is not None and read(queued):
             return out.tokens
         queued = tokens

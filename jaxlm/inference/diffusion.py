@@ -189,9 +189,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, **kwargs)
 
 
-def generate_mdlm(model, cfg: Config, tokenizer, prompt: str, args: argparse.Namespace, out=print) -> Sample:
-    """Samples a continuation of `prompt` from an mdlm checkpoint's model with `args.sampler`,
-    prints the text and the speed, returns the Sample."""
+def generate_mdlm(model, cfg: Config, tokenizer, prompt: str, args: argparse.Namespace) -> Sample:
+    """Samples a continuation of `prompt` from an mdlm checkpoint's model with `args.sampler`
+    (cli_generate prints it as every generator prints)."""
     sampler = getattr(args, "sampler", "block")
     steps, block = getattr(args, "steps", 64), getattr(args, "block_size", None)
     length, seed = getattr(args, "max_new_tokens", 128), getattr(args, "seed", 0)
@@ -201,13 +201,22 @@ def generate_mdlm(model, cfg: Config, tokenizer, prompt: str, args: argparse.Nam
             raise UserError(f"{flag} {value} must be >= 1")
     ids = tokenizer.encode(prompt, allowed_special="all")
     if sampler == "mdlm":
-        sample = sample_mdlm(model, ids, length, steps, seed, schedule=cfg.diffusion.schedule, block_size=block,
-                             temperature=temperature)
-    elif sampler == "llada":
-        sample = sample_remask(model, ids, length, steps, seed, temperature=temperature)
-    else:
-        sample = sample_block(model, ids, length, steps, block or DEFAULT_BLOCK, seed, temperature=temperature)
-    out(tokenizer.decode(sample.tokens[0].tolist()))
-    out(f"[{sampler}: {sample.new_tokens} tokens in {sample.steps} steps, {sample.seconds:.2f} s, "
-        f"{sample.tokens_per_s:.1f} tokens/s]")
-    return sample
+        return sample_mdlm(model, ids, length, steps, seed, schedule=cfg.diffusion.schedule, block_size=block,
+                           temperature=temperature)
+    if sampler == "llada":
+        return sample_remask(model, ids, length, steps, seed, temperature=temperature)
+    return sample_block(model, ids, length, steps, block or DEFAULT_BLOCK, seed, temperature=temperature)
+
+
+def completion(sample: Sample, stop_id: int | None) -> tuple[list[int], bool]:
+    """The new tokens of the sample's first row, cut before the first stop token (what follows
+    it belongs to another document), and whether there was one."""
+    new = sample.tokens[0, sample.tokens.shape[1] - sample.new_tokens // len(sample.tokens):].tolist()
+    if stop_id in new:
+        return new[: new.index(stop_id)], True
+    return new, False
+
+
+def speed(sampler: str, sample: Sample) -> str:
+    return (f"{sampler}: {sample.new_tokens} tokens in {sample.steps} steps, {sample.seconds:.2f} s, "
+            f"{sample.tokens_per_s:.1f} tokens/s")
