@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from jaxlm import checkpoint as ckpt
 from jaxlm.cli import main
-from jaxlm.config import Config, DataConfig, ModelConfig
+from jaxlm.config import Config, DataConfig, ModelConfig, TrainConfig
 from jaxlm.tokenizer.tokenizer import EOT, Tokenizer, save_tokenizer
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.inference.decode import Decoder, generate
@@ -42,7 +42,10 @@ def runs(tmp_path_factory):
     cfg = Config(model=ModelConfig(**{**MODEL.__dict__, "vocab_size": 258}),
                  data=DataConfig(seq_len=32, tokenizer=str(root / "tok")))
     (root / "empty").mkdir()
-    return {"target": target, "other_tokenizer": save_run(root / "other", cfg), "empty": str(root / "empty")}
+    mdlm = Config(model=ModelConfig(**{**MODEL.__dict__, "vocab_size": 258}), data=DataConfig(seq_len=32),
+                  train=TrainConfig(objective="mdlm"))
+    return {"target": target, "other_tokenizer": save_run(root / "other", cfg), "empty": str(root / "empty"),
+            "mdlm": save_run(root / "mdlm", mdlm)}
 
 
 def greedy_reference(run_dir: str, prompts: list[str], n: int) -> list[str]:
@@ -75,6 +78,24 @@ def test_generate_streams_the_greedy_continuation_and_speculative_or_batched_dec
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["prompt"] for line in lines] == ["A", "To be, or", "Wherefore art thou"]
     assert lines[1]["completion"] == want
+
+
+@pytest.mark.parametrize("kind,flags", [("target", GREEDY), ("mdlm", ["--max-new-tokens", "8", "--steps", "4",
+                                                                     "--block-size", "8", "--seed", "1"])])
+def test_every_generator_prints_alike(runs, capsys, tmp_path, kind, flags):
+    """Autoregressive and masked-diffusion runs alike: one prompt prints its continuation alone
+    (the prompt not echoed) ending with a newline, the speed on a stderr line of its own; a
+    --prompt-file prints one {"prompt", "completion", "stop"} line per prompt, the same rows."""
+    assert main(["generate", runs[kind], "--prompt", "To be", *flags]) == 0
+    one = capsys.readouterr()
+    assert one.out.endswith("\n") and not one.out.startswith("To be") and "tokens/s" in one.err.splitlines()[-1]
+    assert all(line.startswith("jaxlm: ") for line in one.err.splitlines())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be\nA\n")
+    assert main(["generate", runs[kind], "--prompt-file", str(prompts), *flags]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [sorted(line) for line in lines] == [["completion", "prompt", "stop"]] * 2
+    assert lines[0]["completion"] + "\n" == one.out and lines[0]["stop"] in ("length", "<|endoftext|>")
 
 
 def test_generate_int8_keeps_the_logits_close_and_prints_the_int8_greedy_text(runs, capsys):
