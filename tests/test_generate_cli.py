@@ -172,6 +172,8 @@ def test_eval_reports_the_loss_perplexity_and_bits_per_byte_of_every_token_once(
 def test_bad_input_exits_2_with_one_line(runs, capsys, tmp_path):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café\n".encode("latin-1"))
+    not_chat = tmp_path / "not_chat.jsonl"
+    not_chat.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"prompt": "hi"}\n')
     cases = [
         (["generate", runs["empty"], "--prompt", "x"], "no checkpoints"),
         (["generate", runs["target"], "--prompt", "x" * 40], "more than the model's max_seq_len=32"),
@@ -183,6 +185,11 @@ def test_bad_input_exits_2_with_one_line(runs, capsys, tmp_path):
         (["generate", runs["target"], "--prompt", "x", "--lookahead", "3"], "give --draft DRAFT_RUN_DIR too"),
         (["generate", runs["target"], "--prompt", "x", "--temperature", "nan"], "must be a finite number >= 0"),
         (["generate", runs["target"], "--prompt-file", str(latin1)], "is not UTF-8 text (byte 3)"),
+        (["generate", runs["mdlm"], "--prompt", "x", "--chat"], "--chat: not used by " + runs["mdlm"]),
+        (["generate", runs["target"], "--prompt", "x", "--min-new-tokens", "13", "--max-new-tokens", "12"],
+         "--min-new-tokens 13 is more than the 12 new tokens asked for"),
+        (["generate", runs["target"], "--chat", "--prompt-file", str(not_chat)],
+         '--prompt-file ' + str(not_chat) + ' line 2: expected {"messages": '),
     ]
     for argv, words in cases:
         assert main(argv) == 2, argv

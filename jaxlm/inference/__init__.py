@@ -5,6 +5,10 @@
   decode.py       the Decoder (jitted prefill and steps over the cache) and `generate`
   sampling.py     greedy, temperature, top-k and top-p, seeded
   speculative.py  draft-then-verify decoding with the exact modified rejection sampling
+  budget.py       budget forcing: the stop token masked, an answer cue forced, in the jitted step
+  diffusion.py    masked-diffusion samplers (MDLM, LLaDA remasking, block diffusion)
+  prompts.py      what generate continues: plain prompts, or chat turns rendered as SFT renders them
+  report.py       how every generator prints (the text alone, ending with a newline; stats on stderr)
   cli_generate.py `jaxlm generate`, dispatched by the checkpoint's train.objective
   cli_eval.py     `jaxlm eval --data`: loss, perplexity and bits per byte as JSON (the verb lives in
                   jaxlm/eval/cli.py, with lm-eval tasks)
