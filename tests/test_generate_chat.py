@@ -9,7 +9,7 @@ import pytest
 
 from jaxlm.checkpoint.runs import load_run, write_step0
 from jaxlm.cli import main
-from jaxlm.config import Config, DataConfig, ModelConfig
+from jaxlm.config import Config, DataConfig, ModelConfig, TrainConfig
 from jaxlm.data.chat import chat_format, render
 from jaxlm.inference.budget import Budget, StepControls, mask_stop
 from jaxlm.inference.decode import Decoder, generate
@@ -38,7 +38,7 @@ def save_eot_loving_run(run_dir, cfg: Config, eot: int) -> str:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat_runs")
     model = ModelConfig(**{**MODEL.__dict__, "max_seq_len": 128})  # bytes: a chat prompt is ~50 tokens
-    cfg = Config(model=model, data=DataConfig(seq_len=32))
+    cfg = Config(model=model, data=DataConfig(seq_len=32), train=TrainConfig(objective="sft"))  # as SFT left it
     random_run = save_run(root / "random", cfg)
     eot = load_run(random_run).tokenizer.eot_id
     return {"random": random_run, "eot_loving": save_eot_loving_run(root / "eot_loving", cfg, eot)}

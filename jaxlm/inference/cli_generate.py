@@ -154,9 +154,11 @@ def masked_diffusion(args, run: Run) -> int:
     return 0
 
 
-# train.objective -> generator(args, run) -> exit code; a distilled student is a next-token model
+# train.objective -> generator(args, run) -> exit code; a distilled student and a fine-tuned
+# (sft, dpo) model are next-token models
 GENERATORS: dict[str, Callable[[argparse.Namespace, Run], int]] = {
-    "next_token": autoregressive, "distill": autoregressive, "mdlm": masked_diffusion}
+    "next_token": autoregressive, "distill": autoregressive, "sft": autoregressive, "dpo": autoregressive,
+    "mdlm": masked_diffusion}
 
 
 # the flags only one generator reads (the prompt, --max-new-tokens, --temperature, --seed and --step
