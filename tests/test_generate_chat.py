@@ -93,7 +93,8 @@ def test_the_cli_forces_the_budget_and_refuses_bad_combinations_in_one_line(runs
     (thought,) = generate(dec, [tok.encode("To be")], 6, GREEDY, stop_id=tok.eot_id, budget=Budget(min_new=6))
     assert out.out == tok.decode(thought) + CUE + "\n" and f"after {6 + len(tok.encode(CUE))} new tokens" in out.err
     cases = [(argv + ["--min-new-tokens", "9"], "--min-new-tokens 9 is more than the 8 new tokens asked for"),
-             (argv + ["--max-thinking-tokens", "2", "--draft", runs["random"]], "not supported with --draft")]
+             (argv + ["--max-thinking-tokens", "2", "--draft", runs["random"]], "not supported with --draft"),
+             (["generate", runs["random"]], "give --prompt TEXT or --prompt-file FILE (or --chat alone")]
     for case, words in cases:
         assert main(case) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -124,3 +125,29 @@ def test_chat_stops_at_the_end_of_turn(runs, capsys):
     assert main(["generate", runs["eot_loving"], "--chat", "--prompt", "hello", "--temperature", "0"]) == 0
     out = capsys.readouterr()
     assert out.out == "\n" and "stopped at <|endoftext|> after 0 new tokens" in out.err
+
+
+def test_chat_alone_converses_on_stdin_each_reply_joining_the_conversation(runs, capsys, monkeypatch):
+    """Each stdin line is a user turn whose prompt holds the conversation so far, replies
+    included; the CLI prints each reply on its own line."""
+    import io
+
+    from jaxlm.data.chat import prompt_tokens
+    from jaxlm.inference.prompts import converse
+
+    run = load_run(runs["random"])
+    tok, fmt, seen = run.tokenizer, chat_format(run.tokenizer), []
+    converse(tok, run.cfg, lambda p: seen.append(p) or [tok.encode(f"ok{len(seen)}")], ["hi\n", "\n", "again\n"])
+    want = [[{"role": "user", "content": "hi"}],
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok1"},
+             {"role": "user", "content": "again"}]]
+    assert [p.labels[0] for p in seen] == want and all(p.stop_id == tok.eot_id for p in seen)
+    assert [p.tokens[0] for p in seen] == [prompt_tokens(m, fmt).tolist() for m in want]
+
+    dec = Decoder(run.cfg, run.params, run.mesh)
+    (r1,) = generate(dec, [prompt_tokens(want[0], fmt).tolist()], 4, GREEDY, stop_id=tok.eot_id)
+    second = want[0] + [{"role": "assistant", "content": tok.decode(r1)}, {"role": "user", "content": "again"}]
+    (r2,) = generate(dec, [prompt_tokens(second, fmt).tolist()], 4, GREEDY, stop_id=tok.eot_id)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n\nagain\n"))
+    assert main(["generate", runs["random"], "--chat", "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == tok.decode(r1) + "\n" + tok.decode(r2) + "\n"

@@ -24,12 +24,13 @@ from jaxlm.inference.report import Stream, print_completions, say
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory (with checkpoints/) written by `jaxlm train`")
-    src = parser.add_mutually_exclusive_group(required=True)
+    src = parser.add_mutually_exclusive_group()  # neither, with --chat: a conversation on stdin
     src.add_argument("--prompt", help="the text to continue (with --chat: one user message)")
     src.add_argument("--prompt-file", help="a text file with one prompt per line, decoded as one batch "
                                            '(with --chat: one {"messages": [...]} per line)')
     parser.add_argument("--chat", action="store_true",
-                        help="render the prompts with the run's chat template (as SFT does), print the reply")
+                        help="render the prompts with the run's chat template (as SFT does), print the reply; "
+                             "without --prompt or --prompt-file: a conversation, one user message per stdin line")
     parser.add_argument("--min-new-tokens", type=int, default=0, metavar="N",
                         help="budget forcing: no end-of-text (end-of-turn) before N new tokens")
     parser.add_argument("--max-thinking-tokens", type=int, metavar="N",
@@ -89,24 +90,41 @@ def quantized(args, run: Run) -> dict:
     return params
 
 
+def decoders(args, run: Run):
+    """The target Decoder (--quantize'd) and the --draft one (or None)."""
+    from jaxlm.inference.decode import Decoder
+
+    target = Decoder(run.cfg, quantized(args, run), run.mesh)
+    if not args.draft:
+        return target, None
+    from jaxlm.inference.speculative import check_pair
+
+    draft_run = load_run(args.draft, mesh=run.mesh)
+    draft = Decoder(draft_run.cfg, draft_run.params, run.mesh)
+    check_pair(target, draft, run.tokenizer, draft_run.tokenizer)
+    return target, draft
+
+
 def autoregressive(args, run: Run) -> int:
-    """The KV-cache decoder, with --chat, budget forcing, --draft (speculative) and --quantize."""
-    from jaxlm.inference.decode import Decoder, generate
-    from jaxlm.inference.prompts import chat_prompts, plain_prompts
+    """The KV-cache decoder, with --chat (a file, a message, or a conversation on stdin), budget
+    forcing, --draft (speculative) and --quantize."""
+    from jaxlm.inference.prompts import chat_prompts, converse, plain_prompts
     from jaxlm.inference.sampling import Sampling
 
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    tok = run.tokenizer
+    tok, sampling = run.tokenizer, Sampling(args.temperature, args.top_k, args.top_p)
     budget = make_budget(args, tok)
-    prompts = chat_prompts(args, tok, run.cfg) if args.chat else plain_prompts(args, tok)
-    target = Decoder(run.cfg, quantized(args, run), run.mesh)
-    draft = None
-    if args.draft:
-        from jaxlm.inference.speculative import check_pair
+    target, draft = decoders(args, run)
+    decode = lambda prompts: decode_and_print(args, prompts, target, draft, tok, sampling, budget)  # noqa: E731
+    if args.chat and args.prompt is None and args.prompt_file is None:
+        converse(tok, run.cfg, decode)
+    else:
+        decode(chat_prompts(args, tok, run.cfg) if args.chat else plain_prompts(args, tok))
+    return 0
 
-        draft_run = load_run(args.draft, mesh=run.mesh)
-        draft = Decoder(draft_run.cfg, draft_run.params, run.mesh)
-        check_pair(target, draft, tok, draft_run.tokenizer)
+
+def decode_and_print(args, prompts, target, draft, tok, sampling, budget):
+    """Decodes the prompts (one streams), prints them and the speed; returns the Completions."""
+    from jaxlm.inference.decode import generate
 
     stream = Stream(tok) if len(prompts.tokens) == 1 else None
     clock = {"first": None, "n": 0}
@@ -134,7 +152,7 @@ def autoregressive(args, run: Run) -> int:
     rate = (clock["n"] - rows) / (end - clock["first"]) if clock["first"] and end > clock["first"] else 0.0
     say(f"{n} tokens for {rows} prompt(s) in {end - start:.2f} s; {rate:.1f} tokens/s after the first "
         f"(which took {(clock['first'] or end) - start:.2f} s, compilation included){extra}")
-    return 0
+    return outputs
 
 
 def masked_diffusion(args, run: Run) -> int:
@@ -188,6 +206,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
     Sampling(args.temperature, args.top_k, args.top_p)  # checks the values before the checkpoint is read
     budget_flags(args)
+    if args.prompt is None and args.prompt_file is None and not args.chat:
+        raise UserError("give --prompt TEXT or --prompt-file FILE (or --chat alone, to converse on stdin)")
     run = load_run(args.run_dir, args.step)
     objective = run.cfg.train.objective
     if objective not in GENERATORS:

@@ -1,5 +1,6 @@
 """What `jaxlm generate` continues: plain prompts (--prompt, or --prompt-file with one per line)
-or, with --chat, conversations rendered by the run's chat template as SFT renders them.
+or, with --chat, conversations rendered by the run's chat template as SFT renders them (a
+message, a file of them, or alone a conversation typed on stdin).
 
 A Prompts holds each prompt's label (what a JSON output line echoes), its tokens, and the token
 a row stops at: end-of-text, or with --chat the template's end-of-turn token.
@@ -8,7 +9,9 @@ a row stops at: end-of-text, or with --chat the template's end-of-turn token.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from jaxlm.errors import UserError
 
@@ -70,13 +73,37 @@ def end_of_turn_id(fmt, tok) -> int:
     return ids[0] if len(ids) == 1 else tok.eot_id
 
 
-def chat_prompts(args, tok, cfg) -> Prompts:
-    """Conversations rendered with the generation prompt by the template SFT uses (data.chat_template,
-    else the tokenizer's own, else the default), in the same pieces, so the tokens are SFT's."""
-    from jaxlm.data.chat import chat_format, prompt_tokens
+def run_chat_format(tok, cfg):
+    """The template SFT renders with: data.chat_template, else the tokenizer's own, else the default."""
+    from jaxlm.data.chat import chat_format
     from jaxlm.data.records import chat_template
 
-    fmt = chat_format(tok, chat_template(cfg.data.chat_template))
+    return chat_format(tok, chat_template(cfg.data.chat_template))
+
+
+def chat_prompts(args, tok, cfg) -> Prompts:
+    """Conversations rendered with the generation prompt by the template SFT uses, in the same
+    pieces, so the tokens are SFT's."""
+    from jaxlm.data.chat import prompt_tokens
+
+    fmt = run_chat_format(tok, cfg)
     conversations = read_conversations(args)
     tokens = [prompt_tokens(messages, fmt).tolist() for messages in conversations]
     return Prompts(conversations, tokens, end_of_turn_id(fmt, tok), key="messages")
+
+
+def converse(tok, cfg, decode: Callable[[Prompts], list[list[int]]], lines: Iterable[str] | None = None) -> None:
+    """--chat alone: each line of stdin (or `lines`) is a user message; `decode` prints the reply,
+    which joins the conversation the next message continues."""
+    from jaxlm.data.chat import prompt_tokens
+
+    fmt = run_chat_format(tok, cfg)
+    stop, messages = end_of_turn_id(fmt, tok), []
+    if lines is None and sys.stdin.isatty():
+        print("jaxlm: chat: one message per line; Ctrl-D ends", file=sys.stderr, flush=True)
+    for line in sys.stdin if lines is None else lines:
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        (reply,) = decode(Prompts([list(messages)], [prompt_tokens(messages, fmt).tolist()], stop, "messages"))
+        messages.append({"role": "assistant", "content": tok.decode(reply)})
