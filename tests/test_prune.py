@@ -267,3 +267,42 @@ def test_prune_verb_mistakes_are_one_line_errors(trained_run, tmp_path):
     # masks cannot appear in (or vanish from) a run that was trained without (with) them
     with pytest.raises(Exception, match=r"prune.method \('none' -> 'magnitude', masks on/off"):
         train(load_config(trained_run / "config.yaml", ["prune.method=magnitude", "train.steps=10"]))
+
+
+# ----------------------------------------------------------------------------- the issue's experiments (slow)
+
+
+def final_eval(run_dir: Path) -> float:
+    return ckpt.read_meta(ckpt.find_step(run_dir))["eval_loss"]
+
+
+@pytest.fixture(scope="module")
+def dense_300(tmp_path_factory, shakespeare_path):
+    """A tiny model trained 300 steps, with its step-20 checkpoint kept (rewinding)."""
+    run_dir = tmp_path_factory.mktemp("prune_slow") / "dense"
+    train(config(run_dir, shakespeare_path, "train.steps=300", "train.eval_every=300", "train.eval_batches=8",
+                 "checkpoint.every=20", "checkpoint.keep_every=20"))
+    return run_dir
+
+
+@pytest.mark.slow
+def test_magnitude_half_retrained_200_steps_is_within_005_nats_of_the_dense_model(dense_300, tmp_path):
+    cfg, _ = prune_run(str(dense_300), tmp_path / "half", ["prune.method=magnitude", "prune.sparsity=0.5",
+                                                           "train.steps=200", "optim.warmup_steps=10"])
+    train(cfg)
+    dense, pruned = final_eval(dense_300), final_eval(tmp_path / "half")
+    print(f"dense {dense:.4f}, magnitude 50% retrained 200 steps {pruned:.4f}")
+    assert pruned < dense + 0.05
+
+
+@pytest.mark.slow
+def test_rewinding_at_80_percent_beats_the_same_mask_from_a_fresh_random_init(dense_300, tmp_path):
+    args = ["prune.method=magnitude", "prune.sparsity=0.8", "train.steps=300"]
+    rewound, _ = prune_run(str(dense_300), tmp_path / "rewound", args, rewind=20)
+    # --rewind 0 rebuilds the init from train.seed: another seed is a fresh random initialisation
+    fresh, _ = prune_run(str(dense_300), tmp_path / "fresh", args + ["train.seed=7"], rewind=0)
+    train(rewound)
+    train(fresh)
+    a, b = final_eval(tmp_path / "rewound"), final_eval(tmp_path / "fresh")
+    print(f"80%: rewound to step 20 {a:.4f}, same mask from a fresh init {b:.4f} (dense {final_eval(dense_300):.4f})")
+    assert a < b
