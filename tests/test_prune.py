@@ -200,18 +200,22 @@ def test_rewound_survivors_take_their_values_at_the_early_step(trained_run, tmp_
         np.testing.assert_array_equal(flatten(rewound["params"])[path], np.where(keep, early[path], 0))
 
 
-def test_structured_half_of_the_ffn_exports_half_the_intermediate_size_with_equal_logits(trained_run, tmp_path):
+@pytest.mark.parametrize("method", ["ffn", "heads"])
+def test_structured_half_exports_a_half_sized_hf_model_with_equal_logits(trained_run, tmp_path, method):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from jaxlm.export.cli import export
 
-    out = tmp_path / "ffn"
-    cfg, _ = prune_run(str(trained_run), out, ["prune.method=ffn", "prune.sparsity=0.5", "train.steps=2"])
-    assert cfg.model.d_ff == 86 and not cfg.prune.masked
+    out = tmp_path / method
+    cfg, _ = prune_run(str(trained_run), out, [f"prune.method={method}", "prune.sparsity=0.5", "train.steps=2"])
+    m = cfg.model
+    assert (m.d_ff, m.n_heads, m.n_kv_heads) == ((86, 4, 2) if method == "ffn" else (172, 2, 1))
+    assert not cfg.prune.masked
     train(cfg)  # the smaller model trains as any other
     export(out, "hf", tmp_path / "hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
-    assert model.config.intermediate_size == 172 // 2
+    c = model.config
+    assert (c.intermediate_size, c.num_attention_heads, c.num_key_value_heads) == (m.d_ff, m.n_heads, m.n_kv_heads)
     tokens = np.random.default_rng(0).integers(0, 257, (2, 40))
     with torch.no_grad():
         got = model(torch.tensor(tokens)).logits.numpy()
