@@ -163,6 +163,22 @@ def test_gradual_pruning_follows_the_cubic_schedule(tmp_path, shakespeare_path):
     assert pruned_count(cfg) == sum(2 * round(0.8 * n / 2) for n in sizes.values())  # accounting agrees
 
 
+def test_gradual_pruning_interrupted_between_mask_steps_resumes_bit_exact_on_an_fsdp_mesh(tmp_path, shakespeare_path):
+    # masks sharded as their weights (fsdp 2 x data 4); constant lr, so a shorter first start is the same steps
+    args = ("prune.method=magnitude", "prune.scope=global", "prune.sparsity=0.7", "prune.start_step=2",
+            "prune.end_step=8", "prune.every=3", "optim.schedule=constant", "optim.warmup_steps=2", "mesh.fsdp=2", "mesh.data=4",
+            "checkpoint.every=5")
+    train(config(tmp_path / "whole", shakespeare_path, "train.steps=10", *args))
+    # masks are computed after steps 2, 5 and 8; the first start stops at 6, so the resumed one trains a step
+    # (7) on the restored masks before it computes new ones
+    train(config(tmp_path / "split", shakespeare_path, "train.steps=6", *args))
+    train(config(tmp_path / "split", shakespeare_path, "train.steps=10", *args))
+    whole = saved_state(ckpt.find_step(tmp_path / "whole", 10))
+    assert ckpt.state_equal(saved_state(ckpt.find_step(tmp_path / "split", 10)), whole)
+    kept = sum(int(m.sum()) for m in flatten(whole["masks"]).values())
+    assert kept == 90624 - round(0.7 * 90624)  # the schedule's end: 70% of the 90,624 prunable weights
+
+
 # ----------------------------------------------------------------------------- one-shot, structured, rewinding
 
 

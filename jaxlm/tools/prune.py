@@ -83,6 +83,8 @@ def prune_run(run_dir: str, output: Path, overrides: list[str] = (), step=None, 
     from jaxlm.parallel.mesh import make_mesh
     from jaxlm.train.step import make_trainer
 
+    if output.exists() and not force:  # before any work (atomic_output checks again when it writes)
+        raise UserError(f"{output} already exists; pass --force to replace it")
     step_dir = ckpt.find_step(run_dir, step)
     src = runs.config_of(step_dir)
     cfg = new_config(src, output, overrides)
