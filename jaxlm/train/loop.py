@@ -266,7 +266,7 @@ class TrainingRun:
                                  self.fingerprint),
                 "determinism": self.determinism, "eval_loss": eval_loss, "early_stop": self.stopper.state()}
         if self.trainer.has_masks:  # for `jaxlm checkpoint ls`
-            meta[ckpt.PRUNED] = pruned_summary(self.trainer)
+            meta[ckpt.PRUNED] = pruned_summary(self.trainer, self.state["params"])
         self.writer.save(step, self.trainer.saved_state(self.state), meta)
 
     def _stop(self, done: int) -> None:
@@ -311,11 +311,12 @@ class TrainingRun:
         return self.logger.history if self.logger is not None else []
 
 
-def pruned_summary(trainer: Trainer) -> dict:
-    """{"sparsity", "effective_params"} of the trainer's masks."""
+def pruned_summary(trainer: Trainer, params) -> dict:
+    """{"sparsity", "effective_params"} of the trainer's masks (`params`: the whole tree, as pruning
+    freezes nothing)."""
     from jaxlm.train.partition import flatten
 
-    total = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(trainer.abstract_params()))
+    total = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     return sparsity_report(flatten(jax.device_get(trainer.masks)), total)
 
 
