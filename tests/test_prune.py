@@ -24,7 +24,7 @@ from jaxlm.checkpoint import runs
 from jaxlm.compress import prune
 from jaxlm.config import ConfigError, load_config, to_dict
 from jaxlm.model.build import build_model
-from jaxlm.tools.accounting import pruned_count
+from jaxlm.tools.accounting import count_params, pruned_count, structured_model
 from jaxlm.tools.prune import prune_run
 from jaxlm.train.loop import train
 from jaxlm.train.partition import flatten
@@ -223,8 +223,10 @@ def test_structured_half_exports_a_half_sized_hf_model_with_equal_logits(trained
     from jaxlm.export.cli import export
 
     out = tmp_path / method
-    cfg, _ = prune_run(str(trained_run), out, [f"prune.method={method}", "prune.sparsity=0.5", "train.steps=2"])
+    cfg, report = prune_run(str(trained_run), out, [f"prune.method={method}", "prune.sparsity=0.5", "train.steps=2"])
     m = cfg.model
+    planned = load_config(trained_run / "config.yaml", [f"prune.method={method}", "prune.sparsity=0.5"])
+    assert report["params"] == count_params(structured_model(planned), planned.moe).total  # accounting agrees
     assert (m.d_ff, m.n_heads, m.n_kv_heads) == ((86, 4, 2) if method == "ffn" else (172, 2, 1))
     assert not cfg.prune.masked
     train(cfg)  # the smaller model trains as any other
