@@ -166,7 +166,8 @@ def test_gradual_pruning_follows_the_cubic_schedule(tmp_path, shakespeare_path):
 def test_gradual_pruning_interrupted_between_mask_steps_resumes_bit_exact_on_an_fsdp_mesh(tmp_path, shakespeare_path):
     # masks sharded as their weights (fsdp 2 x data 4); constant lr, so a shorter first start is the same steps
     args = ("prune.method=magnitude", "prune.scope=global", "prune.sparsity=0.7", "prune.start_step=2",
-            "prune.end_step=8", "prune.every=3", "optim.schedule=constant", "optim.warmup_steps=2", "mesh.fsdp=2", "mesh.data=4",
+            "prune.end_step=8", "prune.every=3", "optim.schedule=constant", "optim.warmup_steps=2", "mesh.fsdp=2",
+            "mesh.data=4",
             "checkpoint.every=5")
     train(config(tmp_path / "whole", shakespeare_path, "train.steps=10", *args))
     # masks are computed after steps 2, 5 and 8; the first start stops at 6, so the resumed one trains a step
@@ -209,7 +210,8 @@ def test_rewound_survivors_take_their_values_at_the_early_step(trained_run, tmp_
     args = ["prune.method=magnitude", "prune.sparsity=0.8"]
     prune_run(str(trained_run), tmp_path / "late", args)
     prune_run(str(trained_run), tmp_path / "rewound", args, rewind=4)
-    late, rewound = saved_state(ckpt.find_step(tmp_path / "late", 0)), saved_state(ckpt.find_step(tmp_path / "rewound", 0))
+    late = saved_state(ckpt.find_step(tmp_path / "late", 0))
+    rewound = saved_state(ckpt.find_step(tmp_path / "rewound", 0))
     early = flatten(saved_state(ckpt.find_step(trained_run, 4))["params"])
     for path, keep in flatten(late["masks"]).items():  # the mask is chosen on the trained weights
         np.testing.assert_array_equal(flatten(rewound["masks"])[path], keep)

@@ -10,5 +10,5 @@ from jaxlm.errors import ConfigError
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DiffusionConfig", "DistillConfig", "Doc",
            "DPOConfig", "LoraConfig", "MeshConfig", "ModelConfig", "MoEConfig", "OptimConfig", "ProfileConfig",
-           "PruneConfig", "RopeScalingConfig", "SourceConfig", "TrainConfig", "WandbConfig", "from_dict", "load_config", "to_dict",
-           "to_yaml"]
+           "PruneConfig", "RopeScalingConfig", "SourceConfig", "TrainConfig", "WandbConfig", "from_dict", "load_config",
+           "to_dict", "to_yaml"]
