@@ -25,6 +25,7 @@ VERBS = {
     "plot": ("jaxlm.tools.plot", "plot training curves of one or more runs into an image"),
     "config": ("jaxlm.config.cli", "list every config key with its type, default and description"),
     "export": ("jaxlm.export.cli", "export a checkpoint to Hugging Face (safetensors) or llama.cpp (GGUF)"),
+    "prune": ("jaxlm.tools.prune", "prune a run (magnitude, N:M, FFN channels, heads) into a new run to retrain"),
     "import": ("jaxlm.export.importer", "import Hugging Face weights into a run directory to fine-tune"),
     "generate": ("jaxlm.inference.cli_generate", "generate text from a checkpoint (KV cache, sampling, speculative)"),
     "eval": ("jaxlm.eval.cli", "loss, perplexity and bits per byte on a text, or lm-eval task scores"),

@@ -31,6 +31,10 @@ def config_summary(meta: dict) -> str:
     moe = f"moe n_experts={e.get('n_experts')} top_k={e.get('top_k')}" if e.get("n_experts") else "dense"
     tok = meta.get("tokenizer") or {}
     tok_hash = f" ({tok['hash'][:12]})" if tok.get("hash") else ""
+    pruned = meta.get(ckpt.PRUNED)
+    if pruned:  # the masks' share of zeros, and the parameters that are not pruned
+        moe += (f"; pruned {c.get('prune', {}).get('method')}: sparsity {pruned['sparsity']:.4f}, "
+                f"{pruned['effective_params']:,} effective parameters")
     return (f"{model} {moe}; tokenizer={d.get('tokenizer')}{tok_hash} seq_len={d.get('seq_len')} "
             f"global_batch={t.get('global_batch')} steps={t.get('steps')} seed={t.get('seed')}; "
             f"saved by {meta.get('process_count')} process(es) on {meta.get('device_count')} device(s)")

@@ -26,6 +26,7 @@ SET_ASIDE = "checkpoints.set_aside"
 META_FILE = Path("meta") / "metadata"  # where orbax's JsonSave puts the item "meta"
 FORMAT = 1
 WEIGHTS_ONLY = "weights_only"  # meta key: the step holds no optimizer state (it starts from its init)
+PRUNED = "pruned"  # meta key: the step holds pruning masks; {"sparsity", "effective_params"}
 
 
 def step_dirs(directory: Path) -> list[tuple[int, Path]]:

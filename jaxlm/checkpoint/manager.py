@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxlm.checkpoint import digest
-from jaxlm.checkpoint.layout import WEIGHTS_ONLY, human_bytes, newest_valid, read_meta
+from jaxlm.checkpoint.layout import PRUNED, WEIGHTS_ONLY, human_bytes, newest_valid, read_meta
 from jaxlm.checkpoint.manifest import read_manifest, write_manifest
 from jaxlm.config import CheckpointConfig
 from jaxlm.errors import RunFailed, UserError
@@ -189,13 +189,16 @@ def restore_state(step_dir: Path, trainer):
     the state as saved, with the whole parameter tree (`trainer.adopt` splits off the frozen part).
     A weights-only step (an import's step 0, runs.write_step0) gets the optimizer's initial state,
     which is what a full save at step 0 would have held."""
+    meta = read_meta(step_dir)
     target = trainer.abstract_saved_state()
-    weights_only = read_meta(step_dir).get(WEIGHTS_ONLY, False)
+    weights_only = meta.get(WEIGHTS_ONLY, False)
+    if weights_only:  # pruning masks only where `jaxlm prune` wrote them (an import has none: all kept)
+        target = {k: v for k, v in target.items() if k != "opt_state" and (k != "masks" or PRUNED in meta)}
     with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore((step_dir / "state").absolute(),
-                              {k: v for k, v in target.items() if k != "opt_state"} if weights_only else target)
+        state = ckptr.restore((step_dir / "state").absolute(), target)
     check_restored(step_dir, state)
     if weights_only:
+        trainer.masks = state.get("masks", trainer.masks)
         state = trainer.saved_state(trainer.state_from_params(state["params"]))
     return state
 

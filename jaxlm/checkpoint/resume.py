@@ -60,6 +60,10 @@ def incompatible_keys(saved: dict, cfg: Config, saved_tok: dict | None, tok: dic
     clip_old, clip_new = old.get("optim.clip_norm", 0) > 0, cfg.optim.clip_norm > 0
     if clip_old != clip_new:
         out.append(f"optim.clip_norm ({old['optim.clip_norm']!r} -> {cfg.optim.clip_norm!r}, clipping on/off)")
+    masks_old = old.get("prune.method", "none") in ("magnitude", "nm")
+    if masks_old != cfg.prune.masked:  # the checkpoint holds masks or not
+        out.append(f"prune.method ({old.get('prune.method', 'none')!r} -> {cfg.prune.method!r}, masks on/off; to "
+                   "prune a trained run: jaxlm prune RUN -o NEW_RUN)")
     hashes = (saved_tok or {}).get("hash"), (tok or {}).get("hash")
     if all(hashes):  # the content decides: the same tokenizer may be named by another path
         out = [k for k in out if not k.startswith("data.tokenizer ")]

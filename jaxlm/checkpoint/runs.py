@@ -48,20 +48,24 @@ def load_params(step_dir: Path) -> tuple[Config, dict]:
     return cfg, state["params"]
 
 
-def write_step0(run_dir: Path, cfg: Config, params: dict, trainer) -> None:
+def write_step0(run_dir: Path, cfg: Config, params: dict, trainer, masks: dict | None = None,
+                pruned: dict | None = None) -> None:
     """run_dir/config.yaml and checkpoints/0 that `jaxlm train` resumes from, so training starts
     from `params` (the whole tree, in `trainer.param_shardings`). Weights only: the optimizer's
     initial state is made when training starts (restore_state), so neither this write nor the disk
-    holds AdamW's two moments (2x the parameters)."""
+    holds AdamW's two moments (2x the parameters). `masks` (with `pruned`, their summary for the
+    metadata): the pruning masks training keeps applying (`jaxlm prune`)."""
     from jaxlm.data.pipeline import BatchIterator
     from jaxlm.data.sources import data_fingerprint
 
     step = jax.device_put(jnp.zeros((), jnp.int32), trainer.state_shardings["step"])
-    state = {"step": step, "params": params}
+    state = {"step": step, "params": params, **({"masks": masks} if masks is not None else {})}
     fresh_data = BatchIterator(None, cfg.train.global_batch).get_state()
     meta = ckpt.make_meta(cfg, 0, 0, fresh_data, ckpt.tokenizer_identity(cfg.data.tokenizer),
                           data_fingerprint(cfg.data))
     meta[ckpt.WEIGHTS_ONLY] = True
+    if pruned is not None:
+        meta[ckpt.PRUNED] = pruned
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = ckpt.CheckpointWriter(run_dir / ckpt.CHECKPOINTS, cfg.checkpoint)
     try:

@@ -23,6 +23,7 @@ def validate(cfg: Config) -> None:
     _check_data_and_moe(cfg)
     _validate_objective(cfg)
     _check_finetune(cfg)
+    _check_prune(cfg)
     _check_mesh(cfg)
 
 
@@ -237,6 +238,30 @@ def _check_finetune(cfg: Config) -> None:
     if a.experts and a.dropout:
         raise ConfigError(f"lora.dropout={a.dropout} is not applied inside routed experts: set lora.dropout=0 "
                           "or lora.experts=false")
+
+
+def _check_prune(cfg: Config) -> None:
+    p = cfg.prune
+    if p.method == "none":
+        return
+    if not 0 <= p.sparsity < 1 or not 0 <= p.initial_sparsity <= p.sparsity:
+        raise ConfigError(f"prune.sparsity={p.sparsity} must be in [0, 1) and prune.initial_sparsity="
+                          f"{p.initial_sparsity} in [0, prune.sparsity]")
+    unknown = [x for x in p.targets if x not in LORA_TARGETS]
+    if unknown or not p.targets:
+        raise ConfigError(f"prune.targets={p.targets} names no matrix or unknown ones ({', '.join(unknown)}); "
+                          f"expected some of {', '.join(LORA_TARGETS)}")
+    if p.method == "nm" and not 0 < p.n < p.m:
+        raise ConfigError(f"prune.n={p.n}, prune.m={p.m}: keep 0 < n < m weights of each group (e.g. 2:4, 4:8)")
+    if p.start_step < 0 or p.every < 0 or (p.every and p.end_step < p.start_step):
+        raise ConfigError(f"prune: start_step={p.start_step}, end_step={p.end_step}, every={p.every} must be >= 0 "
+                          "with end_step >= start_step when every > 0 (gradual pruning)")
+    if p.masked and (cfg.lora.rank or cfg.train.freeze or cfg.train.freeze_layers):
+        raise ConfigError(f"prune.method={p.method} masks the trained weights: it cannot be combined with lora, "
+                          "train.freeze or train.freeze_layers")
+    if not p.masked and p.every:
+        raise ConfigError(f"prune.method={p.method} is structured: it is one-shot (jaxlm prune RUN -o NEW_RUN), "
+                          "set prune.every=0")
 
 
 def check_data_paths(cfg: Config) -> None:

@@ -34,6 +34,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         path = Path(path)
         raw = read_yaml(path)
+    cfg = config_from(raw, overrides)
+    if path is not None and "run_dir" not in (raw.get("train") or {}):
+        cfg.train.run_dir = f"runs/{path.stem}"
+    return cfg
+
+
+def config_from(raw: dict, overrides: list[str] = ()) -> Config:
+    """The validated config of plain data (a saved config's dict) with `a.b=value` overrides applied."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -46,8 +54,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
         node[leaf] = _parse_override_value(item, value)
     cfg = from_dict(Config, raw, prefix="")
-    if path is not None and "run_dir" not in (raw.get("train") or {}):
-        cfg.train.run_dir = f"runs/{path.stem}"
     validate(cfg)
     return cfg
 

@@ -266,6 +266,36 @@ class DPOConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Pruning (jaxlm/compress/prune.py). Unstructured methods keep a mask per pruned matrix, applied
+    after every optimizer update, so pruned weights stay exactly zero; structured ones (`jaxlm prune`
+    only) remove FFN channels or attention heads and give a smaller model config."""
+
+    method: Doc[Literal["none", "magnitude", "nm", "ffn", "heads"],
+                "magnitude: the smallest |w|; nm: keep n of every m along the input dimension; ffn / heads: "
+                "remove FFN channels / attention heads (kv groups) by their norm (jaxlm prune only)"] = "none"
+    scope: Doc[Literal["layer", "global"], "magnitude: rank weights within each matrix of each layer, or across "
+                                           "every pruned matrix together"] = "layer"
+    sparsity: Doc[float, "magnitude: final share of weights set to zero; ffn/heads: share of channels/heads "
+                         "removed, in [0, 1)"] = 0.5
+    n: Doc[int, "nm: weights kept in each group"] = 2
+    m: Doc[int, "nm: group size along the input dimension (2:4 and 4:8 suit sparse tensor cores)"] = 4
+    norm: Doc[Literal["l1", "l2"], "ffn/heads: the norm that scores a channel or head"] = "l2"
+    targets: Doc[list[str], "matrices pruned: q, k, v, o (attention), gate, up, down (dense and shared-expert "
+                 "MLPs)"] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    start_step: Doc[int, "the (first) step after which masks are computed; 0 = at initialisation (a run written "
+                         "by jaxlm prune has its masks already)"] = 0
+    end_step: Doc[int, "gradual: the step that reaches `sparsity` (cubic schedule from start_step)"] = 0
+    every: Doc[int, "gradual: steps between mask updates; 0 = one-shot at start_step"] = 0
+    initial_sparsity: Doc[float, "gradual: the sparsity at start_step"] = 0.0
+
+    @property
+    def masked(self) -> bool:
+        """Whether training holds masks (the unstructured methods)."""
+        return self.method in ("magnitude", "nm")
+
+
+@dataclass
 class CheckpointConfig:
     every: Doc[int, "steps between checkpoints (and one at the last step); 0 disables checkpoints"] = 1000
     keep: Doc[int, "newest checkpoints to keep (>= 1)"] = 3
@@ -287,6 +317,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
 
 def from_dict(cls, raw: dict, prefix: str):

@@ -15,6 +15,7 @@ activations count each of its k applications.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 from jaxlm.tools import devices
@@ -175,6 +176,56 @@ def roofline_report(cfg: Config, device: devices.Device) -> list[tuple[str, str]
     return rows
 
 
+def prunable_sizes(cfg: Config) -> list[int]:
+    """Sizes of the matrices prune.targets selects, one per matrix per block of parameters (attention
+    in every layer, the MLP in dense layers; MoE experts are not pruned)."""
+    m = cfg.model
+    D, hd, H, K, F = m.d_model, m.head_dim, m.n_heads, m.n_kv_heads, m.d_ff
+    size = {"q": D * H * hd, "k": D * K * hd, "v": D * K * hd, "o": H * hd * D,
+            "gate": D * F if m.mlp == "swiglu" else 0, "up": D * F, "down": F * D}
+    kinds = _layer_kinds(m, cfg.moe)
+    out = []
+    for kind in kinds:
+        out += [size[t] for t in cfg.prune.targets if size[t] and (t in "qkvo" or kind == "dense")]
+    return out
+
+
+def pruned_count(cfg: Config) -> int:
+    """Weights a prune config sets to zero at its final sparsity: round(s * n) per matrix of each layer,
+    or of them all (global); nm: (m - n) of every m."""
+    p, sizes = cfg.prune, prunable_sizes(cfg)
+    if p.method == "nm":
+        return sum(n * (p.m - p.n) // p.m for n in sizes)
+    if p.scope == "global":
+        return round(p.sparsity * sum(sizes))
+    return sum(round(p.sparsity * n) for n in sizes)
+
+
+def structured_model(cfg: Config) -> ModelConfig:
+    """The model config `jaxlm prune` gives with prune.method ffn or heads (each layer keeps the same number)."""
+    m, s = cfg.model, cfg.prune.sparsity
+    if cfg.prune.method == "ffn":
+        return dataclasses.replace(m, d_ff=m.d_ff - round(s * m.d_ff))
+    g, k = m.n_heads // m.n_kv_heads, m.n_kv_heads - round(s * m.n_kv_heads)
+    return dataclasses.replace(m, n_heads=k * g, n_kv_heads=k, d_head=m.head_dim)
+
+
+def pruning_report(cfg: Config, total: int) -> list[tuple[str, str]]:
+    p = cfg.prune
+    if p.masked:
+        sizes, pruned = prunable_sizes(cfg), pruned_count(cfg)
+        how = f"{p.n}:{p.m}" if p.method == "nm" else f"magnitude {p.sparsity:g} ({p.scope})"
+        return [(f"pruning ({how})", ""), ("  prunable weights", f"{sum(sizes):,}"), ("  pruned", f"{pruned:,}"),
+                ("  sparsity of the pruned matrices", f"{pruned / max(sum(sizes), 1):.4f}"),
+                ("  effective parameters", f"{total - pruned:,}")]
+    if p.method in ("ffn", "heads"):
+        small = structured_model(cfg)
+        shape = f"d_ff {small.d_ff}" if p.method == "ffn" else f"{small.n_heads} heads, {small.n_kv_heads} kv"
+        return [(f"pruning ({p.method} {p.sparsity:g}: {shape})", ""),
+                ("  parameters after jaxlm prune", f"{count_params(small, cfg.moe).total:,}")]
+    return []
+
+
 def report(cfg: Config, device: devices.Device | None = None) -> str:
     m, moe = cfg.model, cfg.moe
     c = count_params(m, moe)
@@ -191,6 +242,7 @@ def report(cfg: Config, device: devices.Device | None = None) -> str:
     ]
     if moe.n_experts:
         rows.append(("  active per token", f"{c.active:,}"))
+    rows += pruning_report(cfg, c.total)
     rows.append((f"forward FLOPs per sequence (T={m.max_seq_len}"
                  + (f", {m.n_layers * m.share_blocks} layers applied)" if m.share_blocks > 1 else ")"), ""))
     rows += [(f"  {k}", f"{v:,}") for k, v in flops.items()]

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxlm import checkpoint as ckpt
 from jaxlm.checkpoint import resume as resuming
+from jaxlm.compress.prune import is_event, sparsity_report
 from jaxlm.config import Config, ConfigError, to_yaml
 from jaxlm.config.checks import check_data_paths, wsd_decay_steps
 from jaxlm.data.pipeline import to_global
@@ -151,10 +152,11 @@ class TrainingRun:
     def _initialise(self) -> dict:
         self.tokens_seen = 0
         if not self.t.init_from:
-            return self.trainer.init_state()
-        state = self.trainer.state_from_params(self.trainer.initial_params())
-        _say(f"initialised from {self.t.init_from}")
-        return state
+            state = self.trainer.init_state()
+        else:
+            state = self.trainer.state_from_params(self.trainer.initial_params())
+            _say(f"initialised from {self.t.init_from}")
+        return self.trainer.prune(state, 0) if is_event(self.cfg.prune, 0) else state  # pruning at step 0
 
     def _restore(self, restored) -> dict:
         state, self.meta = restored
@@ -221,6 +223,8 @@ class TrainingRun:
     def _step(self, done: int) -> dict:
         batch = to_global(next(self.batches), self.trainer.batch_sharding)
         self.state, metrics = self.trainer.train_step(self.state, batch)
+        if is_event(self.cfg.prune, done):  # new masks from the updated weights (saved with them)
+            self.state = self.trainer.prune(self.state, done)
         self.profiler.step(done, self.state)  # starts the trace before its first step, writes it after its last
         self.checks.push(done, metrics)  # checks the previous step: this one is queued, the host need not wait
         if self.writer is not None:
@@ -261,6 +265,8 @@ class TrainingRun:
         meta = {**ckpt.make_meta(self.cfg, step, self.tokens.seen, self.batches.get_state(), self.tokenizer,
                                  self.fingerprint),
                 "determinism": self.determinism, "eval_loss": eval_loss, "early_stop": self.stopper.state()}
+        if self.trainer.has_masks:  # for `jaxlm checkpoint ls`
+            meta[ckpt.PRUNED] = pruned_summary(self.trainer, self.state["params"])
         self.writer.save(step, self.trainer.saved_state(self.state), meta)
 
     def _stop(self, done: int) -> None:
@@ -303,6 +309,15 @@ class TrainingRun:
     @property
     def history(self) -> list[dict]:
         return self.logger.history if self.logger is not None else []
+
+
+def pruned_summary(trainer: Trainer, params) -> dict:
+    """{"sparsity", "effective_params"} of the trainer's masks (`params`: the whole tree, as pruning
+    freezes nothing)."""
+    from jaxlm.train.partition import flatten
+
+    total = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    return sparsity_report(flatten(jax.device_get(trainer.masks)), total)
 
 
 def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:

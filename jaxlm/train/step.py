@@ -9,8 +9,9 @@ draws the same numbers.
 
 The state holds only what is trained. What is read but not trained is `frozen`:
 {"params": the frozen part of the model's parameters (`partition.py`: `train.freeze`,
-`train.freeze_layers`), "objective": fixed arrays the objective asked for (a teacher)}; both are
-empty by default. A checkpoint keeps the whole parameter tree (`Trainer.saved_state`), so a run
+`train.freeze_layers`), "objective": fixed arrays the objective asked for (a teacher), "masks": the
+pruning masks (`pruning.py`), multiplied into the weights after every update}; all are empty by
+default. A checkpoint keeps the whole parameter tree (`Trainer.saved_state`), so a run
 directory loads the same way whatever was frozen.
 """
 
@@ -37,6 +38,7 @@ from jaxlm.parallel.sharding import (batch_sharding, constrain, param_shardings,
 from jaxlm.objectives import Objective, make_objective, moe_loss
 from jaxlm.train.optim import make_optimizer, opt_state_shardings
 from jaxlm.train.partition import Partition, make_partition
+from jaxlm.train import pruning
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def train_step(state, batch: Batch, frozen, spec: StepSpec):
     n_tokens = jnp.maximum(spec.objective.count(batch), 1.0)
     grads, info = grads_and_info(state["params"], batch, frozen, step_key(spec.train, state["step"]), n_tokens, spec)
     updates, opt_state = spec.optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    params = pruning.masked(optax.apply_updates(state["params"], updates), frozen["masks"])  # pruned stay 0
     metrics = {
         **{k: v / n_tokens for k, v in info["sums"].items()},
         "grad_norm": optax.tree.norm(grads),
@@ -161,7 +163,10 @@ class Trainer:
     jit_loss_and_grads: Callable  # (params, batch, frozen) -> (loss, grads)
     jit_init_params: Callable  # () -> the whole parameter tree, created in its shardings
     jit_fresh_state: Callable  # trained params -> step-0 state
+    jit_all_kept: Callable | None = None  # () -> masks keeping every weight (with pruning)
+    jit_prune: Callable | None = None  # (params, sparsity) -> (pruned params, masks)
     frozen_params: Any = dataclasses.field(default_factory=dict)
+    masks: Any = None  # the pruning masks (None: not made yet, or no pruning)
 
     @functools.cached_property
     def objective_frozen(self):
@@ -170,7 +175,18 @@ class Trainer:
 
     @property
     def frozen(self) -> dict:
-        return {"params": self.frozen_params, "objective": self.objective_frozen}
+        return {"params": self.frozen_params, "objective": self.objective_frozen, "masks": self.masks or {}}
+
+    @property
+    def has_masks(self) -> bool:
+        return self.cfg.prune.masked
+
+    def prune(self, state, step: int) -> dict:
+        """The state with new masks computed from its weights at prune.*'s sparsity for `step`."""
+        from jaxlm.compress.prune import sparsity_at
+
+        params, self.masks = self.jit_prune(state["params"], sparsity_at(self.cfg.prune, step))
+        return {**state, "params": params}
 
     @property
     def mesh(self) -> Mesh:
@@ -206,15 +222,20 @@ class Trainer:
         """Step 0 around a whole parameter tree in `param_shardings` (initialised, imported): its
         frozen part is kept here, the rest trained."""
         trained, self.frozen_params = self.partition.split(params)
+        if self.has_masks and self.masks is None:
+            self.masks = self.jit_all_kept()
         return self.jit_fresh_state(trained)
 
     def saved_state(self, state) -> dict:
-        """What a checkpoint holds: the state with the whole parameter tree."""
-        return {**state, "params": self.partition.merge(state["params"], self.frozen_params, held=False)}
+        """What a checkpoint holds: the state with the whole parameter tree (and the pruning masks)."""
+        saved = {**state, "params": self.partition.merge(state["params"], self.frozen_params, held=False)}
+        return {**saved, "masks": self.masks} if self.has_masks else saved
 
     def adopt(self, saved) -> dict:
         """The train state from a restored `saved_state` (its frozen parameters are kept here)."""
         trained, self.frozen_params = self.partition.split(saved["params"])
+        saved = dict(saved)
+        self.masks = saved.pop("masks", self.masks)
         return {**saved, "params": trained}
 
     def train_step(self, state, batch: Batch):
@@ -237,7 +258,8 @@ class Trainer:
 
     def abstract_saved_state(self):
         """The checkpointed state (whole parameter tree) as ShapeDtypeStructs with shardings."""
-        return {**self.abstract_state(), "params": self.abstract_params()}
+        masks = {"masks": self.abstract_frozen["masks"]} if self.has_masks else {}
+        return {**self.abstract_state(), "params": self.abstract_params(), **masks}
 
     def abstract_batch(self) -> Batch:
         """The global batch the data pipeline yields for this config, as ShapeDtypeStructs."""
@@ -280,7 +302,8 @@ def make_trainer(cfg: Config, mesh: Mesh, platform: str | None = None) -> Traine
     spec = StepSpec(graphdef=graphdef, objective=objective, optimizer=optimizer, schedule=schedule,
                     train=cfg.train, moe=cfg.moe, mesh=mesh, rules=rules, partition=partition)
     data = batch_sharding(mesh, rules)
-    abstract_frozen = {"params": frozen_params, "objective": objective.frozen(mesh, rules)}
+    masks = pruning.abstract_masks(cfg, abstract_params)
+    abstract_frozen = {"params": frozen_params, "objective": objective.frozen(mesh, rules), "masks": masks}
     frozen_shardings = jax.tree.map(lambda s: s.sharding, abstract_frozen)
     bind = lambda fn: functools.partial(fn, spec=spec)
     return Trainer(
@@ -294,4 +317,6 @@ def make_trainer(cfg: Config, mesh: Mesh, platform: str | None = None) -> Traine
                                    out_shardings=(replicated, trained_shardings)),
         jit_init_params=jax.jit(functools.partial(init_params, cfg), out_shardings=p_shardings),
         jit_fresh_state=jax.jit(functools.partial(fresh_state, optimizer=optimizer), out_shardings=state_shardings),
+        jit_all_kept=pruning.all_kept(masks) if masks else None,
+        jit_prune=pruning.pruner(cfg, masks, p_shardings) if masks else None,
     )
