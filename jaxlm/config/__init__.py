@@ -3,11 +3,11 @@
 
 from jaxlm.config.load import load_config
 from jaxlm.config.schema import (CheckpointConfig, Config, DataConfig, DiffusionConfig, DistillConfig, Doc,
-                                 DPOConfig, LoraConfig, MeshConfig, ModelConfig, MoEConfig, OptimConfig, ProfileConfig,
+                                 DPOConfig, GRPOConfig, LoraConfig, MeshConfig, ModelConfig, MoEConfig, OptimConfig, ProfileConfig,
                                  RopeScalingConfig, SourceConfig, TrainConfig, WandbConfig, from_dict, to_dict, to_yaml)
 from jaxlm.errors import ConfigError
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DiffusionConfig", "DistillConfig", "Doc",
-           "DPOConfig", "LoraConfig", "MeshConfig", "ModelConfig", "MoEConfig", "OptimConfig", "ProfileConfig",
+           "DPOConfig", "GRPOConfig", "LoraConfig", "MeshConfig", "ModelConfig", "MoEConfig", "OptimConfig", "ProfileConfig",
            "RopeScalingConfig", "SourceConfig", "TrainConfig", "WandbConfig", "from_dict", "load_config", "to_dict",
            "to_yaml"]

@@ -197,9 +197,9 @@ class TrainConfig:
                  "unless set"] = "runs/default"
     peak_flops_per_device: Doc[float, "for MFU; 0 = measure a matmul on this machine"] = 0.0
     z_loss_coef: Doc[float, "weight of the output z-loss (log-partition squared)"] = 0.0
-    objective: Doc[Literal["next_token", "mdlm", "distill", "sft", "dpo"],
+    objective: Doc[Literal["next_token", "mdlm", "distill", "sft", "dpo", "grpo"],
                    "what the step minimises (jaxlm/objectives/): sft trains on chat records' assistant tokens, "
-                   "dpo on preference records"] = "next_token"
+                   "dpo on preference records, grpo on rewarded rollouts (`jaxlm rl`)"] = "next_token"
     teacher: Doc[Optional[str], "distill: the teacher's run directory (its newest valid checkpoint)"] = None
     deterministic: Doc[Literal["auto", True, False],
                        "bit-exact runs and resumes; auto: where free (CPU, TPU), not on GPU"] = "auto"
@@ -266,6 +266,39 @@ class DPOConfig:
 
 
 @dataclass
+class RewardConfig:
+    fn: Doc[str, "a built-in (answer: the extracted answer equals the record's; format: the completion matches "
+                 "grpo.format_pattern; length: minus the completion's share of grpo.max_new_tokens) or "
+                 "'module:function' called as fn(prompts, completions, **columns) -> list[float]"] = "answer"
+    weight: Doc[float, "the reward is the weighted sum of the functions' rewards"] = 1.0
+
+
+@dataclass
+class GRPOConfig:
+    """Group relative policy optimisation (train.objective=grpo, run by `jaxlm rl`): rollouts from
+    the current policy, rewards from functions, a clipped policy-gradient step with KL to the start."""
+
+    group_size: Doc[int, "completions sampled per prompt (>= 2); train.global_batch = prompts_per_step * this"] = 8
+    prompts_per_step: Doc[int, "prompts per rollout batch"] = 4
+    max_new_tokens: Doc[int, "completion length limit (tokens); a completion also ends at end-of-text"] = 32
+    temperature: Doc[float, "sampling temperature of the rollouts (> 0); the loss scores the same distribution"] = 1.0
+    top_p: Doc[float, "nucleus sampling of the rollouts, in (0, 1]"] = 1.0
+    mu: Doc[int, "optimizer steps per rollout batch (GRPO's mu, >= 1): old log-probs are computed once per batch"] = 1
+    clip_low: Doc[float, "epsilon low: the ratio is clipped below at 1 - this"] = 0.2
+    clip_high: Doc[float, "epsilon high: the ratio is clipped above at 1 + this (DAPO: 0.28)"] = 0.2
+    beta: Doc[float, "weight of the KL to the reference (k3 estimator); 0 = no reference is kept"] = 0.04
+    advantage: Doc[Literal["std", "none"], "std: (r - group mean) / (group std + 1e-4); none: r - group mean "
+                   "(Dr. GRPO)"] = "std"
+    rewards: Doc[list[RewardConfig], "reward functions, summed with weights"] = \
+        field(default_factory=lambda: [RewardConfig()])
+    answer_pattern: Doc[str, "answer: the regex whose last match (its first group if it has one) is the "
+                        "completion's answer"] = r"-?\d+"
+    answer_column: Doc[str, "answer: the record's column holding the right answer"] = "answer"
+    format_pattern: Doc[str, "format: the regex a whole completion must match (re.fullmatch) for reward 1"] = \
+        r"\s*-?\d+\s*"
+
+
+@dataclass
 class CheckpointConfig:
     every: Doc[int, "steps between checkpoints (and one at the last step); 0 disables checkpoints"] = 1000
     keep: Doc[int, "newest checkpoints to keep (>= 1)"] = 3
@@ -287,6 +320,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 def from_dict(cls, raw: dict, prefix: str):

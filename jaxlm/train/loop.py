@@ -121,7 +121,7 @@ class TrainingRun:
     def start(self, resume: str | None) -> bool:
         """Data, trainer and the first state (restored or new); False when there is nothing to train."""
         cfg = self.cfg
-        self.batches, self.eval_batches = build_data(cfg)
+        self.batches, self.eval_batches = self._data()
         self.fingerprint = data_fingerprint(cfg.data)
         self.trainer = make_trainer(cfg, self.mesh)
         self.tokenizer = ckpt.tokenizer_identity(cfg.data.tokenizer)
@@ -147,6 +147,10 @@ class TrainingRun:
         self.logger = MetricsLogger(self.run_dir, self.t.steps, self.start_step, self.t.progress, cfg=cfg)
         self.profiler = Profiler(self.t.profile, self.run_dir, self.start_step, self.logger.write)
         return True
+
+    def _data(self):
+        """(training batches, fixed evaluation batches); a subclass may draw its rows otherwise (rl)."""
+        return build_data(self.cfg)
 
     def _initialise(self) -> dict:
         self.tokens_seen = 0
@@ -305,7 +309,7 @@ class TrainingRun:
         return self.logger.history if self.logger is not None else []
 
 
-def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
+def train(cfg: Config, mesh=None, resume: str | None = None, run_class: type[TrainingRun] = TrainingRun) -> list[dict]:
     """Trains per `cfg`; returns the logged metric records (also in run_dir/metrics.jsonl).
 
     If run_dir/checkpoints holds checkpoints (or `resume` names one), training continues from
@@ -316,7 +320,7 @@ def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
     check_data_paths(cfg)
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     check_batch(cfg, mesh)
-    run = TrainingRun(cfg, mesh)
+    run = run_class(cfg, mesh)
     try:
         if run.start(resume):
             run.run()
