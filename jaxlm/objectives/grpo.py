@@ -32,7 +32,8 @@ def group_advantages(rewards_PO, normalise: str = "std") -> np.ndarray:
     """Advantages [P, O] of P groups of O completions' rewards, each against its own group only
     (the sample std, ddof=1, as TRL and DeepSeekMath's implementation)."""
     r = np.asarray(rewards_PO, np.float64)
-    centred = r - r.mean(axis=1, keepdims=True)
+    equal = np.ptp(r, axis=1, keepdims=True) == 0  # exactly no advantage (a float mean can miss by an ulp)
+    centred = np.where(equal, 0.0, r - r.mean(axis=1, keepdims=True))
     if normalise == "none":
         return centred.astype(np.float32)
     return (centred / (r.std(axis=1, ddof=1, keepdims=True) + ADVANTAGE_EPS)).astype(np.float32)
