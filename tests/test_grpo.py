@@ -112,22 +112,24 @@ def test_advantages_are_per_group_never_across_the_batch():
 
 @pytest.mark.parametrize("lora_rank", [0, 4], ids=["copy", "lora"])
 def test_the_kl_term_is_zero_when_the_policy_is_the_reference_and_grows_when_it_moves(lora_rank):
+    """The reference's log-probs are taken when the rollouts are (from the policy of that time):
+    under LoRA the base without adapters, else the starting copy."""
+    from jaxlm.train.step import model_of
+
     trainer = trainer_of("grpo.beta=0.5", f"lora.rank={lora_rank}")
-    params = trainer.init_state()["params"]
-    batch, _ = rollouts(REWARDS)
-    batch = with_rollout_logps(trainer, params, batch)
+    start = trainer.init_state()["params"]
+    rows, _ = rollouts(REWARDS)
     objective = trainer.spec.objective
 
     def kl_and_grad(p):
-        from jaxlm.train.step import model_of
-
+        batch = with_rollout_logps(trainer, p, rows)
         kl = lambda q: objective.terms(model_of(q, trainer.frozen, trainer.spec), batch, None,
                                        trainer.frozen["objective"])[0]["kl"]
         return kl(p), jax.grad(kl)(p)
 
-    kl, grad = kl_and_grad(params)
+    kl, grad = kl_and_grad(start)
     assert float(kl) == 0.0 and optax_norm(grad) == 0.0
-    moved = jax.tree.map(lambda x: x + 0.05 * jnp.ones_like(x), params)
+    moved = jax.tree.map(lambda x: x + 0.05 * jnp.ones_like(x), start)  # under LoRA: the adapters move
     assert float(kl_and_grad(moved)[0]) > 1e-4
 
 
