@@ -32,14 +32,14 @@ def trainer_of(*overrides, devices=1):
     return make_trainer(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:devices]))
 
 
-def rollouts(rewards_PO, advantage="std", seed=0) -> tuple[Batch, np.ndarray]:
+def rollouts(rewards_JO, advantage="std", seed=0) -> tuple[Batch, np.ndarray]:
     """Rows of 2 prompts x O completions of different lengths, and their advantages [B]."""
     rng = np.random.default_rng(seed)
-    O = rewards_PO.shape[1]
+    O = rewards_JO.shape[1]
     prompts = [rng.integers(0, 256, 4).tolist(), rng.integers(0, 256, 6).tolist()]
     completions = [rng.integers(0, 256, 3 + b % 5).tolist() for b in range(len(prompts) * O)]
     rows = to_rows(prompts, completions, O, 16)
-    adv_B = group_advantages(rewards_PO, advantage).reshape(-1)
+    adv_B = group_advantages(rewards_JO, advantage).reshape(-1)
     rows["advantage"] = np.broadcast_to(adv_B[:, None], rows["inputs"].shape).astype(np.float32)
     return Batch.from_arrays(rows), adv_B
 
@@ -139,12 +139,14 @@ def test_a_reward_function_that_raises_or_returns_the_wrong_length_is_one_line_n
         "def short(prompts, completions, **columns):\n    return [1.0]\n"
         "def good(prompts, completions, answer, **columns):\n    return [float(c == a) for c, a in zip(completions, answer)]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    score = lambda fn: Rewards(load_config("configs/tiny.yaml", SMALL + [f"grpo.rewards=[{{fn: '{fn}'}}]"]).grpo).score(
-        ["q1", "q2"], ["4", "5"], {"answer": ["4", "6"]})
+    def score(fn):
+        cfg = load_config("configs/tiny.yaml", SMALL + [f"grpo.rewards=[{{fn: '{fn}'}}]"])
+        return Rewards(cfg.grpo).score(["q1", "q2"], ["4", "5"], {"answer": ["4", "6"]})
+
     np.testing.assert_array_equal(score("my_rewards:good")["reward"], [1.0, 0.0])
     np.testing.assert_array_equal(score("answer")["reward"], [1.0, 0.0])
-    for fn, says in [("my_rewards:boom", "raised ValueError: no answer"), ("my_rewards:short", "returned 1 rewards for 2"),
-                     ("my_rewards:absent", "cannot load")]:
+    for fn, says in [("my_rewards:boom", "raised ValueError: no answer"),
+                     ("my_rewards:short", "returned 1 rewards for 2"), ("my_rewards:absent", "cannot load")]:
         with pytest.raises(UserError) as e:
             score(fn)
         assert fn in str(e.value) and says in str(e.value) and "\n" not in str(e.value)

@@ -248,7 +248,8 @@ def _check_grpo(cfg: Config) -> None:
                           f"grpo.mu={g.mu} and grpo.max_new_tokens={g.max_new_tokens} >= 1")
     if g.temperature <= 0 or not 0 < g.top_p <= 1 or g.beta < 0 or not 0 <= g.clip_low < 1 or g.clip_high < 0:
         raise ConfigError(f"grpo.temperature={g.temperature} must be > 0, grpo.top_p={g.top_p} in (0, 1], "
-                          f"grpo.beta={g.beta} >= 0, grpo.clip_low={g.clip_low} in [0, 1), grpo.clip_high={g.clip_high} >= 0")
+                          f"grpo.beta={g.beta} >= 0, grpo.clip_low={g.clip_low} in [0, 1), "
+                          f"grpo.clip_high={g.clip_high} >= 0")
     if t.objective != "grpo":
         return
     if t.global_batch != g.prompts_per_step * g.group_size:
@@ -258,8 +259,8 @@ def _check_grpo(cfg: Config) -> None:
         raise ConfigError(f"train.steps={t.steps} and checkpoint.every={cfg.checkpoint.every} must be multiples of "
                           f"grpo.mu={g.mu}: a run stops and resumes only between rollout batches")
     if not cfg.model.causal or cfg.data.packing or cfg.data.path is None or cfg.data.mixture:
-        raise ConfigError("train.objective=grpo samples from a causal model over prompt records: set model.causal=true, "
-                          "data.packing=false and data.path (JSONL or Parquet with a 'prompt' column)")
+        raise ConfigError("train.objective=grpo samples from a causal model over prompt records: set "
+                          "model.causal=true, data.packing=false and data.path (JSONL or Parquet with a 'prompt' column)")
 
 
 def check_data_paths(cfg: Config) -> None:

@@ -28,10 +28,10 @@ from jaxlm.objectives.reference import WithReference
 ADVANTAGE_EPS = 1e-4
 
 
-def group_advantages(rewards_PO, normalise: str = "std") -> np.ndarray:
-    """Advantages [P, O] of P groups of O completions' rewards, each against its own group only
+def group_advantages(rewards_JO, normalise: str = "std") -> np.ndarray:
+    """Advantages [J, O] of J prompts' groups of O completions' rewards, each against its own group only
     (the sample std, ddof=1, as TRL and DeepSeekMath's implementation)."""
-    r = np.asarray(rewards_PO, np.float64)
+    r = np.asarray(rewards_JO, np.float64)
     equal = np.ptp(r, axis=1, keepdims=True) == 0  # exactly no advantage (a float mean can miss by an ulp)
     centred = np.where(equal, 0.0, r - r.mean(axis=1, keepdims=True))
     if normalise == "none":

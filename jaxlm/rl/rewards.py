@@ -98,8 +98,8 @@ def call(name: str, fn: RewardFn, prompts, completions, columns) -> np.ndarray:
     try:
         values = fn(prompts, completions, **columns)
     except Exception as e:  # a user's function: any failure becomes one line naming it
-        raise UserError(f"reward function {name!r} raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        ) from None
+        first_line = (str(e).splitlines() or [""])[0]
+        raise UserError(f"reward function {name!r} raised {type(e).__name__}: {first_line}") from None
     try:
         values = [float(v) for v in values]
     except (TypeError, ValueError):
