@@ -174,7 +174,7 @@ def test_a_2x2_mesh_gives_the_one_device_loss_and_gradients_on_the_same_rollouts
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads4, grads1)
 
 
-def grpo_run(tmp_path, name, steps, mesh_devices=1):
+def grpo_run(tmp_path, name, steps, *overrides):
     from jaxlm.rl.loop import train_grpo
 
     train_records, _ = arithmetic(32, 0, kind="prompt")
@@ -186,8 +186,8 @@ def grpo_run(tmp_path, name, steps, mesh_devices=1):
         "grpo.mu=2", "grpo.beta=0.1", "grpo.rewards=[{fn: answer}, {fn: length, weight: 0.5}]",
         f"train.steps={steps}", "checkpoint.every=2", "train.log_every=1", "train.eval_every=0",
         "optim.schedule=constant", "optim.warmup_steps=0", "optim.lr=3e-3", "train.progress=false",
-        f"train.run_dir={tmp_path / name}"])
-    return train_grpo(cfg, mesh=make_mesh(cfg.mesh, devices=jax.devices()[:mesh_devices]))
+        f"train.run_dir={tmp_path / name}", *overrides])
+    return train_grpo(cfg, mesh=make_mesh(cfg.mesh, devices=jax.devices()[:1]))
 
 
 def test_a_run_killed_after_its_step_2_checkpoint_resumes_to_the_same_rewards_and_parameters(tmp_path):
@@ -207,3 +207,30 @@ def test_a_run_killed_after_its_step_2_checkpoint_resumes_to_the_same_rewards_an
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     p_whole, p_resumed = (load_params(d / "checkpoints" / "6")[1] for d in (tmp_path / "whole", killed))
     jax.tree.map(np.testing.assert_array_equal, p_whole, p_resumed)
+
+
+def test_jaxlm_train_refuses_grpo_and_jaxlm_rl_every_other_objective(tmp_path):
+    import argparse
+
+    from jaxlm.train.loop import train
+    from jaxlm.train.run import run_verb
+
+    args = lambda *o: argparse.Namespace(config="configs/tiny.yaml", overrides=SMALL + list(o), run_dir=None,
+                                         resume=None, print_config=True)
+    with pytest.raises(UserError, match=r"runs with `jaxlm rl configs/tiny.yaml`"):
+        run_verb(args(), "train", train)
+    with pytest.raises(UserError, match=r"runs with `jaxlm train configs/tiny.yaml`"):
+        run_verb(args("train.objective=sft", "train.global_batch=4"), "rl", train)
+
+
+def test_a_lora_run_rolls_out_and_trains_only_its_adapters(tmp_path):
+    from jaxlm.checkpoint.runs import load_params
+    from jaxlm.model import lora
+
+    history = grpo_run(tmp_path, "lora", 4, "lora.rank=4", "optim.lr=1e-2")
+    assert all(np.isfinite(h["loss"]) for h in history) and history[-1]["step"] == 4
+    (base2, ad2), (base4, ad4) = (lora.split_adapters(load_params(tmp_path / "lora" / "checkpoints" / s)[1])
+                                  for s in ("2", "4"))
+    jax.tree.map(np.testing.assert_array_equal, base2, base4)  # the base is frozen
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ad2, ad4)
+    assert max(jax.tree.leaves(moved)) > 0  # the adapters are trained
