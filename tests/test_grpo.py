@@ -223,7 +223,7 @@ def test_jaxlm_train_refuses_grpo_and_jaxlm_rl_every_other_objective(tmp_path):
         run_verb(args("train.objective=sft", "train.global_batch=4"), "rl", train)
 
 
-def test_a_lora_run_rolls_out_and_trains_only_its_adapters(tmp_path):
+def test_a_lora_run_keeps_its_base_frozen_and_trains_its_adapters(tmp_path):
     from jaxlm.checkpoint.runs import load_params
     from jaxlm.model import lora
 
