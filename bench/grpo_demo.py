@@ -8,6 +8,11 @@ Accuracy: held-out questions (never trained on, by SFT or GRPO) rendered by the 
 the generation prompt, greedy decoding to end-of-text, the reply compared with the answer as a
 string. Prints the accuracy before and after, the reward curve (every 10 steps), wall times and the
 load average (the machine is shared). Each stage reuses the run directory of the one before.
+
+Measured (2 shared CPU cores, load average ~10): SFT 300 steps, held-out greedy accuracy 0.180;
+GRPO 300 steps (lr 5e-4, 16 prompts x 8, beta 0) in 333 s, 0.225. With lr 2e-4 and 200 steps,
+0.220; with lr 1e-3 (8 prompts x 16) the policy collapses (0.045). The issue's goal (+20 points,
+1.5x) is not reached by this small model and budget.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'][0] + ':' + m['content'] + eos_t
 N_TRAIN, N_TEST, MAX_OPERAND = 2000, 200, 49
 
 
-def stage_config(name: str, work: Path, data: Path, steps: int, lr: float = 2e-4):
+def stage_config(name: str, work: Path, data: Path, steps: int, lr: float = 5e-4):
     from jaxlm.config import load_config
 
     template = work / "template.jinja"
@@ -73,8 +78,8 @@ def main() -> None:
     ap.add_argument("--work", default="runs/grpo_demo")
     ap.add_argument("--stages", default="sft,grpo")
     ap.add_argument("--sft-steps", type=int, default=300)
-    ap.add_argument("--grpo-steps", type=int, default=200)
-    ap.add_argument("--lr", type=float, default=2e-4, help="GRPO's learning rate")
+    ap.add_argument("--grpo-steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=5e-4, help="GRPO's learning rate")
     args = ap.parse_args()
     from jaxlm.eval.tasks.arithmetic import arithmetic, write_jsonl
     from jaxlm.rl.loop import train_grpo

@@ -313,7 +313,8 @@ def train(cfg: Config, mesh=None, resume: str | None = None, run_class: type[Tra
     """Trains per `cfg`; returns the logged metric records (also in run_dir/metrics.jsonl).
 
     If run_dir/checkpoints holds checkpoints (or `resume` names one), training continues from
-    the newest valid one, bit-exactly where the mesh is the same. An extended WSD run (train.steps
+    the newest valid one, bit-exactly where the mesh is the same. `run_class` is the run that owns
+    the steps (`jaxlm/rl/loop.py`'s GRPORun draws its rows from rollouts). An extended WSD run (train.steps
     raised, the schedule otherwise the same) continues from the checkpoint kept where the old
     schedule's decay began, so it equals a run that had the longer schedule from the start.
     """
