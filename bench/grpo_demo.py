@@ -35,7 +35,7 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'][0] + ':' + m['content'] + eos_t
 N_TRAIN, N_TEST, MAX_OPERAND = 2000, 200, 49
 
 
-def stage_config(name: str, work: Path, data: Path, steps: int, lr: float = 5e-4):
+def stage_config(name: str, work: Path, data: Path, steps: int, lr: float = 5e-4, mu: int = 1):
     from jaxlm.config import load_config
 
     template = work / "template.jinja"
@@ -49,7 +49,7 @@ def stage_config(name: str, work: Path, data: Path, steps: int, lr: float = 5e-4
         extra = ["train.objective=grpo", f"train.init_from={work / 'sft'}", "grpo.group_size=8",
                  "grpo.prompts_per_step=16", "train.global_batch=128", "grpo.max_new_tokens=4", "grpo.beta=0.0",
                  "grpo.temperature=1.0", f"optim.lr={lr}", f"optim.min_lr={lr}", "optim.schedule=constant", "optim.warmup_steps=0",
-                 "optim.weight_decay=0.0", "grpo.rewards=[{fn: answer}]"]
+                 "optim.weight_decay=0.0", "grpo.rewards=[{fn: answer}]", f"grpo.mu={mu}"]
     return load_config(str(REPO / "configs" / "tiny.yaml"), common + extra)
 
 
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=300)
     ap.add_argument("--grpo-steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=5e-4, help="GRPO's learning rate")
+    ap.add_argument("--mu", type=int, default=1, help="optimizer steps per rollout batch")
     args = ap.parse_args()
     from jaxlm.eval.tasks.arithmetic import arithmetic, write_jsonl
     from jaxlm.rl.loop import train_grpo
@@ -96,7 +97,7 @@ def main() -> None:
         if stage == "sft":
             train(stage_config("sft", work, sft_data, args.sft_steps))
         elif stage == "grpo":
-            history = train_grpo(stage_config("grpo", work, grpo_data, args.grpo_steps, args.lr))
+            history = train_grpo(stage_config("grpo", work, grpo_data, args.grpo_steps, args.lr, args.mu))
             curve = [(h["step"], round(h["reward_mean"], 3)) for h in history if h["step"] % 10 == 0]
             print(f"[grpo] reward (mean over the rollout batch) by step: {curve}", flush=True)
         print(f"[{stage}] {time.time() - t0:.0f} s ({load()}); held-out accuracy "
