@@ -11,7 +11,8 @@ load average (the machine is shared). Each stage reuses the run directory of the
 
 Measured (2 shared CPU cores, load average ~10): SFT 300 steps, held-out greedy accuracy 0.180;
 GRPO 300 steps (lr 5e-4, 16 prompts x 8, beta 0) in 333 s, 0.225. With lr 2e-4 and 200 steps,
-0.220; with lr 1e-3 (8 prompts x 16) the policy collapses (0.045). The issue's goal (+20 points,
+0.220; with mu=2 (400 steps, clip fraction ~0.02-0.06), 0.145; with lr 1e-3 (8 prompts x 16) the
+policy collapses (0.045). The issue's goal (+20 points,
 1.5x) is not reached by this small model and budget.
 """
 
