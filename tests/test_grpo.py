@@ -234,3 +234,21 @@ def test_a_lora_run_keeps_its_base_frozen_and_trains_its_adapters(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, base2, base4)  # the base is frozen
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ad2, ad4)
     assert max(jax.tree.leaves(moved)) > 0  # the adapters are trained
+
+
+def test_rollouts_sample_from_the_policy_being_trained_lora_adapters_included():
+    from jaxlm.inference.decode import Decoder
+    from jaxlm.rl.loop import decoding_params
+    from jaxlm.train.step import model_of
+
+    trainer = trainer_of("lora.rank=4")
+    state = trainer.init_state()
+    state["params"] = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), state["params"])
+    dec = Decoder(trainer.cfg, decoding_params(trainer.saved_state(state)["params"], trainer.cfg), trainer.mesh)
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 8)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(8, dtype=np.int32), tokens.shape)
+    decoded, _ = dec.forward(dec.params, tokens, positions, dec.new_caches(2, 16))
+    trained = model_of(state["params"], trainer.frozen, trainer.spec)(jnp.asarray(tokens))[0]
+    base = model_of(jax.tree.map(jnp.zeros_like, state["params"]), trainer.frozen, trainer.spec)(jnp.asarray(tokens))[0]
+    assert float(jnp.abs(trained - base).max()) > 1e-3  # the adapters change the policy
+    np.testing.assert_allclose(decoded, trained, atol=1e-4)
