@@ -2,7 +2,10 @@
 the task's format and some of its answers by SFT, then GRPO (`jaxlm rl`, rewarded by the exact
 answer) raises its held-out accuracy.
 
-    python bench/grpo_demo.py [--work DIR] [--stages sft,grpo] [--sft-steps N] [--grpo-steps N]
+    python bench/grpo_demo.py [--work DIR] [--stages sft,grpo,scaling] [--sft-steps N] [--grpo-steps N]
+
+`scaling` (test-time scaling, run after the other two): held-out accuracy of the majority answer of
+k sampled replies, k = 1, 4, 16, for the SFT and the GRPO model.
 
 Accuracy: held-out questions (never trained on, by SFT or GRPO) rendered by the chat template with
 the generation prompt, greedy decoding to end-of-text, the reply compared with the answer as a
@@ -70,6 +73,28 @@ def accuracy(run_dir: Path, test: list[dict]) -> float:
     return sum(run.tokenizer.decode(o).strip() == r["answer"] for o, r in zip(outs, test)) / len(test)
 
 
+def majority_accuracy(run_dir: Path, test: list[dict], ks: list[int], seed: int = 0) -> dict[int, float]:
+    """Test-time scaling: accuracy of the majority answer of k samples (temperature 1), per k."""
+    from collections import Counter
+
+    from jaxlm.checkpoint.runs import load_run
+    from jaxlm.data.chat import chat_format, prompt_tokens
+    from jaxlm.data.records import chat_template
+    from jaxlm.inference.decode import Decoder, generate
+    from jaxlm.inference.sampling import Sampling
+
+    run = load_run(str(run_dir))
+    fmt = chat_format(run.tokenizer, chat_template(run.cfg.data.chat_template))
+    dec = Decoder(run.cfg, run.params, run.mesh)
+    prompts = [prompt_tokens([{"role": "user", "content": r["prompt"]}], fmt).tolist() for r in test]
+    n = max(ks)
+    outs = generate(dec, [p for p in prompts for _ in range(n)], 4, Sampling(temperature=1.0), seed=seed,
+                    stop_id=run.tokenizer.eot_id)
+    replies = [[run.tokenizer.decode(o).strip() for o in outs[i * n: (i + 1) * n]] for i in range(len(test))]
+    return {k: sum(Counter(rs[:k]).most_common(1)[0][0] == r["answer"] for rs, r in zip(replies, test)) / len(test)
+            for k in ks}
+
+
 def load() -> str:
     return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
@@ -93,6 +118,10 @@ def main() -> None:
     sft_data, grpo_data = write_jsonl(chats, work / "sft.jsonl"), write_jsonl(prompts, work / "prompts.jsonl")
     if "sft" not in args.stages:
         print(f"[sft] held-out accuracy {accuracy(work / 'sft', test):.3f}", flush=True)
+    if "scaling" in args.stages:
+        for stage in ("sft", "grpo"):
+            by_k = majority_accuracy(work / stage, test, [1, 4, 16])
+            print(f"[scaling] {stage}: majority-vote accuracy by samples {by_k}", flush=True)
     for stage in [s for s in args.stages.split(",") if s in ("sft", "grpo")]:
         t0 = time.time()
         if stage == "sft":
