@@ -91,13 +91,19 @@ def to_rows(prompts: list[list[int]], completions: list[list[int]], group_size: 
     return rows
 
 
+def completion_text(tokenizer, tokens: list[int]) -> str:
+    """The text rewards see: without end-of-text, and without ids a padded vocabulary has beyond the
+    tokenizer's (an untrained model samples them; they are no text)."""
+    return tokenizer.decode([t for t in tokens if t != tokenizer.eot_id and t < tokenizer.n_vocab])
+
+
 def roll_out(dec: Decoder, prompts: Prompts, rewards: Rewards, tokenizer, cfg: Config, rollout: int) -> Rollouts:
     """Rollout batch number `rollout`: sample, decode, score, and the group advantages."""
     g = cfg.grpo
     chosen = prompts.indices(rollout)
     tokens = [prompts.tokens[i] for i in chosen]
     sampled = sample_completions(dec, tokens, cfg, rollout_seed(cfg.train.seed, rollout), tokenizer.eot_id)
-    texts = [tokenizer.decode([t for t in c if t != tokenizer.eot_id]) for c in sampled]
+    texts = [completion_text(tokenizer, c) for c in sampled]
     records = [prompts.records[i] for i in chosen for _ in range(g.group_size)]
     columns = {k: [r.get(k) for r in records] for k in records[0] if k != "prompt"}
     scores = rewards.score([r["prompt"] for r in records], texts, columns)
