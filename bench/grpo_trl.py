@@ -8,8 +8,8 @@ tokens) scored by the exact-answer reward, and one optimizer step (mu = 1, beta 
 first steps (compilation, warm-up) are left out of both medians. Goal (issue #28): jaxlm >= 3x.
 
 Measured once (configs/bench.yaml's model, 4 x 8, 8 new tokens, 6 steps, 2 shared cores at load
-average ~9): jaxlm 3.37 s, TRL 7.93 s per step -> 2.35x; the goal is not met on this evidence
-(a single noisy run; TRL's steps ranged 8 to 16 s across runs).
+average ~9): jaxlm 3.37 s, TRL 7.93 s per step (medians) -> 2.35x. Inconclusive: TRL's three timed
+steps were 22.1, 7.9 and 4.1 s, and an earlier run's 16.1, 16.0 and 16.2 s; rerun on a quiet machine.
 """
 
 from __future__ import annotations
