@@ -48,6 +48,11 @@ def rollout_logps(params, batch: Batch, frozen, spec: StepSpec) -> dict:
         return spec.objective.rollout_logps(model_of(params, frozen, spec), batch, frozen["objective"])
 
 
+def decoding_params(params: dict, cfg: Config) -> dict:
+    """The policy's whole parameter tree as the decoder reads it: LoRA's adapters folded in."""
+    return lora.merge(params, cfg.lora.scale) if cfg.lora.rank else params
+
+
 class GRPORun(TrainingRun):
     def _data(self):
         cfg = self.cfg
@@ -66,9 +71,7 @@ class GRPORun(TrainingRun):
 
     @functools.cached_property
     def _jit_merge(self):
-        """The whole tree as the decoder reads it: frozen and trained joined, adapters folded in."""
-        scale = self.cfg.lora.scale if self.cfg.lora.rank else None
-        return jax.jit(lambda params: lora.merge(params, scale) if scale else params)
+        return jax.jit(functools.partial(decoding_params, cfg=self.cfg))
 
     def _policy_params(self) -> dict:
         return self._jit_merge(self.trainer.saved_state(self.state)["params"])
