@@ -17,6 +17,7 @@ from jaxlm.errors import UserError
 
 VERBS = {
     "train": ("jaxlm.train.run", "train (or resume) a model from a YAML config"),
+    "rl": ("jaxlm.rl.cli", "reinforcement learning with verifiable rewards (GRPO) from a YAML config"),
     "accounting": ("jaxlm.tools.accounting", "parameters, FLOPs and memory of a config"),
     "tokenizer": ("jaxlm.tokenizer.cli", "train, inspect or convert tokenizers"),
     "prepare": ("jaxlm.data.prepare", "tokenize a corpus into token shards"),

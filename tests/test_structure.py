@@ -32,6 +32,7 @@ LAYERS = [
      "jaxlm.export.gguf_vocab", "jaxlm.export.gguf", "jaxlm.export.atomic", "jaxlm.export.peft"],  # formats, no verbs
     ["jaxlm.train"],
     ["jaxlm.inference"],
+    ["jaxlm.rl"],  # GRPO: rollouts with the decoder, rewards, the loop around the train step; `jaxlm rl`
     ["jaxlm.eval"],  # lm-evaluation-harness over the scorer and the decoder; `jaxlm eval`
     ["jaxlm.export", "jaxlm.tools"],  # the verbs that write other formats; compile, plot
     ["jaxlm.cli", "jaxlm"],

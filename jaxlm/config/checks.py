@@ -24,6 +24,7 @@ def validate(cfg: Config) -> None:
     _validate_objective(cfg)
     _check_finetune(cfg)
     _check_prune(cfg)
+    _check_grpo(cfg)
     _check_mesh(cfg)
 
 
@@ -262,6 +263,29 @@ def _check_prune(cfg: Config) -> None:
     if not p.masked and p.every:
         raise ConfigError(f"prune.method={p.method} is structured: it is one-shot (jaxlm prune RUN -o NEW_RUN), "
                           "set prune.every=0")
+
+
+def _check_grpo(cfg: Config) -> None:
+    """grpo: rows are whole rollouts (prompt + completion), and a rollout batch is trained mu times."""
+    g, t = cfg.grpo, cfg.train
+    if g.group_size < 2 or g.prompts_per_step < 1 or g.mu < 1 or g.max_new_tokens < 1:
+        raise ConfigError(f"grpo.group_size={g.group_size} must be >= 2, grpo.prompts_per_step={g.prompts_per_step}, "
+                          f"grpo.mu={g.mu} and grpo.max_new_tokens={g.max_new_tokens} >= 1")
+    if g.temperature <= 0 or not 0 < g.top_p <= 1 or g.beta < 0 or not 0 <= g.clip_low < 1 or g.clip_high < 0:
+        raise ConfigError(f"grpo.temperature={g.temperature} must be > 0, grpo.top_p={g.top_p} in (0, 1], "
+                          f"grpo.beta={g.beta} >= 0, grpo.clip_low={g.clip_low} in [0, 1), "
+                          f"grpo.clip_high={g.clip_high} >= 0")
+    if t.objective != "grpo":
+        return
+    if t.global_batch != g.prompts_per_step * g.group_size:
+        raise ConfigError(f"train.global_batch={t.global_batch} must equal grpo.prompts_per_step * grpo.group_size = "
+                          f"{g.prompts_per_step * g.group_size} (one row per completion)")
+    if t.steps % g.mu or cfg.checkpoint.every % g.mu:
+        raise ConfigError(f"train.steps={t.steps} and checkpoint.every={cfg.checkpoint.every} must be multiples of "
+                          f"grpo.mu={g.mu}: a run stops and resumes only between rollout batches")
+    if not cfg.model.causal or cfg.data.packing or cfg.data.path is None or cfg.data.mixture:
+        raise ConfigError("train.objective=grpo samples from a causal model over prompt records: set "
+                          "model.causal=true, data.packing=false and data.path (JSONL or Parquet with a 'prompt' column)")
 
 
 def check_data_paths(cfg: Config) -> None:

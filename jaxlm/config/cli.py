@@ -51,7 +51,10 @@ def keys(cls=Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
             continue
         doc = hint.__metadata__[0] if typing.get_origin(hint) is typing.Annotated else ""
         tp = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
-        default = yaml.safe_dump(getattr(instance, f.name), default_flow_style=True, width=1000).strip()
+        value = getattr(instance, f.name)
+        if isinstance(value, list):  # a list of sections (grpo.rewards) is shown as mappings
+            value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+        default = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
         default = default.removesuffix("\n...").removesuffix("...").strip()
         rows.append((name, type_name(tp), default, doc))
     return rows

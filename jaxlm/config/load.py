@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 from jaxlm.config.checks import validate
-from jaxlm.config.schema import Config, from_dict
+from jaxlm.config.convert import from_dict
+from jaxlm.config.schema import Config
 from jaxlm.errors import ConfigError
 
 

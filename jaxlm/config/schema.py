@@ -1,22 +1,13 @@
 """The typed config tree: one dataclass per section, each handed to the code that owns it.
 
-`from_dict` builds the tree from plain data (YAML, a checkpoint's metadata); every error is a
-`ConfigError` whose message is one line naming the key, the value and what is allowed.
+`convert.from_dict` builds the tree from plain data (YAML, a checkpoint's metadata); every error
+is a `ConfigError` whose message is one line naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional
-
-import yaml
-
-from jaxlm.errors import ConfigError
-
 
 # Every key carries a one-line description (`Doc[type, "..."]`); `jaxlm config` lists them.
 Doc = Annotated
@@ -197,9 +188,9 @@ class TrainConfig:
                  "unless set"] = "runs/default"
     peak_flops_per_device: Doc[float, "for MFU; 0 = measure a matmul on this machine"] = 0.0
     z_loss_coef: Doc[float, "weight of the output z-loss (log-partition squared)"] = 0.0
-    objective: Doc[Literal["next_token", "mdlm", "distill", "sft", "dpo"],
+    objective: Doc[Literal["next_token", "mdlm", "distill", "sft", "dpo", "grpo"],
                    "what the step minimises (jaxlm/objectives/): sft trains on chat records' assistant tokens, "
-                   "dpo on preference records"] = "next_token"
+                   "dpo on preference records, grpo on rewarded rollouts (`jaxlm rl`)"] = "next_token"
     teacher: Doc[Optional[str], "distill: the teacher's run directory (its newest valid checkpoint)"] = None
     deterministic: Doc[Literal["auto", True, False],
                        "bit-exact runs and resumes; auto: where free (CPU, TPU), not on GPU"] = "auto"
@@ -296,6 +287,39 @@ class PruneConfig:
 
 
 @dataclass
+class RewardConfig:
+    fn: Doc[str, "a built-in (answer: the extracted answer equals the record's; format: the completion matches "
+                 "grpo.format_pattern; length: minus the completion's share of grpo.max_new_tokens) or "
+                 "'module:function' called as fn(prompts, completions, **columns) -> list[float]"] = "answer"
+    weight: Doc[float, "the reward is the weighted sum of the functions' rewards"] = 1.0
+
+
+@dataclass
+class GRPOConfig:
+    """Group relative policy optimisation (train.objective=grpo, run by `jaxlm rl`): rollouts from
+    the current policy, rewards from functions, a clipped policy-gradient step with KL to the start."""
+
+    group_size: Doc[int, "completions sampled per prompt (>= 2); train.global_batch = prompts_per_step * this"] = 8
+    prompts_per_step: Doc[int, "prompts per rollout batch"] = 4
+    max_new_tokens: Doc[int, "completion length limit (tokens); a completion also ends at end-of-text"] = 32
+    temperature: Doc[float, "sampling temperature of the rollouts (> 0); the loss scores the same distribution"] = 1.0
+    top_p: Doc[float, "nucleus sampling of the rollouts, in (0, 1]"] = 1.0
+    mu: Doc[int, "optimizer steps per rollout batch (GRPO's mu, >= 1): old log-probs are computed once per batch"] = 1
+    clip_low: Doc[float, "epsilon low: the ratio is clipped below at 1 - this"] = 0.2
+    clip_high: Doc[float, "epsilon high: the ratio is clipped above at 1 + this (DAPO: 0.28)"] = 0.2
+    beta: Doc[float, "weight of the KL to the reference (k3 estimator); 0 = no reference is kept"] = 0.04
+    advantage: Doc[Literal["std", "none"], "std: (r - group mean) / (group std + 1e-4); none: r - group mean "
+                   "(Dr. GRPO)"] = "std"
+    rewards: Doc[list[RewardConfig], "reward functions, summed with weights"] = \
+        field(default_factory=lambda: [RewardConfig()])
+    answer_pattern: Doc[str, "answer: the regex whose last match (its first group if it has one) is the "
+                        "completion's answer"] = r"-?\d+"
+    answer_column: Doc[str, "answer: the record's column holding the right answer"] = "answer"
+    format_pattern: Doc[str, "format: the regex a whole completion must match (re.fullmatch) for reward 1"] = \
+        r"\s*-?\d+\s*"
+
+
+@dataclass
 class CheckpointConfig:
     every: Doc[int, "steps between checkpoints (and one at the last step); 0 disables checkpoints"] = 1000
     keep: Doc[int, "newest checkpoints to keep (>= 1)"] = 3
@@ -318,71 +342,4 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
-
-
-def from_dict(cls, raw: dict, prefix: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; allowed: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _coerce(tp, value, key: str):
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, prefix=f"{key}.")
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(args[0], value, key)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed; expected one of {'|'.join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected a list")
-        (item,) = typing.get_args(tp)
-        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected a mapping")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected a string")
-        return value
-    return value
-
-
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)

@@ -8,7 +8,7 @@ letter means one thing across files:
   H query heads         K kv heads              G query heads per kv head (H / K)
   d head dim            E experts               C expert capacity (tokens per expert)
   N flattened tokens    M rows in a buffer      P devices along the expert axis
-  R LoRA rank
+  R LoRA rank           J prompts (GRPO groups)  O completions per prompt (GRPO's G)
 
 `transformer.py` is the model, `attention.py`/`layers.py`/`moe.py` its parts, `ops.py` what both they
 and the kernels use, `build.py` the one way a config becomes a model, and `kernels/`

@@ -5,10 +5,8 @@ tokens (the loss mask: the assistant turn the chat template renders),
 
     loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
 
-The reference is the frozen starting policy. Under LoRA it is the base model: the same weights with
-every adapter's B zeroed (x W + 0 exactly), so no second copy of the weights exists. Without LoRA
-it is a copy of the starting parameters (`train/start.py`: train.init_from or the seeded init) in
-the step's `frozen["objective"]`, read again on a resume so it never moves.
+The reference is the frozen starting policy (`reference.py`: under LoRA the base model without its
+adapters, else a copy of the starting parameters).
 
 A batch row holds one pair: the chosen sequence in the core fields, the rejected one in `extra`.
 Metrics are per pair: the loss, the reward margin beta * (logratio_w - logratio_l), the
@@ -19,13 +17,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxlm.data.batch import Batch
-from jaxlm.model import lora
-from jaxlm.model.build import build_model
-from jaxlm.objectives.base import Objective, forward
-from jaxlm.parallel.sharding import param_shardings
+from jaxlm.objectives.base import forward
+from jaxlm.objectives.reference import WithReference
 
 REJECTED = ("rejected_inputs", "rejected_targets", "rejected_mask")
 
@@ -52,33 +47,13 @@ def sequence_logps(model, batch: Batch, key=None) -> tuple[jax.Array, jax.Array,
     return seq_B[: batch.rows], seq_B[batch.rows:], aux
 
 
-class DPO(Objective):
+class DPO(WithReference):
     def extra_fields(self):
         return {k: ((self.cfg.data.seq_len,), jnp.int32) for k in REJECTED}
-
-    @property
-    def under_lora(self) -> bool:
-        return bool(self.cfg.lora.rank)
-
-    def frozen(self, mesh, rules):
-        if self.under_lora:
-            return {}
-        abstract = nnx.state(nnx.eval_shape(lambda: build_model(self.cfg, 0)))
-        shardings = param_shardings(abstract, mesh, rules)
-        return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                            nnx.to_pure_dict(abstract), shardings)
-
-    def load_frozen(self, abstract, initial_params):
-        return {} if self.under_lora else initial_params()
 
     def count(self, batch: Batch) -> jax.Array:
         """Pairs (rows with a reply to score)."""
         return jnp.sum(jnp.any(batch.loss_mask > 0, axis=-1).astype(jnp.float32))
-
-    def reference(self, model, frozen):
-        graphdef, state = nnx.split(model)
-        params = lora.without_adapters(nnx.to_pure_dict(state)) if self.under_lora else frozen
-        return nnx.merge(graphdef, jax.lax.stop_gradient(params))
 
     def terms(self, model, batch: Batch, key, frozen) -> tuple[dict, dict, jax.Array]:
         pol_w, pol_l, aux = sequence_logps(model, batch, key)

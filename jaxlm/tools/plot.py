@@ -17,6 +17,13 @@ from jaxlm.errors import UserError
 
 PANELS = {"loss": "train loss", "eval_loss": "eval loss", "lr": "learning rate", "grad_norm": "grad norm",
           "tokens_per_s": "tokens/s", "mfu": "MFU"}  # record key -> panel title
+RL_PANELS = {"reward_mean": "reward (mean)", "accuracy": "accuracy", "kl": "KL to the reference",
+             "clip_fraction": "clip fraction", "completion_len": "completion length", "rollout_time": "rollout time (s)"}
+
+
+def panels_for(runs: list[tuple[str, list[dict], int]]) -> dict:
+    """RL runs (`jaxlm rl`: records with rewards) get their own panels; loss curves otherwise."""
+    return RL_PANELS if any("reward_mean" in r for _, records, _ in runs for r in records) else PANELS
 
 
 def load_run(run_dir: Path) -> list[dict]:
@@ -70,7 +77,7 @@ def plot(runs: list[tuple[str, list[dict], int]], out: Path, x: str = "steps", d
     fmt = out.suffix.lstrip(".").lower() or "png"
     if fmt not in fig.canvas.get_supported_filetypes():
         raise UserError(f"-o {out}: unsupported image type {fmt!r}; use .png, .svg or .pdf")
-    for ax, (key, title) in zip(fig.subplots(2, 3).flat, PANELS.items()):
+    for ax, (key, title) in zip(fig.subplots(2, 3).flat, panels_for(runs).items()):
         for label, records, scale in runs:
             xs, ys = series(records, key, scale)
             if xs:

@@ -122,7 +122,7 @@ class TrainingRun:
     def start(self, resume: str | None) -> bool:
         """Data, trainer and the first state (restored or new); False when there is nothing to train."""
         cfg = self.cfg
-        self.batches, self.eval_batches = build_data(cfg)
+        self.batches, self.eval_batches = self._data()
         self.fingerprint = data_fingerprint(cfg.data)
         self.trainer = make_trainer(cfg, self.mesh)
         self.tokenizer = ckpt.tokenizer_identity(cfg.data.tokenizer)
@@ -148,6 +148,10 @@ class TrainingRun:
         self.logger = MetricsLogger(self.run_dir, self.t.steps, self.start_step, self.t.progress, cfg=cfg)
         self.profiler = Profiler(self.t.profile, self.run_dir, self.start_step, self.logger.write)
         return True
+
+    def _data(self):
+        """(training batches, fixed evaluation batches); a subclass may draw its rows otherwise (rl)."""
+        return build_data(self.cfg)
 
     def _initialise(self) -> dict:
         self.tokens_seen = 0
@@ -320,18 +324,20 @@ def pruned_summary(trainer: Trainer, params) -> dict:
     return sparsity_report(flatten(jax.device_get(trainer.masks)), total)
 
 
-def train(cfg: Config, mesh=None, resume: str | None = None) -> list[dict]:
+def train(cfg: Config, mesh=None, resume: str | None = None,
+          run_class: type[TrainingRun] = TrainingRun) -> list[dict]:
     """Trains per `cfg`; returns the logged metric records (also in run_dir/metrics.jsonl).
 
     If run_dir/checkpoints holds checkpoints (or `resume` names one), training continues from
-    the newest valid one, bit-exactly where the mesh is the same. An extended WSD run (train.steps
+    the newest valid one, bit-exactly where the mesh is the same. `run_class` is the run that owns
+    the steps (`jaxlm/rl/loop.py`'s GRPORun draws its rows from rollouts). An extended WSD run (train.steps
     raised, the schedule otherwise the same) continues from the checkpoint kept where the old
     schedule's decay began, so it equals a run that had the longer schedule from the start.
     """
     check_data_paths(cfg)
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     check_batch(cfg, mesh)
-    run = TrainingRun(cfg, mesh)
+    run = run_class(cfg, mesh)
     try:
         if run.start(resume):
             run.run()

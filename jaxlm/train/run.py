@@ -21,24 +21,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from jaxlm.train.loop import train
+
+    return run_verb(args, "train", train)
+
+
+def run_verb(args: argparse.Namespace, verb: str, train) -> int:
+    """`jaxlm VERB CONFIG [overrides]` for a verb that trains: `train(cfg, resume=...)` does the work."""
     if args.config is None or "=" in args.config:
-        raise UserError("give a YAML config file first, then any overrides: jaxlm train configs/tiny.yaml "
+        raise UserError(f"give a YAML config file first, then any overrides: jaxlm {verb} configs/tiny.yaml "
                         "[section.key=value ...]; `jaxlm config` lists every key")
     overrides = list(args.overrides) + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = load_config(args.config, overrides)
+    if (cfg.train.objective == "grpo") != (verb == "rl"):
+        raise UserError(f"train.objective={cfg.train.objective} runs with "
+                        f"`jaxlm {'rl' if cfg.train.objective == 'grpo' else 'train'} {args.config}`: "
+                        "grpo samples its own rows from the policy (`jaxlm rl`), the others read data (`jaxlm train`)")
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
     from jaxlm.parallel import determinism
     from jaxlm.parallel.launch import initialize
-    from jaxlm.train.loop import train
 
     determinism.configure(cfg.train.deterministic)  # XLA reads its flags when JAX starts
     initialize()
     history = train(cfg, resume=args.resume)
     if history:
         last = history[-1]
-        summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "eval_loss") if k in last)
+        summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "eval_loss", "reward_mean", "accuracy") if k in last)
         verb = "done" if last["step"] >= cfg.train.steps else "stopped"
         print(f"{verb}: step {last['step']}, {summary}; metrics in {cfg.train.run_dir}/metrics.jsonl")
     return 0

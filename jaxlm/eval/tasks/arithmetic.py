@@ -3,8 +3,8 @@
 Each record is {"question": "37+5=", "answer": "42", "a": 37, "b": 5, "op": "+"}; differences
 are never negative (the larger operand comes first). Questions within one call are distinct, and
 `exclude` keeps another set's questions out (few-shot examples apart from the test set).
-`arithmetic(n_train, n_test)` gives the same problems as chat records (sft) or preference records
-(dpo), and `write_jsonl` writes them for `data.path`. Offline and deterministic.
+`arithmetic(n_train, n_test)` gives the same problems as chat records (sft), preference records
+(dpo) or prompt records with their answer (grpo), and `write_jsonl` writes them for `data.path`. Offline and deterministic.
 """
 
 from __future__ import annotations
@@ -64,12 +64,17 @@ def preference_record(r: dict, rng: random.Random) -> dict:
     return {"prompt": QUESTION.format(**r), "chosen": r["answer"], "rejected": near_miss(r["answer"], rng)}
 
 
+def prompt_record(r: dict) -> dict:
+    """grpo: the question as the prompt, the answer as the column the answer reward checks."""
+    return {"prompt": QUESTION.format(**r), "answer": r["answer"]}
+
+
 def arithmetic(n_train: int, n_test: int, seed: int = 0, max_operand: int = 99, ops: str = "+-",
                kind: str = "chat") -> tuple[list[dict], list[dict]]:
     """(train, test) instruction records over distinct problems (the test problems are never
-    trained on); kind "chat" (sft) or "preference" (dpo)."""
+    trained on); kind "chat" (sft), "preference" (dpo) or "prompt" (grpo)."""
     rng = random.Random(seed + 1)
-    make = chat_record if kind == "chat" else (lambda r: preference_record(r, rng))
+    make = {"chat": chat_record, "prompt": prompt_record}.get(kind) or (lambda r: preference_record(r, rng))
     out = [make(r) for r in records(n_train + n_test, seed, max_operand=max_operand, ops=ops)]
     return out[:n_train], out[n_train:]
 

@@ -1,0 +1,120 @@
+"""GRPO step time: `jaxlm rl` against TRL's GRPOTrainer (torch, CPU) on the same model (a jaxlm model
+exported to Hugging Face), the same arithmetic prompts, group size, batch and completion length.
+
+    python bench/grpo_trl.py [--config configs/bench.yaml] [--prompts 4] [--group 8] [--new 8] [--steps 8]
+
+A step is one rollout batch (prompts x group completions, sampled at temperature 1 up to --new
+tokens) scored by the exact-answer reward, and one optimizer step (mu = 1, beta = 0.04, AdamW). The
+first steps (compilation, warm-up) are left out of both medians. Goal (issue #28): jaxlm >= 3x.
+
+Measured once (configs/bench.yaml's model, 4 x 8, 8 new tokens, 6 steps, 2 shared cores at load
+average ~9): jaxlm 3.37 s, TRL 7.93 s per step (medians) -> 2.35x. Inconclusive: TRL's three timed
+steps were 22.1, 7.9 and 4.1 s, and an earlier run's 16.1, 16.0 and 16.2 s; rerun on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine_line  # noqa: E402
+from sft_trl import make_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SKIP = 3  # steps left out of each median
+
+
+def jaxlm_times(config: str, hf: Path, data: Path, work: Path, a) -> list[float]:
+    import jax
+
+    from jaxlm.config import load_config
+    from jaxlm.parallel.mesh import make_mesh
+    from jaxlm.rl.loop import train_grpo
+
+    cfg = load_config(config, ["train.objective=grpo", f"data.path={data}", "data.packing=false", "data.seq_len=96",
+                               f"train.global_batch={a.prompts * a.group}", f"grpo.prompts_per_step={a.prompts}",
+                               f"grpo.group_size={a.group}", f"grpo.max_new_tokens={a.new}", "grpo.beta=0.04",
+                               f"train.init_from={hf}", f"train.steps={a.steps}", "train.eval_every=0",
+                               "train.log_every=1", "checkpoint.every=0", "optim.lr=1e-5", "optim.min_lr=1e-5", "optim.warmup_steps=0",
+                               "optim.schedule=constant", "train.progress=false", f"train.run_dir={work / 'rl'}"])
+    history = train_grpo(cfg, mesh=make_mesh(cfg.mesh, devices=jax.devices()[:1]))
+    return [h.get("step_time", float("nan")) for h in history]
+
+
+def trl_times(hf: Path, records: list[dict], a) -> list[float]:
+    import datasets
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from jaxlm.data.chat import DEFAULT_TEMPLATE
+    from jaxlm.rl.rewards import answer_reward
+
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    tokenizer.chat_template = DEFAULT_TEMPLATE
+    tokenizer.pad_token = tokenizer.eos_token
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in records]
+    answer = answer_reward(r"-?\d+", "answer")
+
+    def reward(prompts, completions, answer_column=None, **kw):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return answer(prompts, texts, answer=kw["answer"])
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(output_dir=out, per_device_train_batch_size=a.prompts * a.group, num_generations=a.group,
+                            max_completion_length=a.new, temperature=1.0, beta=0.04, max_steps=a.steps,
+                            learning_rate=1e-5, lr_scheduler_type="constant", report_to="none", save_strategy="no",
+                            logging_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0)
+        trainer = GRPOTrainer(model=str(hf), reward_funcs=reward, args=config,
+                              train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                              callbacks=[Clock()])
+        trainer.train()
+    return times
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs" / "bench.yaml"))
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--new", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8)
+    a = p.parse_args()
+    from jaxlm.eval.tasks.arithmetic import arithmetic, write_jsonl
+
+    print(machine_line(), flush=True)
+    records, _ = arithmetic(256, 0, seed=0, ops="+", kind="prompt")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        hf = make_model(a.config, work)
+        data = write_jsonl(records, work / "prompts.jsonl")
+        trl = trl_times(hf, records, a)[SKIP:]
+        print(f"TRL GRPOTrainer steps: {[round(t, 3) for t in trl]} s", flush=True)
+        jax_t = jaxlm_times(a.config, hf, data, work, a)[SKIP:]
+    med = statistics.median
+    result = {"prompts": a.prompts, "group": a.group, "max_new_tokens": a.new, "steps": a.steps,
+              "jaxlm_step_s": med(jax_t), "trl_step_s": med(trl), "speedup": med(trl) / med(jax_t)}
+    print(f"GRPO step (median of steps {SKIP + 1}..{a.steps}, {a.prompts} prompts x {a.group} completions of <= "
+          f"{a.new} tokens): jaxlm {result['jaxlm_step_s'] * 1e3:.0f} ms, TRL GRPOTrainer "
+          f"{result['trl_step_s'] * 1e3:.0f} ms -> jaxlm {result['speedup']:.2f}x faster (goal >= 3x)")
+    print(machine_line())
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
