@@ -62,11 +62,10 @@ def accuracy(run_dir: Path, test: list[dict]) -> float:
     from jaxlm.checkpoint.runs import load_run
     from jaxlm.data.chat import chat_format, prompt_tokens
     from jaxlm.inference.decode import Decoder, generate
-    from jaxlm.data.records import chat_template
     from jaxlm.inference.sampling import Sampling
 
     run = load_run(str(run_dir))
-    fmt = chat_format(run.tokenizer, chat_template(run.cfg.data.chat_template))
+    fmt = chat_format(run.tokenizer, run.cfg.data.chat_template)
     dec = Decoder(run.cfg, run.params, run.mesh)
     prompts = [prompt_tokens([{"role": "user", "content": r["prompt"]}], fmt).tolist() for r in test]
     outs = generate(dec, prompts, 4, Sampling(temperature=0.0), stop_id=run.tokenizer.eot_id)
@@ -79,12 +78,11 @@ def majority_accuracy(run_dir: Path, test: list[dict], ks: list[int], seed: int 
 
     from jaxlm.checkpoint.runs import load_run
     from jaxlm.data.chat import chat_format, prompt_tokens
-    from jaxlm.data.records import chat_template
     from jaxlm.inference.decode import Decoder, generate
     from jaxlm.inference.sampling import Sampling
 
     run = load_run(str(run_dir))
-    fmt = chat_format(run.tokenizer, chat_template(run.cfg.data.chat_template))
+    fmt = chat_format(run.tokenizer, run.cfg.data.chat_template)
     dec = Decoder(run.cfg, run.params, run.mesh)
     prompts = [prompt_tokens([{"role": "user", "content": r["prompt"]}], fmt).tolist() for r in test]
     n = max(ks)

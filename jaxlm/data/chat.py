@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -64,13 +65,24 @@ class Rendered:
 
 def chat_format(tokenizer, template: str | None = None) -> ChatFormat:
     """The format of a jaxlm tokenizer (a tiktoken Encoding, or any object with `encode`,
-    `encode_ordinary`, `decode` and `eot_id`): `template`, else its own `chat_template`, else the default."""
-    template = template or getattr(tokenizer, "chat_template", None) or DEFAULT_TEMPLATE
+    `encode_ordinary`, `decode` and `eot_id`): `template` (data.chat_template: a template file or the
+    template itself), else its own `chat_template`, else the default."""
+    template = read_template(template) or getattr(tokenizer, "chat_template", None) or DEFAULT_TEMPLATE
     eot = getattr(tokenizer, "eot_id", None)
     bos = getattr(tokenizer, "bos_id", None)
     text = lambda i: "" if i is None else tokenizer.decode([i])
     return ChatFormat(template, lambda s: tokenizer.encode(s, allowed_special="all"), tokenizer.encode_ordinary,
                       eos_token=text(eot), bos_token=text(bos))
+
+
+def read_template(spec: str | None) -> str | None:
+    """data.chat_template: a template file, or the template itself (it holds Jinja tags)."""
+    if spec is None or "{%" in spec or "{{" in spec:
+        return spec
+    try:
+        return Path(spec).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"data.chat_template={spec!r} is not a readable template file ({type(e).__name__})") from None
 
 
 # ----------------------------------------------------------------------------- Jinja, as HF runs it

@@ -201,22 +201,12 @@ def check_batch_mask(batch) -> None:
                         "template renders the assistant turns")
 
 
-def chat_template(spec: str | None) -> str | None:
-    """data.chat_template: a template file, or the template itself (it holds Jinja tags)."""
-    if spec is None or "{%" in spec or "{{" in spec:
-        return spec
-    try:
-        return Path(spec).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"data.chat_template={spec!r} is not a readable template file ({type(e).__name__})") from None
-
-
 def build_record_data(cfg, tokenizer) -> tuple[BatchIterator, list]:
     """The training batches and the fixed evaluation batches of sft/dpo records."""
     import grain
 
     d, t = cfg.data, cfg.train
-    fmt = chat_format(tokenizer, chat_template(d.chat_template))
+    fmt = chat_format(tokenizer, d.chat_template)
     records = read_records(d.path)
     if not records:
         raise UserError(f"data.path={d.path!r} holds no records")

@@ -76,9 +76,8 @@ def end_of_turn_id(fmt, tok) -> int:
 def run_chat_format(tok, cfg):
     """The template SFT renders with: data.chat_template, else the tokenizer's own, else the default."""
     from jaxlm.data.chat import chat_format
-    from jaxlm.data.records import chat_template
 
-    return chat_format(tok, chat_template(cfg.data.chat_template))
+    return chat_format(tok, cfg.data.chat_template)
 
 
 def chat_prompts(args, tok, cfg) -> Prompts:

@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxlm.config import Config
 from jaxlm.data.chat import chat_format, prompt_tokens
-from jaxlm.data.records import chat_template, read_records
+from jaxlm.data.records import read_records
 from jaxlm.errors import UserError
 from jaxlm.inference.decode import Decoder, generate
 from jaxlm.inference.sampling import Sampling
@@ -38,7 +38,7 @@ class Prompts:
         self.records = read_records(d.path)
         if not self.records:
             raise UserError(f"data.path={d.path!r} holds no records")
-        fmt = chat_format(tokenizer, chat_template(d.chat_template))
+        fmt = chat_format(tokenizer, d.chat_template)
         self.tokens = [prompt_tokens(prompt_messages(r, f"{d.path} record {i}"), fmt).tolist()
                        for i, r in enumerate(self.records)]
         longest = max(len(t) for t in self.tokens)
