@@ -309,7 +309,7 @@ def dense_300(tmp_path_factory, shakespeare_path):
     return run_dir
 
 
-@pytest.mark.slow
+@pytest.mark.demo  # python -m pytest -m demo tests/test_prune.py
 def test_magnitude_half_retrained_200_steps_is_within_005_nats_of_the_dense_model(dense_300, tmp_path):
     cfg, _ = prune_run(str(dense_300), tmp_path / "half", ["prune.method=magnitude", "prune.sparsity=0.5",
                                                            "train.steps=200", "optim.warmup_steps=10"])
@@ -319,7 +319,7 @@ def test_magnitude_half_retrained_200_steps_is_within_005_nats_of_the_dense_mode
     assert pruned < dense + 0.05
 
 
-@pytest.mark.slow
+@pytest.mark.demo
 def test_rewinding_at_80_percent_beats_the_same_mask_from_a_fresh_random_init(dense_300, tmp_path):
     args = ["prune.method=magnitude", "prune.sparsity=0.8", "train.steps=300"]
     rewound, _ = prune_run(str(dense_300), tmp_path / "rewound", args, rewind=20)
