@@ -55,7 +55,7 @@ def jaxlm_times(config: str, hf: Path, data: Path, batch: int, seq_len: int, ste
 
     cfg = load_config(config, ["train.objective=sft", f"data.path={data}", "data.packing=false",
                                f"data.seq_len={seq_len}", f"train.global_batch={batch}", f"train.init_from={hf}",
-                               "train.eval_every=0", "optim.lr=2e-5", "optim.warmup_steps=0",
+                               "train.eval_every=0", "optim.lr=2e-5", "optim.min_lr=0", "optim.warmup_steps=0",
                                "optim.schedule=constant"])
     trainer = make_trainer(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:1]))
     state = trainer.state_from_params(trainer.initial_params())
