@@ -284,7 +284,7 @@ def test_config_mistakes_are_one_line_errors(overrides, message):
 
 def test_prune_verb_mistakes_are_one_line_errors(trained_run, tmp_path):
     for args, message in ((["--nm", "2:5"], "prune.m=5 must divide the input size 64"),
-                          ([], "say how: --method"), (["--nm", "two:4"], "expected N:M")):
+                          ([], "no pruning method given: expected --method"), (["--nm", "two:4"], "expected N:M")):
         r = run_cli("prune", str(trained_run), "-o", str(tmp_path / "x"), *args)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert not (tmp_path / "x").exists()

@@ -58,7 +58,8 @@ def new_config(src: Config, output: Path, overrides: list[str]) -> Config:
     cfg = config_from(to_dict(src), list(overrides) + [f"train.run_dir={output}", "prune.start_step=0",
                                                       "prune.end_step=0", "prune.every=0"])
     if cfg.prune.method == "none":
-        raise UserError("jaxlm prune: say how: --method magnitude|nm|ffn|heads (or --nm 2:4), or prune.method")
+        raise UserError("no pruning method given: expected --method magnitude|nm|ffn|heads, --nm 2:4, or "
+                        "prune.method=...")
     return cfg
 
 
