@@ -1,5 +1,6 @@
 """Every test runs on 8 simulated CPU devices; set before JAX is imported anywhere."""
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -49,3 +50,16 @@ def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 300):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "jaxlm.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
+
+
+@functools.cache
+def llama_cpp():
+    """llama-cpp-python (the export extra compiles it from its sdist); skip, saying why, without it."""
+    try:
+        import llama_cpp  # loads its native library
+
+        return llama_cpp
+    except ImportError as e:
+        pytest.skip(f"llama-cpp-python is not installed (the export extra): {e}")
+    except (OSError, RuntimeError) as e:  # e.g. a library built against a newer glibc than this machine's
+        pytest.skip(f"llama.cpp's library does not load here: {str(e).splitlines()[0][:200]}")

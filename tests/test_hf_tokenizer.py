@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, run_cli
+from conftest import SHARED_DATA, llama_cpp, run_cli
 
 from jaxlm.errors import UserError
 from jaxlm.tokenizer.hf import HFTokenizer
@@ -287,17 +287,6 @@ def test_import_of_a_model_directory_takes_its_tokenizer(hf_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- GGUF
 
-
-@functools.cache
-def llama_cpp():
-    try:
-        import llama_cpp
-
-        return llama_cpp
-    except ImportError as e:
-        pytest.skip(f"llama-cpp-python is not installed (the export extra): {e}")
-    except (OSError, RuntimeError) as e:
-        pytest.skip(f"llama.cpp's library does not load here: {str(e).splitlines()[0][:200]}")
 
 
 def step0_run(directory: Path, run_dir: Path, tok) -> Path:
