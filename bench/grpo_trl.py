@@ -19,11 +19,10 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine_line  # noqa: E402
+from harness import machine_line, trl_chat_tokenizer, trl_step_clock  # noqa: E402
 from sft_trl import make_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,15 +48,11 @@ def jaxlm_times(config: str, hf: Path, data: Path, work: Path, a) -> list[float]
 
 def trl_times(hf: Path, records: list[dict], a) -> list[float]:
     import datasets
-    from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from jaxlm.data.chat import DEFAULT_TEMPLATE
     from jaxlm.rl.rewards import answer_reward
 
-    tokenizer = AutoTokenizer.from_pretrained(hf)
-    tokenizer.chat_template = DEFAULT_TEMPLATE
-    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = trl_chat_tokenizer(hf)
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in records]
     answer = answer_reward(r"-?\d+", "answer")
 
@@ -67,13 +62,6 @@ def trl_times(hf: Path, records: list[dict], a) -> list[float]:
 
     times: list[float] = []
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(output_dir=out, per_device_train_batch_size=a.prompts * a.group, num_generations=a.group,
                             max_completion_length=a.new, temperature=1.0, beta=0.04, max_steps=a.steps,
@@ -81,7 +69,7 @@ def trl_times(hf: Path, records: list[dict], a) -> list[float]:
                             logging_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0)
         trainer = GRPOTrainer(model=str(hf), reward_funcs=reward, args=config,
                               train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-                              callbacks=[Clock()])
+                              callbacks=[trl_step_clock(times)])
         trainer.train()
     return times
 

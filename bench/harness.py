@@ -141,3 +141,30 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
             cells.append(cell.ljust(w) if i == 0 else cell.rjust(w))
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+def trl_chat_tokenizer(hf_dir):
+    """The HF export's tokenizer as TRL's trainers take it: jaxlm's default chat template, end of
+    text as padding."""
+    from transformers import AutoTokenizer
+
+    from jaxlm.data.chat import DEFAULT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer.chat_template = DEFAULT_TEMPLATE
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def trl_step_clock(times: list[float]):
+    """A transformers TrainerCallback appending each optimizer step's wall time to `times`."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    return StepClock()

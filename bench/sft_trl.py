@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine_line  # noqa: E402
+from harness import machine_line, trl_chat_tokenizer, trl_step_clock  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SKIP = 3  # steps left out of each median
@@ -72,23 +72,13 @@ def jaxlm_times(config: str, hf: Path, data: Path, batch: int, seq_len: int, ste
 
 def trl_times(hf: Path, records: list[dict], batch: int, seq_len: int, steps: int) -> list[float]:
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from jaxlm.data.chat import DEFAULT_TEMPLATE
 
-    tokenizer = AutoTokenizer.from_pretrained(hf)
-    tokenizer.chat_template = DEFAULT_TEMPLATE
-    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = trl_chat_tokenizer(hf)
     rows = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in records]
     times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(output_dir=out, per_device_train_batch_size=batch, max_length=seq_len, packing=False,
@@ -97,7 +87,7 @@ def trl_times(hf: Path, records: list[dict], batch: int, seq_len: int, steps: in
                            use_cpu=True, dataloader_num_workers=0, seed=0)
         trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(hf), args=config,
                              train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-                             callbacks=[Clock()])
+                             callbacks=[trl_step_clock(times)])
         trainer.train()
     return times
 
