@@ -166,3 +166,16 @@ def test_parquet_records_read_like_jsonl(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": 1}\nnot json\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: not a JSON record"):
         read_records(str(tmp_path / "bad.jsonl"))
+
+
+def test_a_template_file_renders_as_its_text_and_an_unreadable_one_is_one_line(tmp_path):
+    """data.chat_template is a file or the template itself, wherever a chat format is made."""
+    template = "{% for m in messages %}{{ m['role'][0] + ':' + m['content'] + eos_token }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    tok = load_tokenizer("bytes")
+    messages = [{"role": "user", "content": "hi"}]
+    from_file = prompt_tokens(messages, chat_format(tok, str(tmp_path / "t.jinja")))
+    assert from_file.tolist() == prompt_tokens(messages, chat_format(tok, template)).tolist()
+    assert tok.decode(from_file.tolist()).startswith("u:hi")
+    with pytest.raises(UserError, match=r"data.chat_template='.*nope.jinja' is not a readable template file"):
+        chat_format(tok, str(tmp_path / "nope.jinja"))
