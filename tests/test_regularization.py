@@ -15,7 +15,8 @@ from jaxlm.parallel.mesh import make_mesh
 from jaxlm.train.loop import EarlyStopping, train
 from jaxlm.train.step import make_trainer
 
-from test_checkpoint import BASE, TINY, metrics, start_train, wait_for_step
+from test_checkpoint import BASE, TINY, metrics
+from test_checkpoint_signals import start_train, wait_for_step
 
 SMALL = ["model.n_layers=2", "model.d_model=64", "model.d_ff=128", "data.seq_len=32", "train.global_batch=8",
          "mesh.data=1"]
