@@ -187,21 +187,27 @@ def test_no_valid_checkpoint_is_an_error_naming_every_step_tried_and_changes_not
     assert listing(run_dir) == before  # nothing deleted, moved or appended to (no step 0 restart)
 
 
-def test_only_an_unfinished_first_save_is_an_error_not_a_silent_restart(tmp_path, capfd):
-    """A run killed in its first save leaves orbax's temporary directory and the metrics of its
-    steps; `jaxlm train` again must not start over from step 0 on top of them."""
-    from jaxlm import cli
-
+def test_a_run_killed_in_its_first_save_starts_again_from_step_0_setting_aside_what_it_left(tmp_path, capfd):
+    """A run killed in its first save leaves orbax's temporary directory (nothing to restore) and
+    the metrics of its steps: `jaxlm train` again starts over, equal to a fresh run, and moves both
+    aside instead of deleting or appending to them."""
+    cfg = lambda run_dir: config("train.steps=3", "checkpoint.every=0", f"train.run_dir={run_dir}")  # noqa: E731
+    train(cfg(tmp_path / "fresh"))
     run_dir = tmp_path / "run"
-    (run_dir / "checkpoints" / "1000.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0}) + "\n" for s in range(1, 999)))
-    before = listing(run_dir)
+    unfinished = run_dir / "checkpoints" / "1000.orbax-checkpoint-tmp"
+    (unfinished / "state").mkdir(parents=True)
+    (unfinished / "state" / "part").write_text("half-written")
+    old = "".join(json.dumps({"step": s, "loss": 5.0}) + "\n" for s in range(1, 999))
+    (run_dir / "metrics.jsonl").write_text(old)
     capfd.readouterr()
-    assert cli.main(["train", TINY, *BASE, *RUN, f"train.run_dir={run_dir}"]) == 2
-    (line,) = capfd.readouterr().err.strip().splitlines()
-    assert line.startswith(f"jaxlm train: error: {run_dir}: no checkpoint in {run_dir / 'checkpoints'} can be resumed "
-                           "from (step 1000: an unfinished save, 1000.orbax-checkpoint-tmp)")
-    assert listing(run_dir) == before
+    train(cfg(run_dir))
+    losses = lambda d: [(r["step"], r["loss"], r["grad_norm"]) for r in metrics(d)]  # noqa: E731
+    assert losses(run_dir) == losses(tmp_path / "fresh") and len(losses(run_dir)) == 3
+    assert (run_dir / "metrics.jsonl.1").read_text() == old
+    assert not unfinished.exists()
+    assert (run_dir / ckpt.SET_ASIDE / unfinished.name / "state" / "part").read_text() == "half-written"
+    err = capfd.readouterr().err
+    assert f"checkpoint step {unfinished.name} is an unfinished save" in err and "training starts at step 0" in err
 
 
 @pytest.mark.parametrize("mesh_args,n_devices", [(("mesh.data=2", "mesh.fsdp=2"), 4), (("mesh.fsdp=1",), 1)])

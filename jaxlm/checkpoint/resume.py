@@ -2,8 +2,10 @@
 
 A run resumes from the newest valid checkpoint in its run directory (or the one `--resume`
 names); an invalid one is set aside with one warning and the previous one is tried. Every process
-must agree on the step it restores. Step directories (or unfinished saves) with none restorable
-are an error that changes nothing: starting over from step 0 would overwrite the run.
+must agree on the step it restores. Step directories with none restorable are an error that
+changes nothing: starting over from step 0 would overwrite the run. A run killed in its first save
+left only orbax's temporary directory, which holds nothing to restore: it is set aside, and the run
+starts again from step 0 (its earlier metrics are set aside too, as for any fresh start).
 """
 
 from __future__ import annotations
@@ -118,9 +120,12 @@ def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None
         candidates = wsd_branch(candidates, cfg)
     # a save killed before orbax's rename leaves only its temporary directory: nothing to restore,
     # but a sign that this run_dir holds a run, which a start from step 0 would overwrite
-    tried = [(int(p.name.split(".")[0]), f"an unfinished save, {p.name}") for p in unfinished_saves(where)]
-    if not candidates and not tried:
+    unfinished = unfinished_saves(where)
+    if not candidates:  # nothing was ever saved whole: a start from step 0 loses nothing
+        _move_aside(run_dir, unfinished, "is an unfinished save (killed while it was written), with nothing to "
+                                         "restore; training starts at step 0")
         return None
+    tried = [(int(p.name.split(".")[0]), f"an unfinished save, {p.name}") for p in unfinished]
     for step, path in candidates:
         # process 0 reads every byte once; the others take its word
         reason = verify(path) if jax.process_index() == 0 else None
@@ -209,14 +214,20 @@ def wsd_branch(candidates: list[tuple[int, Path]], cfg: Config) -> list[tuple[in
 
 
 def _set_aside(run_dir: Path, restored: int) -> None:
-    """Moves this run's steps newer than the restored one out of orbax's directory (process 0)."""
-    paths = [p for s, p in step_dirs(run_dir / CHECKPOINTS) if s > restored]
+    """Moves this run's steps newer than the restored one out of orbax's directory."""
+    newer = [p for s, p in step_dirs(run_dir / CHECKPOINTS) if s > restored]
+    _move_aside(run_dir, newer, f"is newer than the resumed step {restored}",
+                say=lambda p: verify(p, checksums=False) is None)  # the invalid ones were named already
+
+
+def _move_aside(run_dir: Path, paths: list[Path], why: str, say=lambda p: True) -> None:
+    """Moves `paths` into run_dir/SET_ASIDE (process 0; nothing is deleted), each named in a warning."""
     if paths and jax.process_index() == 0:
         dest = run_dir / SET_ASIDE
         dest.mkdir(parents=True, exist_ok=True)
         for p in paths:
-            if verify(p, checksums=False) is None:
-                warn(f"checkpoint step {p.name} is newer than the resumed step {restored}; moved to {dest}")
+            if say(p):
+                warn(f"checkpoint step {p.name} {why}; moved to {dest}")
             target, n = dest / p.name, 1
             while target.exists():
                 target, n = dest / f"{p.name}.{n}", n + 1
