@@ -113,7 +113,9 @@ def inference_mesh(mesh_cfg: MeshConfig) -> Mesh:
         return make_mesh(MeshConfig())
 
 
-def load_run(run_dir: str, step: int | None = None, mesh: Mesh | None = None) -> Run:
+def load_run(run_dir: str, step: int | None = None, mesh: Mesh | None = None, merge: bool = True) -> Run:
+    """The run at `step`; a LoRA run with its adapters merged into the weights unless `merge` is
+    False (then the parameters and config are the training ones, as the train and eval steps take)."""
     path = ckpt.find_step(run_dir, step)
     meta = ckpt.read_meta(path)
     cfg = from_dict(Config, meta["config"], prefix="")
@@ -128,7 +130,7 @@ def load_run(run_dir: str, step: int | None = None, mesh: Mesh | None = None) ->
         state = ckptr.restore((path / "state").absolute(), args=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
     ckpt.check_restored(path, state)
-    cfg, params = merged_lora(cfg, state["params"], shardings)
+    cfg, params = merged_lora(cfg, state["params"], shardings) if merge else (cfg, state["params"])
     return Run(cfg, params, tokenizer, int(meta["step"]), path, mesh)
 
 

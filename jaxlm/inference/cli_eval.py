@@ -1,6 +1,9 @@
 """`jaxlm eval RUN_DIR --data PATH`: loss, perplexity and bits per byte of a checkpoint, as JSON.
 
-PATH is a text file, a directory or glob of text files, or a corpus made by `jaxlm prepare`.
+PATH is a text file, a directory or glob of text files, or a corpus made by `jaxlm prepare`; for
+an sft or dpo run, chat or preference records (JSONL or Parquet), scored as training scores them:
+rendered by the run's chat template, the loss over assistant tokens only (sft), or the DPO loss per
+pair against the run's reference (dpo), with the run's val_fraction deciding the splits.
 --split val scores what training held out: a prepared corpus's validation split, or the part of
 the text the run's data.val_fraction sets aside (split as training split it); train the rest; all
 everything. The default is val when PATH is a prepared corpus or the run's own data (the same
@@ -22,6 +25,7 @@ import os
 import numpy as np
 
 from jaxlm import checkpoint as ckpt
+from jaxlm.data.records import RECORD_OBJECTIVES
 from jaxlm.errors import UserError
 
 SPLITS = ("val", "train", "all")
@@ -52,6 +56,37 @@ def token_streams(path: str, split: str, cfg, tokenizer) -> tuple[list, str]:
     if split == "val":
         return [val], f"the part of {path} held out for validation by the run's data.val_fraction={f}"
     return [train], f"the part of {path} trained on (all but the run's data.val_fraction={f})"
+
+
+def text_rows(data: str, split: str, cfg, tokenizer) -> tuple[list[dict], str]:
+    """(rows of the text to score, a sentence saying which text it is)."""
+    streams, scored = token_streams(data, split, cfg, tokenizer)
+    if sum(len(s) for s in streams) < 2:
+        raise UserError(f"--data {data} --split {split} has {sum(len(s) for s in streams)} tokens ({scored}); at "
+                        "least 2 are needed to score one" + ("; --split all scores the whole text" if split != "all"
+                                                              else ""))
+    return [row for s in streams if len(s) >= 2 for row in rows(s, cfg.data.seq_len, cfg.data.packing)], scored
+
+
+def record_rows(data: str, split: str, cfg, tokenizer) -> tuple[list[dict], str]:
+    """An sft or dpo run's records (chat or preference), split and rendered as training rendered
+    them (the run's chat template, assistant-only masks, data.seq_len): the rows and which they are."""
+    from jaxlm.data import records as R
+    from jaxlm.data.chat import chat_format
+
+    every = R.read_records(data)
+    train, val = R.split_records(every, cfg.data.val_fraction)
+    chosen = {"val": val, "train": train, "all": every}[split]
+    f = cfg.data.val_fraction
+    scored = {"val": f"the records of {data} held out for validation by the run's data.val_fraction={f}",
+              "train": f"the records of {data} trained on (all but the run's data.val_fraction={f})",
+              "all": f"all records of {data}"}[split]
+    if not chosen:
+        raise UserError(f"--data {data} --split {split} has no records ({scored})"
+                        + ("; --split all scores every record" if split != "all" else ""))
+    with_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
+    out = R.record_rows(with_data, chat_format(tokenizer, cfg.data.chat_template), chosen, f"--data {data}")
+    return [out[i] for i in range(len(out))], scored
 
 
 def rows(stream, seq_len: int, packing: bool) -> list[dict]:
@@ -112,19 +147,17 @@ def evaluate(run_dir: str, data: str, split: str | None = None, step: int | None
     if split is None:
         split = "val" if is_prepared(data) or is_run_data(data, cfg, meta) else "all"
     mesh = inference_mesh(cfg.mesh)
-    run = load_run(run_dir, step, mesh)
-    trainer = make_trainer(cfg, mesh)
-    streams, scored = token_streams(data, split, cfg, run.tokenizer)
-    if sum(len(s) for s in streams) < 2:
-        raise UserError(f"--data {data} --split {split} has {sum(len(s) for s in streams)} tokens ({scored}); at "
-                        "least 2 are needed to score one" + ("; --split all scores the whole text" if split != "all"
-                                                              else ""))
-    all_rows = [row for s in streams if len(s) >= 2 for row in rows(s, cfg.data.seq_len, cfg.data.packing)]
+    # the training eval step as training ran it: unmerged LoRA adapters, the base and a dpo
+    # reference frozen; a quantized model is the merged one, quantized (the inference path)
+    run = load_run(run_dir, step, mesh, merge=bool(quantize))
+    trainer = make_trainer(run.cfg, mesh)
+    all_rows, scored = (record_rows(data, split, cfg, run.tokenizer) if cfg.train.objective in RECORD_OBJECTIVES
+                        else text_rows(data, split, cfg, run.tokenizer))
     if max_tokens:
         all_rows = all_rows[: max(1, -(-max_tokens // cfg.data.seq_len))]
     dp = data_parallel_size(mesh, trainer.rules)
     per_batch = -(-cfg.train.global_batch // dp) * dp
-    params, eval_step = run.params, trainer.eval_step
+    params, eval_step = trainer.adopt({"params": run.params})["params"], trainer.eval_step
     if quantize:
         params, eval_step = quantized_eval_step(trainer, params, quantize)
     token_bytes = np.array([0 if i in run.tokenizer.special_tokens.values() else
@@ -139,8 +172,10 @@ def evaluate(run_dir: str, data: str, split: str | None = None, step: int | None
         count += float(sums["count"])
         n_bytes += float(np.sum(token_bytes[batch.targets] * batch.loss_mask))
     loss = loss_sum / max(count, 1.0)
-    return {"run": run_dir, "step": run.step, "data": data, "split": split, "scored": scored,
-            **({"quantize": quantize} if quantize else {}),
-            "tokens": int(count), "bytes": int(n_bytes),
+    head = {"run": run_dir, "step": run.step, "objective": cfg.train.objective, "data": data, "split": split,
+            "scored": scored, **({"quantize": quantize} if quantize else {})}
+    if cfg.train.objective == "dpo":  # a loss per preference pair: no tokens, perplexity or bytes to speak of
+        return {**head, "pairs": int(count), "loss": loss}
+    return {**head, "tokens": int(count), "bytes": int(n_bytes),
             "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "bits_per_byte": loss_sum / math.log(2) / n_bytes if n_bytes else None}
