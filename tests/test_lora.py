@@ -128,9 +128,11 @@ def test_full_rank_adapters_with_identity_A_reproduce_full_fine_tunings_first_up
     assert checked == 6
 
 
-def test_lora_on_an_fsdp_expert_tensor_mesh_equals_one_device():
+@pytest.mark.parametrize("quantize", ["none", "int4-g32"])
+def test_lora_on_an_fsdp_expert_tensor_mesh_equals_one_device(quantize):
     mesh = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]
-    overrides = ["lora.rank=4", "lora.experts=true", *MOE, "train.global_batch=8", "model.n_kv_heads=2"]
+    overrides = ["lora.rank=4", "lora.experts=true", *MOE, "train.global_batch=8", "model.n_kv_heads=2",
+                 f"lora.quantize={quantize}"]
     one = one_device(cfg_of(*overrides, "mesh.data=1"))
     params = jax.device_get(one.init_state()["params"])
     params = jax.tree.map(lambda x: x + 0.01 * np.random.default_rng(x.size).standard_normal(x.shape), params)
@@ -146,6 +148,8 @@ def test_lora_on_an_fsdp_expert_tensor_mesh_equals_one_device():
                  jax.device_get(grads1))
     specs = [s.spec for s in jax.tree.leaves(sharded.state_shardings["params"])]
     assert any(any(e is not None for e in spec) for spec in specs)  # adapters are split like their weights
+    held = [leaf for leaf in flatten(sharded.frozen_params).values() if isinstance(leaf, QuantizedWeight)]
+    assert bool(held) == (quantize != "none")  # QLoRA: the base sharded, held in 4 bits
 
 
 @pytest.mark.parametrize("scheme, rel", [("int8", 1e-3), ("int4-g32", 2e-2)])
