@@ -206,6 +206,24 @@ def test_one_shot_magnitude_run_retrains_with_its_pruned_weights_held_at_zero(tr
     assert "pruned magnitude: sparsity 0.6000" in ls.stdout, ls.stdout + ls.stderr
 
 
+def test_init_from_a_pruned_run_pruning_alike_keeps_its_masks_and_otherwise_warns(trained_run, tmp_path,
+                                                                                   shakespeare_path, capfd):
+    """Fine-tuning a pruned run (train.init_from) with the same prune settings recomputes its masks
+    from its zeros at step 0 (the same masks); without them its zeros train again, which is said."""
+    args = ["prune.method=magnitude", "prune.scope=global", "prune.sparsity=0.6"]
+    cfg, _ = prune_run(str(trained_run), tmp_path / "pruned", [*args, "train.steps=2"])
+    train(cfg)
+    masks = flatten(saved_state(ckpt.find_step(tmp_path / "pruned", 2))["masks"])
+    capfd.readouterr()
+    alike = tmp_path / "alike"
+    train(config(alike, shakespeare_path, *args, f"train.init_from={tmp_path / 'pruned'}", "train.steps=1"))
+    assert "was pruned" not in capfd.readouterr().err
+    for path, keep in flatten(saved_state(ckpt.find_step(alike, 1))["masks"]).items():
+        np.testing.assert_array_equal(keep, masks[path])
+    train(config(tmp_path / "dense", shakespeare_path, f"train.init_from={tmp_path / 'pruned'}", "train.steps=1"))
+    assert "was pruned (prune.method=magnitude) but this config prunes nothing" in capfd.readouterr().err
+
+
 def test_rewound_survivors_take_their_values_at_the_early_step(trained_run, tmp_path):
     args = ["prune.method=magnitude", "prune.sparsity=0.8"]
     prune_run(str(trained_run), tmp_path / "late", args)

@@ -19,7 +19,7 @@ from jaxlm import checkpoint as ckpt
 from jaxlm.checkpoint import runs
 from jaxlm.checkpoint.resume import UNLOCKED
 from jaxlm.config import Config, LoraConfig, to_dict
-from jaxlm.errors import UserError
+from jaxlm.errors import UserError, warn
 from jaxlm.model import lora
 from jaxlm.model.build import build_model
 from jaxlm.parallel.sharding import param_shardings
@@ -60,6 +60,9 @@ def run_params(cfg: Config, run_dir: str, step, trainer, base_shardings) -> dict
     if saved.get("hash") and mine.get("hash") and saved["hash"] != mine["hash"]:
         raise UserError(f"{where} was trained with tokenizer {saved.get('spec')!r} but data.tokenizer="
                         f"{cfg.data.tokenizer!r}; they must be the same")
+    if src.prune.masked and not cfg.prune.masked:
+        warn(f"{where} was pruned (prune.method={src.prune.method}) but this config prunes nothing: its pruned "
+             "weights start at zero and train again; set prune as in that run to keep them zero")
     abstract = nnx.state(nnx.eval_shape(lambda: build_model(src, 0)))
     shardings = param_shardings(abstract, trainer.mesh, trainer.rules)
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
