@@ -169,8 +169,11 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head_DV = weight(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model, pdt)
 
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, rng=None):
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, rng=None, logits_at_BK=None):
         """Returns (logits [B, T, V], aux metrics {name: [n_units]} from MoE layers).
+
+        `logits_at_BK`: column indices per row; the logits are then [B, K, V] at those columns only
+        (the vocabulary projection is a large share of a small model's work: GRPO needs completions').
 
         `rng`: a key for training-time noise (dropout, MoE router), None for deterministic evaluation.
         Keys are folded from it per segment, layer and site, so a step's masks depend only on
@@ -183,6 +186,8 @@ class Transformer(nnx.Module):
         x_BTD = self.embed(tokens_BT)
         x_BTD = dropout(x_BTD, self.cfg.dropout, None if rng is None else jax.random.fold_in(rng, 1000))
         x_BTD, aux, _ = self._layers(x_BTD, positions_BT, mask, rng, None)
+        if logits_at_BK is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_BK[..., None], axis=1)
         return self._logits(x_BTD), aux
 
     def decode(self, tokens_BT, positions_BT, caches: list) -> tuple[jax.Array, list]:
