@@ -7,9 +7,11 @@ A step is one rollout batch (prompts x group completions, sampled at temperature
 tokens) scored by the exact-answer reward, and one optimizer step (mu = 1, beta = 0.04, AdamW). The
 first steps (compilation, warm-up) are left out of both medians. Goal (issue #28): jaxlm >= 3x.
 
-Measured once (configs/bench.yaml's model, 4 x 8, 8 new tokens, 6 steps, 2 shared cores at load
-average ~9): jaxlm 3.37 s, TRL 7.93 s per step (medians) -> 2.35x. Inconclusive: TRL's three timed
-steps were 22.1, 7.9 and 4.1 s, and an earlier run's 16.1, 16.0 and 16.2 s; rerun on a quiet machine.
+Measured (configs/bench.yaml's model, 4 x 8, 8 new tokens, 8 steps, 2 shared cores at load average
+~7.7): jaxlm 2.47 s, TRL 19.4 s per step (medians) -> 7.9x; TRL's timed steps were 23.1, 19.4, 28.5,
+16.7 and 14.3 s. TRL swings with the load: an earlier, quieter run gave TRL 1.35-1.43 s against
+jaxlm's 2.03 s before the rows were trimmed, the vocabulary projected only over completions, the
+mu = 1 old log-prob pass dropped and the decoder's cache written in place (README, GRPO).
 """
 
 from __future__ import annotations
