@@ -2,7 +2,7 @@
 the task's format and some of its answers by SFT, then GRPO (`jaxlm rl`, rewarded by the exact
 answer) raises its held-out accuracy.
 
-    python bench/grpo_demo.py [--work DIR] [--stages sft,grpo,scaling] [--sft-steps N] [--grpo-steps N]
+    python bench/grpo_demo.py [--work DIR] [--stages sft,grpo,scaling] [--sft-steps N] [--grpo-steps N (1200)]
 
 `scaling` (test-time scaling, run after the other two): held-out accuracy of the majority answer of
 k sampled replies, k = 1, 4, 16, for the SFT and the GRPO model.
@@ -12,11 +12,12 @@ the generation prompt, greedy decoding to end-of-text, the reply compared with t
 string. Prints the accuracy before and after, the reward curve (every 10 steps), wall times and the
 load average (the machine is shared). Each stage reuses the run directory of the one before.
 
-Measured (2 shared CPU cores, load average ~10): SFT 300 steps, held-out greedy accuracy 0.180;
-GRPO 300 steps (lr 5e-4, 16 prompts x 8, beta 0) in 333 s, 0.225. With lr 2e-4 and 200 steps,
-0.220; with mu=2 (400 steps, clip fraction ~0.02-0.06), 0.145; with lr 1e-3 (8 prompts x 16) the
-policy collapses (0.045). The issue's goal (+20 points,
-1.5x) is not reached by this small model and budget.
+Measured (2 shared CPU cores, load average ~7): SFT 300 steps (48 s), held-out greedy accuracy
+0.180; GRPO 1200 steps (lr 5e-4, 16 prompts x 8, beta 0) in 213 s, 0.510 (+33 points, 2.8x). The
+rollout batch's mean reward, averaged per 100 steps: 0.18, 0.17, 0.26, 0.21, 0.24, 0.28, 0.27, 0.36,
+0.42, 0.44, 0.41, 0.47. After 300 steps it was 0.215 (earlier: 0.225 in 333 s, before GRPO's steps
+got ~5x faster); the reward only starts to climb after ~700 steps. Earlier trials at 300 steps:
+lr 2e-4 gave 0.220; mu=2, 0.145; lr 1e-3 (8 prompts x 16) collapsed the policy (0.045).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def main() -> None:
     ap.add_argument("--work", default="runs/grpo_demo")
     ap.add_argument("--stages", default="sft,grpo")
     ap.add_argument("--sft-steps", type=int, default=300)
-    ap.add_argument("--grpo-steps", type=int, default=300)
+    ap.add_argument("--grpo-steps", type=int, default=1200)
     ap.add_argument("--lr", type=float, default=5e-4, help="GRPO's learning rate")
     ap.add_argument("--mu", type=int, default=1, help="optimizer steps per rollout batch")
     args = ap.parse_args()

@@ -7,9 +7,12 @@ A step is one rollout batch (prompts x group completions, sampled at temperature
 tokens) scored by the exact-answer reward, and one optimizer step (mu = 1, beta = 0.04, AdamW). The
 first steps (compilation, warm-up) are left out of both medians. Goal (issue #28): jaxlm >= 3x.
 
-Measured once (configs/bench.yaml's model, 4 x 8, 8 new tokens, 6 steps, 2 shared cores at load
-average ~9): jaxlm 3.37 s, TRL 7.93 s per step (medians) -> 2.35x. Inconclusive: TRL's three timed
-steps were 22.1, 7.9 and 4.1 s, and an earlier run's 16.1, 16.0 and 16.2 s; rerun on a quiet machine.
+Measured (configs/bench.yaml's model, 4 x 8, 8 new tokens, 8 steps, 2 shared cores at load average
+~7.7): jaxlm 2.47 s, TRL 19.4 s per step (medians) -> 7.9x; TRL's timed steps were 23.1, 19.4, 28.5,
+16.7 and 14.3 s. Again at load ~6.9: jaxlm 1.92 s (rollout 0.37 s, update 1.55 s), TRL 14.6 s -> 7.6x.
+TRL swings with the load: an earlier, quieter run gave TRL 1.35-1.43 s against
+jaxlm's 2.03 s before the rows were trimmed, the vocabulary projected only over completions, the
+mu = 1 old log-prob pass dropped and the decoder's cache written in place (README, GRPO).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 SKIP = 3  # steps left out of each median
 
 
-def jaxlm_times(config: str, hf: Path, data: Path, work: Path, a) -> list[float]:
+def jaxlm_times(config: str, hf: Path, data: Path, work: Path, a) -> list[dict]:
     import jax
 
     from jaxlm.config import load_config
@@ -43,7 +46,7 @@ def jaxlm_times(config: str, hf: Path, data: Path, work: Path, a) -> list[float]
                                "train.log_every=1", "checkpoint.every=0", "optim.lr=1e-5", "optim.min_lr=1e-5", "optim.warmup_steps=0",
                                "optim.schedule=constant", "train.progress=false", f"train.run_dir={work / 'rl'}"])
     history = train_grpo(cfg, mesh=make_mesh(cfg.mesh, devices=jax.devices()[:1]))
-    return [h.get("step_time", float("nan")) for h in history]
+    return history
 
 
 def trl_times(hf: Path, records: list[dict], a) -> list[float]:
@@ -92,13 +95,17 @@ def main() -> int:
         data = write_jsonl(records, work / "prompts.jsonl")
         trl = trl_times(hf, records, a)[SKIP:]
         print(f"TRL GRPOTrainer steps: {[round(t, 3) for t in trl]} s", flush=True)
-        jax_t = jaxlm_times(a.config, hf, data, work, a)[SKIP:]
+        history = jaxlm_times(a.config, hf, data, work, a)[SKIP:]
     med = statistics.median
+    jax_t = [h["step_time"] for h in history]
+    split = {k: med(h[k] for h in history) for k in ("rollout_time", "update_time")}
     result = {"prompts": a.prompts, "group": a.group, "max_new_tokens": a.new, "steps": a.steps,
-              "jaxlm_step_s": med(jax_t), "trl_step_s": med(trl), "speedup": med(trl) / med(jax_t)}
+              "jaxlm_step_s": med(jax_t), "trl_step_s": med(trl), "speedup": med(trl) / med(jax_t),
+              "jaxlm_rollout_s": split["rollout_time"], "jaxlm_update_s": split["update_time"]}
     print(f"GRPO step (median of steps {SKIP + 1}..{a.steps}, {a.prompts} prompts x {a.group} completions of <= "
           f"{a.new} tokens): jaxlm {result['jaxlm_step_s'] * 1e3:.0f} ms, TRL GRPOTrainer "
-          f"{result['trl_step_s'] * 1e3:.0f} ms -> jaxlm {result['speedup']:.2f}x faster (goal >= 3x)")
+          f"{result['trl_step_s'] * 1e3:.0f} ms -> jaxlm {result['speedup']:.2f}x faster (goal >= 3x); jaxlm's rollout "
+          f"{split['rollout_time'] * 1e3:.0f} ms, update {split['update_time'] * 1e3:.0f} ms")
     print(machine_line())
     print(json.dumps(result))
     return 0

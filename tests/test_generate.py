@@ -82,6 +82,17 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position_in_a_ra
 PROMPTS = [[5, 9, 2, 33, 7, 1, 1, 40], [3], [11, 12, 13, 14]]
 
 
+@pytest.mark.parametrize("variant,data,tensor", [("gqa", 1, 1), ("moe", 2, 2)])
+def test_a_repeated_prompt_is_prefilled_once_and_each_of_its_rows_continues_as_it_alone_would(variant, data, tensor):
+    """GRPO's groups: rows sharing a prompt get copies of one prefill (Decoder.prefill); greedy,
+    every row gives exactly what its prompt gives alone, also with the batch over a 2 x 2 mesh."""
+    _, _, dec = make(variant, data=data, tensor=tensor)
+    rows = [PROMPTS[i] for i in (0, 1, 0, 2, 1, 0)]
+    greedy = Sampling(temperature=0.0)
+    alone = [generate(dec, [p], 12, greedy)[0] for p in PROMPTS]
+    assert generate(dec, rows, 12, greedy) == [alone[i] for i in (0, 1, 0, 2, 1, 0)]
+
+
 @pytest.mark.parametrize("draft_seed", [0, 1])
 def test_greedy_speculative_decoding_gives_exactly_the_targets_greedy_output(draft_seed):
     """A ragged batch; draft = the target itself (every proposal accepted) or another model."""

@@ -158,7 +158,7 @@ def test_the_batch_must_be_prompts_times_group_size():
 
 
 def test_a_2x2_mesh_gives_the_one_device_loss_and_gradients_on_the_same_rollouts():
-    overrides = ["grpo.beta=0.1", "grpo.group_size=4", "train.global_batch=8"]
+    overrides = ["grpo.beta=0.1", "grpo.group_size=4", "train.global_batch=8", "grpo.mu=2"]  # mu > 1: old log-probs read
     rewards = np.array([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 2.0, 0.0]])
     one = trainer_of(*overrides)
     params = one.init_state()["params"]

@@ -19,11 +19,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.config import Config
 from jaxlm.inference.budget import Budget, StepControls, mask_stop
-from jaxlm.inference.cache import bucket, init_caches
+from jaxlm.inference.cache import CACHE_AXES, bucket, init_caches
 from jaxlm.inference.sampling import Sampling, sample
 from jaxlm.model import kernels
 from jaxlm.model.transformer import Transformer
-from jaxlm.parallel.sharding import resolve_rules, spec_for, use_mesh_rules
+from jaxlm.parallel.sharding import constrain, resolve_rules, spec_for, use_mesh_rules
 
 DECODE_ATTENTION = ("xla", "cpu")  # kernels that take a cache's mask (T queries over S slots)
 
@@ -83,6 +83,7 @@ class Decoder:
         self.params = place_params(params, abstract, mesh, self.rules)
         self.prefill_fn = jax.jit(lambda p, t, pos, c: self.forward(p, t, pos, c)[1], donate_argnums=3)
         self.step_fn = jax.jit(self.step, static_argnames="sampling", donate_argnums=1)
+        self.expand_fn = jax.jit(self.expand)
 
     @property
     def max_seq_len(self) -> int:
@@ -103,18 +104,32 @@ class Decoder:
         sampled_B = sample(logits_BV, jax.random.fold_in(key, i), sampling)
         return jnp.where(controls.force_B >= 0, controls.force_B, sampled_B), caches
 
+    def expand(self, caches, rows_B) -> list:
+        """Caches of B rows, row b a copy of row rows_B[b] of `caches`."""
+        with use_mesh_rules(self.mesh, self.rules):
+            return jax.tree.map(lambda c: constrain(jnp.take(c, rows_B, axis=1), CACHE_AXES), caches)
+
     def prefill(self, caches, prompts: list[list[int]]):
         """Writes every prompt but its last token (right-padded; padding lands in slots that are
-        overwritten before any query can see them). Returns (caches, pending tokens, positions)."""
+        overwritten before any query can see them), each distinct prompt once (GRPO samples a group
+        from one prompt): repeated rows are copied. Returns (caches, pending tokens, positions)."""
         lengths = np.array([len(p) for p in prompts])
         n = int(lengths.max()) - 1
         if n > 0:
-            T = min(bucket(n, 16), caches[0][0].k_BSKd.shape[2])
-            tokens = np.zeros((len(prompts), T), np.int32)
-            for row, p in enumerate(prompts):
+            first = {}
+            rows_B = np.array([first.setdefault(tuple(p), len(first)) for p in prompts], np.int32)
+            distinct = [list(p) for p in first]
+            S = caches[0][0].k_BSKd.shape[2]
+            T = min(bucket(n, 16), S)
+            tokens = np.zeros((len(distinct), T), np.int32)
+            for row, p in enumerate(distinct):
                 tokens[row, : len(p) - 1] = p[:-1]
             positions = np.broadcast_to(np.arange(T, dtype=np.int32), tokens.shape)
-            caches = self.prefill_fn(self.params, tokens, positions, caches)
+            if len(distinct) < len(prompts):
+                small = self.prefill_fn(self.params, tokens, positions, self.new_caches(len(distinct), S))
+                caches = self.expand_fn(small, rows_B)
+            else:
+                caches = self.prefill_fn(self.params, tokens, positions, caches)
         pending = np.array([p[-1] for p in prompts], np.int32)
         return caches, jnp.asarray(pending), jnp.asarray(lengths - 1, jnp.int32)
 

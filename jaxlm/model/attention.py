@@ -26,16 +26,28 @@ from jaxlm.parallel.sharding import constrain
 @dataclass(frozen=True)
 class KVCache:
     """Decode mode: one layer's keys and values for S positions per row, preallocated; slot s
-    holds position s, so rows at different lengths share one cache (jaxlm/inference/cache.py)."""
+    holds position s, so rows at different lengths share one cache (jaxlm/inference/cache.py).
+
+    With `layer` set, k and v are a whole segment's caches stacked [n, B, S, K, d] and this is
+    layer `layer` of them: a step then writes its slots in place in the stacked arrays, where
+    slicing a layer out and stacking it back (scan's xs and ys) would copy every cache per step."""
 
     k_BSKd: jax.Array
     v_BSKd: jax.Array
+    layer: jax.Array | int | None = None
 
     def write(self, k_BTKd, v_BTKd, positions_BT) -> "KVCache":
         rows_B1 = jnp.arange(k_BTKd.shape[0])[:, None]
+        at = (rows_B1, positions_BT) if self.layer is None else (self.layer, rows_B1, positions_BT)
         axes = ("batch", "length", "kv_heads", "head_dim")
-        put = lambda cache, new: constrain(cache.at[rows_B1, positions_BT].set(new.astype(cache.dtype)), axes)
-        return KVCache(put(self.k_BSKd, k_BTKd), put(self.v_BSKd, v_BTKd))
+        put = lambda cache, new: constrain(cache.at[at].set(new.astype(cache.dtype)), axes)
+        return KVCache(put(self.k_BSKd, k_BTKd), put(self.v_BSKd, v_BTKd), self.layer)
+
+    def keys_values(self) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys and values [B, S, K, d]."""
+        if self.layer is None:
+            return self.k_BSKd, self.v_BSKd
+        return self.k_BSKd[self.layer], self.v_BSKd[self.layer]
 
 
 class Attention(nnx.Module):
@@ -102,4 +114,4 @@ class Attention(nnx.Module):
         q_BTKGd, k_BTKd, v_BTKd = self.qkv(x_BTD, positions_BT)
         cache = cache.write(k_BTKd, v_BTKd, positions_BT)
         impl = self.cfg.attention_impl if self.cfg.attention_impl in ("xla", "cpu") else "xla"
-        return self.out(attention(q_BTKGd, cache.k_BSKd, cache.v_BSKd, mask, impl)), cache
+        return self.out(attention(q_BTKGd, *cache.keys_values(), mask, impl)), cache

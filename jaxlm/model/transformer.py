@@ -136,6 +136,9 @@ class Segment(nnx.Module):
         """(x, aux {name: [repeats]}, caches). Decode mode: `caches` holds one KVCache per block
         of the unit, stacked [repeats, ...] like the parameters, and is scanned with them."""
         graphdef, stacked = nnx.split(self.units)
+        if caches is not None:
+            x_BTD, caches = self._decode(graphdef, stacked, x_BTD, positions_BT, mask, caches)
+            return x_BTD, {}, caches
         keys = None if rng is None else jax.random.split(rng, self.repeats)
 
         def body(x, xs):
@@ -146,15 +149,32 @@ class Segment(nnx.Module):
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
         if self.scan:
-            x_BTD, (aux, caches) = jax.lax.scan(body, x_BTD, (stacked, keys, caches))
-            return x_BTD, aux, caches
+            x_BTD, (aux, _) = jax.lax.scan(body, x_BTD, (stacked, keys, None))
+            return x_BTD, aux, None
         per_layer = []
         for i in range(self.repeats):
-            x_BTD, out = body(x_BTD, jax.tree.map(lambda a: a[i], (stacked, keys, caches)))
+            x_BTD, out = body(x_BTD, jax.tree.map(lambda a: a[i], (stacked, keys, None)))
             per_layer.append(out)
         stack = lambda *xs: jnp.stack(xs)
         aux = jax.tree.map(stack, *[a for a, _ in per_layer]) if per_layer[0][0] else {}
-        return x_BTD, aux, None if caches is None else jax.tree.map(stack, *[c for _, c in per_layer])
+        return x_BTD, aux, None
+
+    def _decode(self, graphdef, stacked, x_BTD, positions_BT, mask, caches: list):
+        """Decode mode (deterministic, no aux): the stacked caches ride along whole, each unit
+        writing its layer's slots in place (KVCache.layer), scanned or unrolled like training."""
+        def body(carry, xs):
+            x, cs = carry
+            unit_state, i = xs
+            layer_caches = [KVCache(c.k_BSKd, c.v_BSKd, i) for c in cs]
+            x, _, layer_caches = nnx.merge(graphdef, unit_state)(x, positions_BT, mask, None, layer_caches)
+            return (x, [KVCache(c.k_BSKd, c.v_BSKd) for c in layer_caches]), None
+
+        carry = (x_BTD, caches)
+        if self.scan:
+            return jax.lax.scan(body, carry, (stacked, jnp.arange(self.repeats)))[0]
+        for i in range(self.repeats):
+            carry, _ = body(carry, (jax.tree.map(lambda a: a[i], stacked), i))
+        return carry
 
 
 class Transformer(nnx.Module):
@@ -169,8 +189,11 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head_DV = weight(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model, pdt)
 
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, rng=None):
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, rng=None, logits_at_BK=None):
         """Returns (logits [B, T, V], aux metrics {name: [n_units]} from MoE layers).
+
+        `logits_at_BK`: column indices per row; the logits are then [B, K, V] at those columns only
+        (the vocabulary projection is a large share of a small model's work: GRPO needs completions').
 
         `rng`: a key for training-time noise (dropout, MoE router), None for deterministic evaluation.
         Keys are folded from it per segment, layer and site, so a step's masks depend only on
@@ -183,6 +206,8 @@ class Transformer(nnx.Module):
         x_BTD = self.embed(tokens_BT)
         x_BTD = dropout(x_BTD, self.cfg.dropout, None if rng is None else jax.random.fold_in(rng, 1000))
         x_BTD, aux, _ = self._layers(x_BTD, positions_BT, mask, rng, None)
+        if logits_at_BK is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_BK[..., None], axis=1)
         return self._logits(x_BTD), aux
 
     def decode(self, tokens_BT, positions_BT, caches: list) -> tuple[jax.Array, list]:

@@ -2,10 +2,11 @@
 
 A batch row is one rollout: a prompt and one of its O sampled completions, right-padded; the loss
 mask covers the completion's tokens (its end-of-text too, so stopping is learned). `jaxlm/rl/`
-samples the rows and fills the per-token fields [B, T]: the advantage (its completion's, on every
-token: rows share the batch's [B, T] sharding), and the log-probabilities of the
-old policy (the one that sampled, computed once per rollout batch) and of the reference. Per
-completion token, with ratio = pi / pi_old,
+samples the rows and fills the per-row fields: the advantage [B, T] (its completion's, on every
+token: rows share the batch's [B, T] sharding), and, once per rollout batch, the log-probabilities
+[B, K] of the old policy (the one that sampled; only for mu > 1) and of the reference (only for
+beta > 0) over the completion window: the K = max_new_tokens columns from a row's first completion
+target, the only ones projected onto the vocabulary. Per completion token, with ratio = pi / pi_old,
 
     loss = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + beta * k3,
     k3   = ref / pi - log(ref / pi) - 1   (Schulman's unbiased, non-negative KL estimator)
@@ -22,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data.batch import Batch
-from jaxlm.objectives.base import forward
 from jaxlm.objectives.reference import WithReference
 
 ADVANTAGE_EPS = 1e-4
@@ -39,11 +39,23 @@ def group_advantages(rewards_JO, normalise: str = "std") -> np.ndarray:
     return (centred / (r.std(axis=1, ddof=1, keepdims=True) + ADVANTAGE_EPS)).astype(np.float32)
 
 
-def token_logps(model, batch: Batch, temperature: float, key=None) -> tuple[jax.Array, dict]:
-    """log pi(target | inputs) per position [B, T] at `temperature`, and the model's aux metrics."""
-    logits, aux = forward(model, batch, key)
+def completion_window(batch: Batch, K: int) -> tuple[jax.Array, jax.Array]:
+    """The K columns from each row's first completion target on (a completion has at most K
+    tokens): indices [B, K] and whether each counts (its loss mask; 0 past the row's end)."""
+    T = batch.loss_mask.shape[1]
+    cols_BK = jnp.argmax(batch.loss_mask > 0, axis=1)[:, None] + jnp.arange(K)[None]
+    inside_BK = cols_BK < T
+    cols_BK = jnp.minimum(cols_BK, T - 1)
+    return cols_BK, jnp.take_along_axis(batch.loss_mask, cols_BK, axis=1) * inside_BK
+
+
+def token_logps(model, batch: Batch, cols_BK, temperature: float, key=None) -> tuple[jax.Array, dict]:
+    """log pi(target | inputs) [B, K] at the columns `cols_BK`, at `temperature`, and the model's aux
+    metrics. Only those columns are projected onto the vocabulary."""
+    logits, aux = model(batch.inputs, batch.positions, batch.segment_ids, rng=key, logits_at_BK=cols_BK)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    return jnp.take_along_axis(logp, batch.targets[..., None], axis=-1)[..., 0], aux
+    targets_BK = jnp.take_along_axis(batch.targets, cols_BK, axis=1)
+    return jnp.take_along_axis(logp, targets_BK[..., None], axis=-1)[..., 0], aux
 
 
 def grpo_terms(logp_BT, old_BT, ref_BT, adv_BT, clip_low: float, clip_high: float, beta: float) -> dict:
@@ -59,9 +71,19 @@ def grpo_terms(logp_BT, old_BT, ref_BT, adv_BT, clip_low: float, clip_high: floa
 
 
 class GRPO(WithReference):
+    """With mu = 1 the policy being updated is the one that sampled: old log-probs are the policy's
+    own, gradient stopped (ratio 1, as TRL), so no forward pass computes them ahead; with beta = 0
+    no reference is read. Rows hold only the fields that are computed."""
+
+    def rollout_fields(self) -> tuple[str, ...]:
+        """The per-token log-probs computed once per rollout batch (`rollout_logps`)."""
+        g = self.cfg.grpo
+        return ("old_logp",) * (g.mu > 1) + ("ref_logp",) * (g.beta > 0)
+
     def extra_fields(self):
-        row = (self.cfg.data.seq_len,)
-        return {"old_logp": (row, jnp.float32), "ref_logp": (row, jnp.float32), "advantage": (row, jnp.float32)}
+        window = (self.cfg.grpo.max_new_tokens,)
+        return {**{k: (window, jnp.float32) for k in self.rollout_fields()},
+                "advantage": ((self.cfg.data.seq_len,), jnp.float32)}
 
     @property
     def keeps_copy(self) -> bool:
@@ -69,17 +91,24 @@ class GRPO(WithReference):
 
     def rollout_logps(self, model, batch: Batch, frozen) -> dict:
         """What the sampling policy and the reference give the rollouts, once per rollout batch:
-        {"old_logp", "ref_logp"} [B, T] (ref_logp = old_logp when beta = 0: no reference is read)."""
-        t = self.cfg.grpo.temperature
-        old, _ = token_logps(model, batch, t)
-        ref = token_logps(self.reference(model, frozen), batch, t)[0] if self.cfg.grpo.beta > 0 else old
-        return {"old_logp": jax.lax.stop_gradient(old), "ref_logp": ref}
+        {"old_logp", "ref_logp"} [B, K] (the completion window), each where `rollout_fields` has it."""
+        g, fields, out = self.cfg.grpo, self.rollout_fields(), {}
+        cols_BK, _ = completion_window(batch, g.max_new_tokens)
+        if "old_logp" in fields:
+            out["old_logp"] = jax.lax.stop_gradient(token_logps(model, batch, cols_BK, g.temperature)[0])
+        if "ref_logp" in fields:
+            out["ref_logp"] = token_logps(self.reference(model, frozen), batch, cols_BK, g.temperature)[0]
+        return out
 
     def terms(self, model, batch: Batch, key, frozen) -> tuple[dict, dict]:
         g, e = self.cfg.grpo, batch.extra
-        logp, aux = token_logps(model, batch, g.temperature, key)
-        terms = grpo_terms(logp, e["old_logp"], e["ref_logp"], e["advantage"], g.clip_low, g.clip_high, g.beta)
-        mask = batch.loss_mask.astype(jnp.float32)
+        cols_BK, mask_BK = completion_window(batch, g.max_new_tokens)
+        logp, aux = token_logps(model, batch, cols_BK, g.temperature, key)
+        own = jax.lax.stop_gradient(logp)
+        old, ref = e.get("old_logp", own), e.get("ref_logp", own)  # absent: mu = 1, beta = 0 (KL 0)
+        advantage = jnp.take_along_axis(e["advantage"], cols_BK, axis=1)
+        terms = grpo_terms(logp, old, ref, advantage, g.clip_low, g.clip_high, g.beta)
+        mask = mask_BK.astype(jnp.float32)
         return {k: jnp.sum(v * mask) for k, v in terms.items()}, aux
 
     def loss(self, model, batch, key, frozen):

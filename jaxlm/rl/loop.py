@@ -81,7 +81,8 @@ class GRPORun(TrainingRun):
         self.decoder.params = self._policy_params()
         r: Rollouts = roll_out(self.decoder, self.prompts, self.rewards, self.text_tokenizer, self.cfg, index)
         batch = to_global(Batch.from_arrays(r.rows), self.trainer.batch_sharding)
-        logps = self._jit_logps(self.state["params"], batch, self.trainer.frozen)
+        fields = self.trainer.spec.objective.rollout_fields()
+        logps = self._jit_logps(self.state["params"], batch, self.trainer.frozen) if fields else {}
         batch = Batch(batch.inputs, batch.targets, batch.loss_mask, extra={**batch.extra, **logps})
         self.last_rollout = r
         metrics = {**rollout_metrics(r, self.cfg.grpo.group_size), **{k.replace("/", "_"): float(v.mean())

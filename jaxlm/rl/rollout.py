@@ -46,6 +46,9 @@ class Prompts:
             raise UserError(f"the longest prompt ({longest} tokens) + grpo.max_new_tokens={cfg.grpo.max_new_tokens} "
                             f"exceeds data.seq_len={d.seq_len}; raise data.seq_len or shorten them")
         self.per_batch, self.seed = cfg.grpo.prompts_per_step, d.seed
+        # rows as long as the longest rollout can be, not data.seq_len: the update's compute scales
+        # with it, and one length per run compiles the step once
+        self.row_len = longest + cfg.grpo.max_new_tokens - 1
 
     def indices(self, rollout: int) -> list[int]:
         n = len(self.records)
@@ -107,7 +110,7 @@ def roll_out(dec: Decoder, prompts: Prompts, rewards: Rewards, tokenizer, cfg: C
     records = [prompts.records[i] for i in chosen for _ in range(g.group_size)]
     columns = {k: [r.get(k) for r in records] for k in records[0] if k != "prompt"}
     scores = rewards.score([r["prompt"] for r in records], texts, columns)
-    rows = to_rows(tokens, sampled, g.group_size, cfg.data.seq_len)
+    rows = to_rows(tokens, sampled, g.group_size, prompts.row_len)
     advantage = group_advantages(scores["reward"].reshape(-1, g.group_size), g.advantage).reshape(-1, 1)
     rows["advantage"] = np.broadcast_to(advantage, rows["inputs"].shape).astype(np.float32)
     return Rollouts(rows, texts, scores, np.array([len(c) for c in sampled]))
