@@ -11,6 +11,8 @@
      same weights: a GGUF written from these parameters in F32, Q8_0 and Q4_0 (which holds
      int4-g32's weights bit for bit; Q8_0 has blocks of 32 where jaxlm's int8 has one scale per
      channel). The machine's load is printed with it: llama.cpp's threads collapse under load.
+     With them, the bandwidth limit: a timed read of the f32 weights' bytes (GB/s), divided by
+     each format's bytes (tok/s: a decode step reads every weight once).
 
 Parts 1, 2 and 4 use --target's weights if given, else a random model (of --config's shape if given).
 Timings are medians over --repeats runs after a warm-up (compilation excluded). Usage:
@@ -34,6 +36,7 @@ from flax import nnx
 from jaxlm.config import Config, MeshConfig, ModelConfig
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.inference.decode import Decoder, generate
+from jaxlm.inference.per_layer import join_params
 from jaxlm.inference.sampling import Sampling
 from jaxlm.model.build import build_model
 
@@ -90,7 +93,7 @@ def cache_vs_recompute(cfg, params, mesh, context: int, n: int, repeats: int) ->
     over a [1, context] buffer per token (causal, so the padding after the last token is unseen)."""
     dec = Decoder(cfg, params, mesh)
     prompt = text_tokens(context - n)
-    full = jax.jit(lambda p, tokens: nnx.merge(dec.graphdef, p)(tokens)[0][0])
+    full = jax.jit(lambda p, tokens: nnx.merge(dec.graphdef, join_params(p))(tokens)[0][0])
 
     def no_cache():
         buf = np.zeros((1, context), np.int32)
@@ -156,7 +159,8 @@ def versus_hf(cfg, params, mesh, prompt_len: int, n: int, repeats: int) -> None:
     ids = torch.tensor([prompt])
     with torch.no_grad():  # the same function: logits of the prompt
         want = hf(ids).logits[0].numpy()
-    got = np.asarray(jax.jit(lambda p, x: nnx.merge(dec.graphdef, p)(x)[0])(dec.params, np.asarray([prompt]))[0])
+    got = np.asarray(jax.jit(lambda p, x: nnx.merge(dec.graphdef, join_params(p))(x)[0])(dec.params,
+                                                                                       np.asarray([prompt]))[0])
     max_diff = float(np.abs(got - want).max())
 
     def hf_generate():
@@ -230,6 +234,16 @@ def llama_cpp_decoder(cfg: Config, params: dict, tok, dtype: str, where: Path):
     return greedy, path.stat().st_size
 
 
+def read_bandwidth(params, repeats: int) -> float:
+    """Bytes per second of a timed read of every weight (one jitted sum over all of them; XLA:CPU
+    splits each reduction over the cores): the limit a decode step, which reads each weight once,
+    can approach."""
+    leaves = jax.tree.leaves(params)
+    total = jax.jit(lambda ls: sum(jnp.sum(a.astype(jnp.float32)) for a in ls))
+    r = timed({"read": lambda: total(leaves).block_until_ready()}, repeats)
+    return sum(a.size * a.dtype.itemsize for a in leaves) / r["read"][0]
+
+
 def quantized_decode(cfg, params, tok, mesh, n: int, repeats: int) -> None:
     import os
     import tempfile
@@ -248,15 +262,19 @@ def quantized_decode(cfg, params, tok, mesh, n: int, repeats: int) -> None:
         except ImportError as e:
             print(f"   (llama.cpp peer skipped: {e})")
         load = os.getloadavg()[0]
+        bandwidth = read_bandwidth(params, repeats)
         r = timed(fns, repeats)
     f32_bytes = weight_bytes(params)
     print(f"4. {n} greedy tokens after 64 (prefill included), load {load:.1f} -> {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores\n")
-    print("| weights | jaxlm bytes (vs f32) | jaxlm tok/s | llama.cpp GGUF bytes | llama.cpp tok/s | jaxlm / llama.cpp "
-          "| same greedy tokens |\n|---|---|---|---|---|---|---|")
+          f"on {os.cpu_count()} cores; timed read of the f32 weights: {bandwidth / 1e9:.1f} GB/s, the limit "
+          "(tok/s) = that / the format's bytes\n")
+    print("| weights | jaxlm bytes (vs f32) | limit tok/s | jaxlm tok/s (of limit) | llama.cpp GGUF bytes | llama.cpp tok/s "
+          "| jaxlm / llama.cpp | same greedy tokens |\n|---|---|---|---|---|---|---|---|")
     for name, w in weights.items():
         t, ours = r[name]
-        row = f"| {name} | {weight_bytes(w):,} ({weight_bytes(w) / f32_bytes:.3f}) | {n / t:.1f} |"
+        limit = bandwidth / weight_bytes(w)
+        row = (f"| {name} | {weight_bytes(w):,} ({weight_bytes(w) / f32_bytes:.3f}) | {limit:.1f} | {n / t:.1f} "
+               f"({n / t / limit:.0%}) |")
         if f"llama.cpp {name}" in r:
             t_peer, theirs = r[f"llama.cpp {name}"]
             agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), n)

@@ -58,7 +58,7 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position_in_a_ra
     forward = jax.jit(dec.forward)
     caches = dec.new_caches(B, S)
     if data > 1:
-        assert tuple(caches[0][0].k_BSKd.sharding.spec)[:4] == (None, "data", None, "tensor")
+        assert tuple(caches[0][0][0].k_BSKd.sharding.spec)[:3] == ("data", None, "tensor")
     P = max(prompt_lens)
     tokens = np.zeros((B, P), np.int32)
     for b, (r, p) in enumerate(zip(rows, prompt_lens)):
@@ -74,7 +74,7 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position_in_a_ra
                 got[b].append(np.asarray(logits[b, 0]))
         pos = pos + 1
     if data > 1:
-        assert tuple(caches[0][0].k_BSKd.sharding.spec)[:4] == (None, "data", None, "tensor")
+        assert tuple(caches[0][0][0].k_BSKd.sharding.spec)[:3] == ("data", None, "tensor")
     for b, want in enumerate(full_logits(cfg, params, rows)):
         np.testing.assert_allclose(np.stack(got[b]), want, atol=1e-5, rtol=1e-5)
 
@@ -91,6 +91,24 @@ def test_a_repeated_prompt_is_prefilled_once_and_each_of_its_rows_continues_as_i
     greedy = Sampling(temperature=0.0)
     alone = [generate(dec, [p], 12, greedy)[0] for p in PROMPTS]
     assert generate(dec, rows, 12, greedy) == [alone[i] for i in (0, 1, 0, 2, 1, 0)]
+
+
+def test_a_decode_step_copies_no_layer_of_weights_and_updates_the_cache_in_place():
+    """The decoder holds weights and caches per layer (inference/per_layer.py): the compiled step
+    needs less scratch memory than one layer's weights (a scanned stack copies each layer's out
+    before its matmuls) and its output caches are the donated input's buffers."""
+    from jaxlm.inference.budget import Budget
+
+    cfg, params, dec = make("dense", n_layers=4, d_model=64, d_ff=256)
+    caches = dec.new_caches(1, 32)
+    tok = jnp.zeros((1,), jnp.int32)
+    step = dec.step_fn.lower(dec.params, caches, tok, tok, 0, jax.random.key(0), Budget().controls(0, 1, None),
+                             sampling=Sampling(temperature=0.0)).compile()
+    layer = params["segments"][0]["units"]
+    layer_bytes = sum(a[0].size * a.dtype.itemsize for a in jax.tree.leaves(layer))
+    stats = step.memory_analysis()
+    assert stats.temp_size_in_bytes < layer_bytes / 4, (stats.temp_size_in_bytes, layer_bytes)
+    assert stats.alias_size_in_bytes == sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(caches))
 
 
 @pytest.mark.parametrize("draft_seed", [0, 1])

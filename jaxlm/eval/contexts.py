@@ -21,12 +21,13 @@ import numpy as np
 
 from jaxlm.eval.rows import Row, length_bucket
 from jaxlm.inference.cache import bucket
+from jaxlm.inference.per_layer import cache_length
 
 
 def block_scores(dec, params, caches, owner_B, tokens_BT, targets_BT, scored_BT, start_B):
     """(sum of the scored targets' log-probabilities [B], every scored target the argmax [B]) of
     blocks at positions start_B.., each over cache row owner_B of `caches`."""
-    caches_B = jax.tree.map(lambda a: jnp.take(a, owner_B, axis=1), caches)  # [units, B, S, K, d]
+    caches_B = jax.tree.map(lambda a: jnp.take(a, owner_B, axis=0), caches)  # per layer [B, S, K, d]
     positions_BT = start_B[:, None] + jnp.arange(tokens_BT.shape[1], dtype=jnp.int32)[None, :]
     logits_BTV, _ = dec.forward(params, tokens_BT, positions_BT, caches_B)
     logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV, axis=-1), targets_BT[..., None], axis=-1)[..., 0]
@@ -65,7 +66,7 @@ def prefill(scorer, chunk: list[tuple[int, ...]], longest_block: int):
     caches = scorer.dec.new_caches(B, bucket(longest + longest_block))
     if longest == 0:
         return caches
-    S = caches[0][0].k_BSKd.shape[2]
+    S = cache_length(caches)
     tokens = np.zeros((B, min(length_bucket(longest, scorer.max_len), S)), np.int32)
     for j, prefix in enumerate(chunk):
         tokens[j, : len(prefix)] = prefix

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import Config
+from jaxlm.inference.per_layer import join_params
 from jaxlm.objectives.mdlm import mask_id, subs_logits
 from jaxlm.parallel.sharding import use_mesh_rules
 
@@ -48,7 +49,7 @@ def scores(graphdef, mesh, rules, cfg: Config, n: int, max_len: int):
         del targets_BT  # the clean tokens themselves
         B, T = x0_BT.shape
         segment_BT = (jnp.arange(T)[None, :] < lengths_B[:, None]).astype(jnp.int32)  # 0 = padding
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, join_params(params))  # the decoder's per-layer parameters
 
         def logits(x_BT):
             with use_mesh_rules(mesh, rules):

@@ -1,5 +1,6 @@
-"""The preallocated KV cache: one KVCache per layer, stacked [n_units, B, S, K, d] per segment
-like the scanned parameters, batch sharded over the data axes and kv heads over tensor."""
+"""The preallocated KV cache: one KVCache [B, S, K, d] per layer and block application (per
+segment, per layer, per application: the decoder's per-layer layout, per_layer.py), batch sharded
+over the data axes and kv heads over tensor."""
 
 from __future__ import annotations
 
@@ -24,14 +25,16 @@ def cache_shapes(cfg: ModelConfig, moe: MoEConfig, batch: int, length: int) -> l
 
 
 def init_caches(cfg: ModelConfig, moe: MoEConfig, batch: int, length: int, mesh: Mesh, rules: dict) -> list:
-    """Zeroed caches for `batch` rows of `length` positions, in the compute dtype, placed by the rules."""
+    """Zeroed caches for `batch` rows of `length` positions, in the compute dtype, placed by the
+    rules: caches[segment][layer][application], each a KVCache [B, S, K, d]."""
     dtype = dtype_of(cfg.compute_dtype)
 
     def zeros(shape):
         sharding = NamedSharding(mesh, spec_for(shape, CACHE_AXES, mesh, rules))
         return jnp.zeros(shape, dtype, device=sharding)
 
-    return [[KVCache(zeros(s), zeros(s)) for s in unit] for unit in cache_shapes(cfg, moe, batch, length)]
+    return [[[KVCache(zeros(s[1:]), zeros(s[1:])) for s in unit] for _ in range(unit[0][0])]
+            for unit in cache_shapes(cfg, moe, batch, length)]
 
 
 def cache_bytes(caches) -> int:

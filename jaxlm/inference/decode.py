@@ -17,9 +17,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxlm.compress.quantize import is_quantized
 from jaxlm.config import Config
 from jaxlm.inference.budget import Budget, StepControls, mask_stop
 from jaxlm.inference.cache import CACHE_AXES, bucket, init_caches
+from jaxlm.inference.per_layer import cache_length, join_caches, join_params, split_caches, split_params
 from jaxlm.inference.sampling import Sampling, sample
 from jaxlm.model import kernels
 from jaxlm.model.transformer import Transformer
@@ -28,9 +30,11 @@ from jaxlm.parallel.sharding import constrain, resolve_rules, spec_for, use_mesh
 DECODE_ATTENTION = ("xla", "cpu")  # kernels that take a cache's mask (T queries over S slots)
 
 
-def decode_config(cfg: Config, platform: str) -> Config:
-    """The run's config as decoding runs it: kernels resolved, dropless MoE without noise."""
+def decode_config(cfg: Config, platform: str, unrolled: bool = True) -> Config:
+    """The run's config as decoding runs it: kernels resolved, layers `unrolled` over per-layer
+    weights (per_layer.py) or as the platform runs them, dropless MoE without noise."""
     model = kernels.resolve(cfg.model, platform)
+    model = dataclasses.replace(model, scan_layers=False) if unrolled else model
     if model.attention_impl not in DECODE_ATTENTION:
         model = dataclasses.replace(model, attention_impl="xla")
     moe = dataclasses.replace(cfg.moe, impl="dropless", noise_std=0.0)
@@ -63,27 +67,44 @@ class Program:
     rules: dict = dataclasses.field(compare=False)
 
     def forward(self, params, tokens_BT, positions_BT, caches) -> tuple[jax.Array, list]:
-        """f32 logits [B, T, V] of T new tokens per row at their positions, and the updated caches."""
+        """f32 logits [B, T, V] of T new tokens per row at their positions, and the updated caches
+        (parameters and caches per layer, per_layer.py)."""
         with use_mesh_rules(self.mesh, self.rules):
-            logits_BTV, caches = nnx.merge(self.graphdef, params).decode(tokens_BT, positions_BT, caches)
-        return logits_BTV.astype(jnp.float32), caches
+            model = nnx.merge(self.graphdef, join_params(params))
+            scanned = model.cfg.scan_layers  # then the model carries its caches stacked
+            logits_BTV, caches = model.decode(tokens_BT, positions_BT, join_caches(caches) if scanned else caches)
+        return logits_BTV.astype(jnp.float32), split_caches(caches) if scanned else caches
 
 
 class Decoder:
     """One model ready to decode on one mesh: its graph, its parameters placed by the rules table
-    (batch over data, heads over tensor), and jitted programs over the cache."""
+    (batch over data, heads over tensor) and held per layer (`params`: per_layer.py; assigning
+    the model's stacked parameters places and splits them), and jitted programs over the cache."""
 
     def __init__(self, cfg: Config, params: dict, mesh: Mesh):
-        self.cfg = decode_config(cfg, mesh.devices.flat[0].platform)
+        # quantized weights stay scanned: unrolled, XLA:CPU's scheduler hoists every layer's
+        # dequantization to the start, all live at once (4x the codes' bytes, fresh per token)
+        quantized = any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
+        self.cfg = decode_config(cfg, mesh.devices.flat[0].platform, unrolled=not quantized)
         self.mesh, self.rules = mesh, resolve_rules(cfg.mesh.rules)
         model = nnx.eval_shape(lambda: Transformer(self.cfg.model, self.cfg.moe, nnx.Rngs(0)))
         self.graphdef, abstract = nnx.split(model)
         key = (repr(self.cfg.model), repr(self.cfg.moe), mesh, repr(sorted(self.rules.items())))
         self.program = Program(key, self.graphdef, mesh, self.rules)
-        self.params = place_params(params, abstract, mesh, self.rules)
+        self._abstract = abstract
+        self.params = params
         self.prefill_fn = jax.jit(lambda p, t, pos, c: self.forward(p, t, pos, c)[1], donate_argnums=3)
         self.step_fn = jax.jit(self.step, static_argnames="sampling", donate_argnums=1)
         self.expand_fn = jax.jit(self.expand)
+
+    @property
+    def params(self) -> dict:
+        return self._params
+
+    @params.setter
+    def params(self, params: dict) -> None:
+        placed = place_params(params, self._abstract, self.mesh, self.rules)
+        self._params = placed if self.cfg.model.scan_layers else split_params(placed)
 
     @property
     def max_seq_len(self) -> int:
@@ -91,6 +112,11 @@ class Decoder:
 
     def new_caches(self, batch: int, length: int) -> list:
         return init_caches(self.cfg.model, self.cfg.moe, batch, length, self.mesh, self.rules)
+
+    def expand(self, caches, rows_B) -> list:
+        """Caches of B rows, row b a copy of row rows_B[b] of `caches` (per layer: [B, S, K, d])."""
+        with use_mesh_rules(self.mesh, self.rules):
+            return jax.tree.map(lambda c: constrain(jnp.take(c, rows_B, axis=0), CACHE_AXES), caches)
 
     def forward(self, params, tokens_BT, positions_BT, caches) -> tuple[jax.Array, list]:
         """f32 logits [B, T, V] of T new tokens per row at their positions, and the updated caches."""
@@ -104,11 +130,6 @@ class Decoder:
         sampled_B = sample(logits_BV, jax.random.fold_in(key, i), sampling)
         return jnp.where(controls.force_B >= 0, controls.force_B, sampled_B), caches
 
-    def expand(self, caches, rows_B) -> list:
-        """Caches of B rows, row b a copy of row rows_B[b] of `caches`."""
-        with use_mesh_rules(self.mesh, self.rules):
-            return jax.tree.map(lambda c: constrain(jnp.take(c, rows_B, axis=1), CACHE_AXES), caches)
-
     def prefill(self, caches, prompts: list[list[int]]):
         """Writes every prompt but its last token (right-padded; padding lands in slots that are
         overwritten before any query can see them), each distinct prompt once (GRPO samples a group
@@ -119,7 +140,7 @@ class Decoder:
             first = {}
             rows_B = np.array([first.setdefault(tuple(p), len(first)) for p in prompts], np.int32)
             distinct = [list(p) for p in first]
-            S = caches[0][0].k_BSKd.shape[2]
+            S = cache_length(caches)
             T = min(bucket(n, 16), S)
             tokens = np.zeros((len(distinct), T), np.int32)
             for row, p in enumerate(distinct):

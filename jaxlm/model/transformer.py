@@ -133,8 +133,7 @@ class Segment(nnx.Module):
         self.remat = cfg.remat
 
     def __call__(self, x_BTD, positions_BT, mask, rng, caches: list | None = None):
-        """(x, aux {name: [repeats]}, caches). Decode mode: `caches` holds one KVCache per block
-        of the unit, stacked [repeats, ...] like the parameters, and is scanned with them."""
+        """(x, aux {name: [repeats]}, caches). Decode mode: `caches` as `_decode` says."""
         graphdef, stacked = nnx.split(self.units)
         if caches is not None:
             x_BTD, caches = self._decode(graphdef, stacked, x_BTD, positions_BT, mask, caches)
@@ -160,21 +159,28 @@ class Segment(nnx.Module):
         return x_BTD, aux, None
 
     def _decode(self, graphdef, stacked, x_BTD, positions_BT, mask, caches: list):
-        """Decode mode (deterministic, no aux): the stacked caches ride along whole, each unit
-        writing its layer's slots in place (KVCache.layer), scanned or unrolled like training."""
+        """Decode mode (deterministic, no aux). Unrolled: `caches[i]` is layer i's KVCaches
+        [B, S, K, d] (the decoder holds them per layer, inference/per_layer.py): nothing is stacked
+        or sliced. Scanned: one KVCache [repeats, B, S, K, d] per block application rides the scan's
+        carry whole, each unit writing its layer's slots in place (KVCache.layer)."""
+        def unit(state, x, cs):
+            x, _, cs = nnx.merge(graphdef, state)(x, positions_BT, mask, None, cs)
+            return x, cs
+
+        if not self.scan:
+            per_layer = []
+            for i in range(self.repeats):
+                x_BTD, layer_caches = unit(jax.tree.map(lambda a: a[i], stacked), x_BTD, caches[i])
+                per_layer.append(layer_caches)
+            return x_BTD, per_layer
+
         def body(carry, xs):
             x, cs = carry
             unit_state, i = xs
-            layer_caches = [KVCache(c.k_BSKd, c.v_BSKd, i) for c in cs]
-            x, _, layer_caches = nnx.merge(graphdef, unit_state)(x, positions_BT, mask, None, layer_caches)
-            return (x, [KVCache(c.k_BSKd, c.v_BSKd) for c in layer_caches]), None
+            x, cs = unit(unit_state, x, [KVCache(c.k_BSKd, c.v_BSKd, i) for c in cs])
+            return (x, [KVCache(c.k_BSKd, c.v_BSKd) for c in cs]), None
 
-        carry = (x_BTD, caches)
-        if self.scan:
-            return jax.lax.scan(body, carry, (stacked, jnp.arange(self.repeats)))[0]
-        for i in range(self.repeats):
-            carry, _ = body(carry, (jax.tree.map(lambda a: a[i], stacked), i))
-        return carry
+        return jax.lax.scan(body, (x_BTD, caches), (stacked, jnp.arange(self.repeats)))[0]
 
 
 class Transformer(nnx.Module):
@@ -212,8 +218,9 @@ class Transformer(nnx.Module):
 
     def decode(self, tokens_BT, positions_BT, caches: list) -> tuple[jax.Array, list]:
         """Decode mode: logits [B, T, V] of T new tokens per row at `positions_BT` (rows may be at
-        different lengths), attending over and writing into `caches`, one list of stacked KVCaches
-        per segment (jaxlm/inference/cache.py). Deterministic; returns (logits, updated caches)."""
+        different lengths), attending over and writing into `caches`, per segment: a list per layer
+        of KVCaches when layers are unrolled, one list of stacked KVCaches when they are scanned
+        (Segment._decode; jaxlm/inference/cache.py). Deterministic; returns (logits, updated caches)."""
         mask = AttentionMask(True, q_positions_BT=positions_BT)
         x_BTD, _, caches = self._layers(self.embed(tokens_BT), positions_BT, mask, None, caches)
         return self._logits(x_BTD), caches
