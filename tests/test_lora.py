@@ -244,3 +244,25 @@ def test_fine_tuning_config_mistakes_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="train.objective=dpo holds one preference pair per row"):
         cfg_of("train.objective=dpo", "data.path=x.jsonl", "data.packing=true")
 
+
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_the_merged_projection_and_its_gradient_equal_the_unmerged_formulas(n_in):
+    """merged_project (the f32 step's x @ (w + s A @ B) with LoRA's factored gradient) against
+    autodiff of x @ w + s (x @ A) @ B, on a projection with one and with two input axes (wo_HdD)."""
+    keys = iter(jax.random.split(jax.random.key(0), 5))
+    in_shape, out_shape, R, s = ((12,), (2, 5), 3, 1.7) if n_in == 1 else ((2, 6), (12,), 3, 1.7)
+    x = jax.random.normal(next(keys), (2, 7, *in_shape))
+    w, a, b = (jax.random.normal(next(keys), shape) for shape in
+               ((*in_shape, *out_shape), (*in_shape, R), (R, *out_shape)))
+    k = int(np.prod(in_shape))
+
+    def unmerged(x, w, a, b):
+        h = x.reshape(14, k) @ a.reshape(k, R)
+        return (x.reshape(14, k) @ w.reshape(k, -1) + s * h @ b.reshape(R, -1)).reshape(2, 7, *out_shape)
+
+    cot = jax.random.normal(next(keys), (2, 7, *out_shape))
+    got, want = (jax.vjp(f, x, w, a, b) for f in (lambda *p: lora.merged_project(*p, s, n_in), unmerged))
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for g, r in zip(got[1](cot), want[1](cot)):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-5)
