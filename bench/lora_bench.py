@@ -10,7 +10,7 @@ bytes, its step <= 0.75x. The LoRA step skips the frozen weights' gradients (the
 differentiates only the adapters) and their AdamW update; the activations' gradients, the
 embedding gather and the softmax over the vocabulary cost the same. In float32 each adapter is
 folded into its weight for the matmul (model/lora.py: merged_project), so it adds no passes over
-the activations (before: XLA bytes 0.86x of full, CPU step 0.87x; folded: 0.75x, 0.74x, load 6-7). Every variant runs on one
+the activations: XLA bytes 0.86x of full -> 0.75x, step 0.86x -> 0.78x (load 1.7-3.4; q, v: 0.72x). Every variant runs on one
 device on the same fixed random batch (the next-token objective; SFT differs only in its mask).
 """
 
