@@ -110,16 +110,21 @@ def test_with_policy_equal_to_reference_the_loss_is_log2_and_the_gradient_raises
     assert float(trainer.loss_and_grads(stepped, batch)[0]) < math.log(2)
 
 
-def test_under_lora_the_reference_is_the_base_with_its_adapters_off():
+@pytest.mark.parametrize("tokens", [False, True], ids=["adapters", "with_token_rows"])
+def test_under_lora_the_reference_is_the_base_with_its_adapters_off(tokens):
     """With the adapters away from zero, DPO's loss uses the LoRA model as the policy and the plain
-    base model (no adapters) as the reference."""
-    trainer = trainer_of("lora.rank=4")
-    params = jax.tree.map(lambda x: x + 0.1, trainer.init_state()["params"])  # B != 0: policy != base
-    full = jax.device_get(trainer.partition.merge(params, trainer.frozen_params))
+    starting base model (no adapters) as the reference; with lora.trainable_tokens the trained rows
+    move inside the base's weights, and the reference keeps the rows it started with."""
     batch = pairs()
+    ids = sorted({int(t) for t in batch.inputs[:, :4].ravel()})  # tokens the pairs read
+    trainer = trainer_of("lora.rank=4", *([f"lora.trainable_tokens={ids}".replace(" ", "")] if tokens else []))
+    start = trainer.init_state()["params"]
+    initial = jax.device_get(trainer.partition.merge(start, trainer.frozen_params))
+    params = jax.tree.map(lambda x: x + 0.1, start)  # B != 0 (and rows moved): policy != base
+    full = jax.device_get(trainer.partition.merge(params, trainer.frozen_params))
     loss, _ = trainer.loss_and_grads(params, jax.device_put(batch, trainer.batch_sharding))
     plain = nnx.merge(nnx.graphdef(build_model(load_config("configs/tiny.yaml", SMALL), 0)),
-                      lora.split_adapters(full)[0])
+                      lora.split_adapters(initial)[0])
     pol = [logps_by_hand(nnx.merge(trainer.graphdef, full), batch, p) for p in ("", "rejected_")]
     ref = [logps_by_hand(plain, batch, p) for p in ("", "rejected_")]
     margin = 0.5 * ((pol[0] - ref[0]) - (pol[1] - ref[1]))

@@ -26,7 +26,9 @@ BASE = ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff
         "data.seq_len=32", "train.global_batch=8", "train.eval_every=0", "train.progress=false",
         "checkpoint.async_save=false"]
 QWEN = ["moe.n_experts=4", "moe.top_k=2", "moe.d_ff=64", "model.n_layers=3", "moe.n_shared=1", "moe.first_dense=1"]
-MODELS = {"llama": ["lora.rank=4", "lora.alpha=8"], "qwen2_moe": ["lora.rank=4", "lora.alpha=8", *QWEN]}
+MODELS = {"llama": ["lora.rank=4", "lora.alpha=8"], "qwen2_moe": ["lora.rank=4", "lora.alpha=8", *QWEN],
+          "llama_tokens": ["lora.rank=4", "lora.alpha=8", "lora.trainable_tokens=[3,7,256]"]}
+TOKENS = [3, 7, 256]
 
 
 def config(*overrides: str):
@@ -67,6 +69,10 @@ def test_peft_on_the_hf_base_export_and_the_merged_export_give_jaxlms_lora_logit
     assert np.abs(want - base_logits).max() > 1e-2  # the adapters matter
 
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    if "tokens" in name:  # peft must write the trained rows over whatever the base holds there
+        with torch.no_grad():
+            base.model.embed_tokens.weight[TOKENS] = 0.0
+            base.lm_head.weight[TOKENS] = 0.0
     adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     with torch.no_grad():
@@ -74,6 +80,8 @@ def test_peft_on_the_hf_base_export_and_the_merged_export_give_jaxlms_lora_logit
         np.testing.assert_allclose(merged(torch.tensor(tokens)).logits.numpy(), want, atol=1e-4, rtol=0)
     config_json = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config_json["r"] == 4 and config_json["lora_alpha"] == 8 and config_json["peft_type"] == "LORA"
+    assert config_json["trainable_token_indices"] == ({"embed_tokens": TOKENS, "lm_head": TOKENS}
+                                                      if "tokens" in name else None)
     # inference loads the run merged: its logits without adapters in the graph
     run = runs.load_run(str(tmp_path / "run"), mesh=make_mesh(cfg.mesh, jax.devices()[:1]))
     assert run.cfg.lora.rank == 0

@@ -62,6 +62,34 @@ def test_trainable_parameters_are_the_adapters_and_their_count_is_the_formula():
         one_device(cfg_of("lora.rank=2", "lora.targets=[gate]", "model.mlp=gelu"))
 
 
+def test_trainable_tokens_train_those_rows_alone_with_full_fine_tunings_gradient():
+    """lora.trainable_tokens (peft's trainable_token_indices): the listed rows of the embedding and
+    the head join the adapters in the train state, their gradient is full fine-tuning's (at the start
+    the adapters add exactly 0), and after training every other row is bit-identical."""
+    ids, R, D = [3, 7, 256], 4, 32
+    cfg = cfg_of(f"lora.rank={R}", "lora.trainable_tokens=[3,7,256]", "optim.lr=0.05")
+    adapted, full = one_device(cfg), one_device(cfg_of("optim.lr=0.05"))
+    plain = count(one_device(cfg_of(f"lora.rank={R}")).abstract_state()["params"])
+    assert count(adapted.abstract_state()["params"]) == plain + 2 * len(ids) * D  # embed rows, head columns
+    state, params = adapted.init_state(), full.jit_init_params()
+    batches = [Batch.from_tokens(np.concatenate([np.full((4, 1), i), np.tile(ids, (4, 1)), batch_of(i).inputs[:, :29]],
+                                                1).astype(np.int32)) for i in range(3)]  # the tokens appear
+    batch = jax.device_put(batches[0], full.batch_sharding)
+    grads, want = adapted.loss_and_grads(state["params"], batch)[1], full.loss_and_grads(params, batch)[1]
+    np.testing.assert_allclose(grads["embed"]["table_VD"], want["embed"]["table_VD"][np.array(ids)], atol=1e-7)
+    np.testing.assert_allclose(grads["lm_head_DV"], want["lm_head_DV"][:, np.array(ids)], atol=1e-7)
+    assert float(jnp.abs(grads["lm_head_DV"]).max()) > 0
+    before = jax.device_get(adapted.saved_state(state)["params"])
+    for i in range(3):
+        state, _ = adapted.train_step(state, jax.device_put(batches[i], adapted.batch_sharding))
+    after = jax.device_get(adapted.saved_state(state)["params"])
+    rest, ids = np.setdiff1d(np.arange(257), ids), np.array(ids)
+    for w0, w1 in ((before["embed"]["table_VD"], after["embed"]["table_VD"]),  # rows: tokens
+                   (before["lm_head_DV"].T, after["lm_head_DV"].T)):  # the head's columns, as rows
+        np.testing.assert_array_equal(w1[rest], w0[rest])
+        assert np.abs(w1[ids] - w0[ids]).min() > 0
+
+
 @pytest.fixture(scope="module")
 def trained():
     """Five LoRA steps at a high learning rate: the base must not move, the adapters must."""
@@ -206,13 +234,39 @@ def test_fine_tuning_config_mistakes_are_one_line(tmp_path):
         "lora.targets=[q,x]": "lora.targets=['q', 'x'] names no projection or unknown ones (x)",
         "lora.experts=true": "lora.experts=true but the model has no experts",
         "lora.quantize=int8": "lora.quantize=int8 holds the frozen base of LoRA: set lora.rank > 0",
+        "lora.trainable_tokens=[3]": "lora.trainable_tokens=[3] trains rows of LoRA's frozen base: set lora.rank > 0",
+        "lora.trainable_tokens=[5,257]": "lora.trainable_tokens=[5, 257] must be distinct token ids in [0, model.",
         "train.objective=sft": "train.objective=sft reads records (JSONL or Parquet): set data.path",
         f"train.init_from={tmp_path}": "is neither a Hugging Face model directory (no config.json) nor a jaxlm run",
         "train.init_from_step=best": "train.init_from_step selects a checkpoint of a jaxlm run",
     }
     for override, message in mistakes.items():
         with pytest.raises(ConfigError) as e:
-            cfg_of(override, *(["lora.rank=2"] if "targets" in override or "experts" in override else []))
+            cfg_of(override, *(["lora.rank=2"] if "targets" in override or "experts" in override or "257" in override
+                               else []))
         assert message in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="train.objective=dpo holds one preference pair per row"):
         cfg_of("train.objective=dpo", "data.path=x.jsonl", "data.packing=true")
+
+
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_the_merged_projection_and_its_gradient_equal_the_unmerged_formulas(n_in):
+    """merged_project (the f32 step's x @ (w + s A @ B) with LoRA's factored gradient) against
+    autodiff of x @ w + s (x @ A) @ B, on a projection with one and with two input axes (wo_HdD)."""
+    keys = iter(jax.random.split(jax.random.key(0), 5))
+    in_shape, out_shape, R, s = ((12,), (2, 5), 3, 1.7) if n_in == 1 else ((2, 6), (12,), 3, 1.7)
+    x = jax.random.normal(next(keys), (2, 7, *in_shape))
+    w, a, b = (jax.random.normal(next(keys), shape) for shape in
+               ((*in_shape, *out_shape), (*in_shape, R), (R, *out_shape)))
+    k = int(np.prod(in_shape))
+
+    def unmerged(x, w, a, b):
+        h = x.reshape(14, k) @ a.reshape(k, R)
+        return (x.reshape(14, k) @ w.reshape(k, -1) + s * h @ b.reshape(R, -1)).reshape(2, 7, *out_shape)
+
+    cot = jax.random.normal(next(keys), (2, 7, *out_shape))
+    got, want = (jax.vjp(f, x, w, a, b) for f in (lambda *p: lora.merged_project(*p, s, n_in), unmerged))
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for g, r in zip(got[1](cot), want[1](cot)):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-5)

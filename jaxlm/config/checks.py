@@ -227,7 +227,14 @@ def _check_finetune(cfg: Config) -> None:
     if not a.rank:
         if a.quantize != "none":
             raise ConfigError(f"lora.quantize={a.quantize} holds the frozen base of LoRA: set lora.rank > 0")
+        if a.trainable_tokens:
+            raise ConfigError(f"lora.trainable_tokens={a.trainable_tokens} trains rows of LoRA's frozen base: set "
+                              "lora.rank > 0 (without LoRA every row is trained)")
         return
+    bad = [t for t in a.trainable_tokens if not 0 <= t < cfg.model.vocab_size]
+    if bad or len(set(a.trainable_tokens)) != len(a.trainable_tokens):
+        raise ConfigError(f"lora.trainable_tokens={a.trainable_tokens} must be distinct token ids in "
+                          f"[0, model.vocab_size={cfg.model.vocab_size})")
     if a.alpha <= 0 or not 0 <= a.dropout < 1:
         raise ConfigError(f"lora.alpha={a.alpha} must be > 0 and lora.dropout={a.dropout} in [0, 1)")
     unknown = [x for x in a.targets if x not in LORA_TARGETS]

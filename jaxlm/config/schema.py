@@ -243,6 +243,9 @@ class LoraConfig:
     quantize: Doc[Literal["none", "int8", "int4-g32", "int4-g64", "int4-g128"],
                   "QLoRA: hold the frozen base's matrices quantized (jaxlm/compress: int8 per channel, or 4-bit "
                   "with a scale per group of 32/64/128 inputs), dequantized in the matmul"] = "none"
+    trainable_tokens: Doc[list[int], "token ids whose rows of the input embedding and the output head are trained "
+                          "beside the adapters (peft's trainable_token_indices): tokens the base barely saw, e.g. "
+                          "digits or new special tokens; counted in the trained parameters"] = field(default_factory=list)
 
     @property
     def scale(self) -> float:

@@ -8,6 +8,10 @@ lora_A = A.reshape(-1, R).T [R, in] and lora_B = B.reshape(R, -1).T [out, R], an
 scaled copy of jaxlm's (Qwen2-MoE's shared down projection is doubled), B is scaled the same way.
 Routed experts have no per-expert linear modules in transformers' MoE models (their weights are
 fused 3-D tensors), so their adapters cannot be expressed: export merged instead.
+
+`lora.trainable_tokens` rows are peft's trainable tokens (trainable_token_indices): the trained rows
+of embed_tokens and lm_head, which peft writes over the base's rows (values, not differences, so
+they apply to any base export).
 """
 
 from __future__ import annotations
@@ -47,20 +51,39 @@ def adapter_tensors(arch: str, cfg, params: dict, dtype) -> dict[str, np.ndarray
         module = "base_model.model." + t.name.removesuffix(".weight")
         out[module + ".lora_A.weight"] = np.asarray(a, np.float32).reshape(-1, R).T
         out[module + ".lora_B.weight"] = np.asarray(b, np.float32).reshape(R, -1).T * np.float32(SCALE[t.form])
+    out.update(token_tensors(arch, cfg, params))
     return {k: np.ascontiguousarray(v.astype(dtype)) for k, v in out.items()}
+
+
+TOKEN_MODULES = {"model.embed_tokens.weight": "model.embed_tokens", "lm_head.weight": "lm_head"}
+
+
+def token_tensors(arch: str, cfg, params: dict) -> dict[str, np.ndarray]:
+    """{peft tensor name: [n, D] rows} of the trained token rows of embed_tokens and lm_head."""
+    ids = list(cfg.lora.trainable_tokens)
+    if not ids:
+        return {}
+    slots, out = P.slots(cfg.model, cfg.moe), {}
+    for t in hf.hf_tensors(arch, cfg.model, cfg.moe):
+        if t.name in TOKEN_MODULES:
+            rows = hf.to_hf(t, P.read(params, slots[(t.source, t.layer)]))[ids]
+            out[f"base_model.model.{TOKEN_MODULES[t.name]}.token_adapter.trainable_tokens_delta"] = rows
+    return out
 
 
 def write_peft(out: Path, arch: str, cfg, params: dict, dtype, base: str | None = None) -> None:
     from safetensors.numpy import save_file
 
     tensors = adapter_tensors(arch, cfg, params, dtype)
-    modules = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in tensors})
+    modules = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
     a = cfg.lora
+    tokens = {k.split(".token_adapter")[0].rsplit(".", 1)[-1]: list(a.trainable_tokens)  # embed_tokens, lm_head
+              for k in tensors if ".token_adapter." in k} or None
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "inference_mode": True,
         "r": a.rank, "lora_alpha": a.alpha, "lora_dropout": a.dropout, "target_modules": modules, "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None,
+        "modules_to_save": None, "layers_to_transform": None, "trainable_token_indices": tokens,
     }
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     os.chmod(out / "adapter_model.safetensors", 0o644)

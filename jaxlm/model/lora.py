@@ -14,6 +14,7 @@ belong to. Leading axes (scanned layers, experts) are kept: A [E, D, R] for an e
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -65,10 +66,50 @@ def add_adapters(module: nnx.Module, cfg, rngs: nnx.Rngs, experts: bool = False)
 
 
 def adapted(module: nnx.Module, name: str, x, w, n_in: int, compute_dtype, impl: str, key=None) -> jax.Array:
-    """x @ w (project) plus the adapter of weight `name` where `module` has one."""
-    y = project(x, w, n_in=n_in, impl=impl)
+    """x @ w (project) plus the adapter of weight `name` where `module` has one. In float32, without
+    dropout and on a plain (not quantized) weight, the update is folded into w for the matmul
+    (`merged_project`); in lower precision a small update would round away in w, so it is added."""
     adapter = getattr(module, PREFIX + name, None)
-    return y if adapter is None else y + adapter(x, compute_dtype, impl, key).astype(y.dtype)
+    if adapter is None:
+        return project(x, w, n_in=n_in, impl=impl)
+    if (adapter.rate and key is not None) or hasattr(w, "project") or w.dtype != jnp.float32:
+        y = project(x, w, n_in=n_in, impl=impl)
+        return y + adapter(x, compute_dtype, impl, key).astype(y.dtype)
+    a, b = adapter.a[...].astype(w.dtype), adapter.b[...].astype(w.dtype)
+    return merged_project(x, w, a, b, adapter.scale, n_in)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def merged_project(x, w, a, b, scale: float, n_in: int) -> jax.Array:
+    """x @ (w + scale A @ B), the weight merged once per call ([in, out] from a rank-R product, no
+    bigger than w), so the step makes one pass over the activations where x @ w + (x @ A) @ B
+    makes three (the two products and the sum) and as many again in the backward. The gradient
+    is LoRA's own: dA = scale x^T (g B^T) and dB = scale (x A)^T g never form the [in, out] dW
+    (w's gradient, x^T g, is left for XLA to drop when w is frozen)."""
+    return _merged_fwd(x, w, a, b, scale, n_in)[0]
+
+
+def _merged_fwd(x, w, a, b, scale: float, n_in: int):
+    k = math.prod(x.shape[x.ndim - n_in:])
+    w_KM = (w + scale * delta(a, b, w.shape).astype(w.dtype)).reshape(k, -1)
+    y = (x.reshape(-1, k) @ w_KM).reshape(*x.shape[: x.ndim - n_in], *w.shape[n_in:])
+    return y, (x, w_KM, a, b)
+
+
+def _merged_bwd(scale: float, n_in: int, res, g):
+    x, w_KM, a, b = res
+    (k, m), R = w_KM.shape, a.shape[-1]
+    x_NK, g_NM = x.reshape(-1, k), g.reshape(-1, m)
+    a_KR, b_RM = a.reshape(k, R), b.reshape(R, m)
+    t = lambda p, q: jax.lax.dot_general(p, q, (((0,), (0,)), ((), ())))  # p^T q without a transposed copy
+    dx = (g_NM @ w_KM.T).reshape(x.shape)
+    da = scale * t(x_NK, g_NM @ b_RM.T)
+    db = scale * t(x_NK @ a_KR, g_NM)
+    dw = t(x_NK, g_NM).reshape(*a.shape[:-1], *b.shape[1:])
+    return dx, dw, da.reshape(a.shape).astype(a.dtype), db.reshape(b.shape).astype(b.dtype)
+
+
+merged_project.defvjp(_merged_fwd, _merged_bwd)
 
 
 def is_adapter(path: tuple) -> bool:

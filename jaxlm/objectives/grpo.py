@@ -87,7 +87,7 @@ class GRPO(WithReference):
 
     @property
     def keeps_copy(self) -> bool:
-        return not self.under_lora and self.cfg.grpo.beta > 0
+        return super().keeps_copy and self.cfg.grpo.beta > 0
 
     def rollout_logps(self, model, batch: Batch, frozen) -> dict:
         """What the sampling policy and the reference give the rollouts, once per rollout batch:

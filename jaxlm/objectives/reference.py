@@ -1,7 +1,7 @@
 """The frozen reference policy that DPO and GRPO measure the policy against: the starting weights.
 
 Under LoRA it is the base model: the same weights with every adapter's B zeroed (x W + 0 exactly),
-so no second copy of the weights exists. Without LoRA it is a copy of the starting parameters
+so no second copy of the weights exists (unless lora.trainable_tokens trains rows of the weights). Without LoRA it is a copy of the starting parameters
 (`train/start.py`: train.init_from or the seeded init) in the step's `frozen["objective"]`, read
 again on a resume so it never moves.
 """
@@ -26,8 +26,9 @@ class WithReference(Objective):
 
     @property
     def keeps_copy(self) -> bool:
-        """Whether the reference needs its own copy of the weights (not under LoRA, and used)."""
-        return not self.under_lora
+        """Whether the reference needs its own copy of the weights: not under LoRA, or under LoRA with
+        trained token rows (lora.trainable_tokens), which move in the weights themselves."""
+        return not self.under_lora or bool(self.cfg.lora.trainable_tokens)
 
     def frozen(self, mesh, rules):
         if not self.keeps_copy:
@@ -43,5 +44,5 @@ class WithReference(Objective):
     def reference(self, model, frozen):
         """The reference as a model, its gradient stopped."""
         graphdef, state = nnx.split(model)
-        params = lora.without_adapters(nnx.to_pure_dict(state)) if self.under_lora else frozen
+        params = frozen if self.keeps_copy else lora.without_adapters(nnx.to_pure_dict(state))
         return nnx.merge(graphdef, jax.lax.stop_gradient(params))

@@ -14,6 +14,11 @@ matmul). A checkpoint gets them dequantized, which re-quantizes to the same byte
 scheme maps each group's largest weight to -2^(bits-1), so the dequantized copy gives the same
 scale back), so a resumed run holds exactly what the uninterrupted one held.
 
+`lora.trainable_tokens` (peft's trainable_token_indices) trains chosen rows of frozen leaves: the
+listed tokens' rows of the input embedding and of the untied output head. The trainable half holds
+those rows alone ([n, D] or [D, n]); the frozen half holds the whole leaf, whose rows the step
+overwrites with the trained ones (so a checkpoint holds the leaf with its trained rows).
+
 With nothing frozen the partition is the identity: no leaf moves and the step is unchanged.
 """
 
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm.compress.quantize import quantize, quantized_weights
 from jaxlm.compress.schemes import SCHEMES
@@ -35,6 +40,7 @@ from jaxlm.model.transformer import layer_plan
 from jaxlm.parallel.sharding import resolve_rules, spec_for
 
 Tree = dict  # a nested dict of arrays (nnx.to_pure_dict)
+TOKEN_AXES = {"embed/table_VD": 0, "lm_head_DV": 1}  # leaves with a vocabulary axis: which one
 
 
 def flatten(tree: Tree, prefix: tuple = ()) -> dict[tuple, object]:
@@ -85,10 +91,11 @@ class Partition:
     held: dict = field(default_factory=dict)
     scheme: str = "int8"
     rules: dict = field(default_factory=dict)
+    token_rows: dict = field(default_factory=dict)  # path -> (vocab axis, token ids): those rows trained
 
     @property
     def trivial(self) -> bool:
-        return not self.frozen_leaves and not self.frozen_rows
+        return not self.frozen_leaves and not self.frozen_rows and not self.token_rows
 
     def split(self, params: Tree) -> tuple[Tree, Tree]:
         """(trainable, frozen) halves of a full parameter tree (or of a tree of its shardings or
@@ -104,6 +111,8 @@ class Partition:
             elif path in self.frozen_rows:
                 n = self.frozen_rows[path]
                 frozen[path], trainable[path] = _rows(leaf, 0, n), _rows(leaf, n, None)
+            elif path in self.token_rows:
+                frozen[path], trainable[path] = leaf, _token_rows(leaf, *self.token_rows[path])
             else:
                 trainable[path] = leaf
         return unflatten(trainable), unflatten(frozen)
@@ -115,7 +124,14 @@ class Partition:
             return trainable
         flat, frozen_flat = flatten(trainable), flatten(frozen)
         for path, leaf in frozen_flat.items():
-            flat[path] = jnp.concatenate([leaf, flat[path]]) if path in self.frozen_rows else leaf
+            if path in self.frozen_rows:
+                flat[path] = jnp.concatenate([leaf, flat[path]])
+            elif path in self.token_rows:
+                axis, ids = self.token_rows[path]
+                index = (slice(None),) * axis + (jnp.asarray(ids),)
+                flat[path] = leaf.at[index].set(flat[path].astype(leaf.dtype))
+            else:
+                flat[path] = leaf
         for path in self.held if not held else ():
             flat[path] = flat[path].dequantize().astype(self.held[path][4])
         return unflatten(flat)
@@ -147,6 +163,20 @@ def _rows(leaf, start: int, stop: int | None):
     return leaf[start:stop]
 
 
+def _token_rows(leaf, axis: int, ids: tuple):
+    """The rows `ids` along `axis` of an array (or the same of a ShapeDtypeStruct, or a sharding):
+    a few rows, replicated."""
+    sharding = getattr(leaf, "sharding", leaf if isinstance(leaf, jax.sharding.Sharding) else None)
+    replicated = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else sharding
+    if isinstance(leaf, jax.sharding.Sharding):
+        return replicated
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        shape = list(leaf.shape)
+        shape[axis] = len(ids)
+        return jax.ShapeDtypeStruct(tuple(shape), leaf.dtype, sharding=replicated)
+    return jnp.take(leaf, jnp.asarray(ids), axis=axis)
+
+
 def make_partition(cfg: Config, abstract_params: Tree) -> Partition:
     """The partition `train.freeze`, `train.freeze_layers` and `lora` ask for; a pattern that matches
     no parameter, or a freeze that leaves nothing to train, is a one-line ConfigError."""
@@ -175,8 +205,13 @@ def make_partition(cfg: Config, abstract_params: Tree) -> Partition:
                         rows[p] = n
     if len(frozen) == len(paths):
         raise ConfigError("train.freeze and train.freeze_layers freeze every parameter; nothing would be trained")
+    token_rows = {}
+    if cfg.lora.rank and cfg.lora.trainable_tokens:
+        ids = tuple(cfg.lora.trainable_tokens)
+        token_rows = {p: (TOKEN_AXES[path_name(p)], ids) for p in frozen if path_name(p) in TOKEN_AXES}
+        frozen -= set(token_rows)
     held = {}
     if cfg.lora.rank and cfg.lora.quantize != "none":
         matrices = quantized_weights(cfg)
         held = {p: (*matrices[p], flat[p].dtype) for p in frozen if p in matrices}
-    return Partition(frozenset(frozen), rows, held, cfg.lora.quantize, resolve_rules(cfg.mesh.rules))
+    return Partition(frozenset(frozen), rows, held, cfg.lora.quantize, resolve_rules(cfg.mesh.rules), token_rows)
