@@ -7,12 +7,11 @@ A step is one rollout batch (prompts x group completions, sampled at temperature
 tokens) scored by the exact-answer reward, and one optimizer step (mu = 1, beta = 0.04, AdamW). The
 first steps (compilation, warm-up) are left out of both medians. Goal (issue #28): jaxlm >= 3x.
 
-Measured (configs/bench.yaml's model, 4 x 8, 8 new tokens, 8 steps, 2 shared cores at load average
-~7.7): jaxlm 2.47 s, TRL 19.4 s per step (medians) -> 7.9x; TRL's timed steps were 23.1, 19.4, 28.5,
-16.7 and 14.3 s. Again at load ~6.9: jaxlm 1.92 s (rollout 0.37 s, update 1.55 s), TRL 14.6 s -> 7.6x.
-TRL swings with the load: an earlier, quieter run gave TRL 1.35-1.43 s against
-jaxlm's 2.03 s before the rows were trimmed, the vocabulary projected only over completions, the
-mu = 1 old log-prob pass dropped and the decoder's cache written in place (README, GRPO).
+Measured quiet (configs/bench.yaml's model, 4 x 8, 8 new tokens, 8 steps, load 1.6): jaxlm 0.67 s
+(rollout 0.15 s, update 0.51 s), TRL 1.56 s per step (medians) -> 2.3x. Under load TRL slows far
+more than jaxlm (7.6-7.9x at load ~7), so quote quiet runs. Before the rows were trimmed, the
+vocabulary projected only over completions, the mu = 1 old log-prob pass dropped and the decoder's
+cache written in place: jaxlm 2.03 s against TRL's 1.35-1.43 s (README, GRPO).
 """
 
 from __future__ import annotations
