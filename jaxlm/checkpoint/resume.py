@@ -118,8 +118,7 @@ def restore_for_training(cfg: Config, trainer, run_dir: Path, resume: str | None
     where = candidates[0][1].parent if candidates else run_dir / CHECKPOINTS
     if not explicit:
         candidates = wsd_branch(candidates, cfg)
-    # a save killed before orbax's rename leaves only its temporary directory: nothing to restore,
-    # but a sign that this run_dir holds a run, which a start from step 0 would overwrite
+    # a save killed before orbax's rename leaves only its temporary directory: nothing to restore
     unfinished = unfinished_saves(where)
     if not candidates:  # nothing was ever saved whole: a start from step 0 loses nothing
         _move_aside(run_dir, unfinished, "is an unfinished save (killed while it was written), with nothing to "

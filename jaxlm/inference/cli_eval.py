@@ -157,9 +157,10 @@ def evaluate(run_dir: str, data: str, split: str | None = None, step: int | None
         all_rows = all_rows[: max(1, -(-max_tokens // cfg.data.seq_len))]
     dp = data_parallel_size(mesh, trainer.rules)
     per_batch = -(-cfg.train.global_batch // dp) * dp
-    params, eval_step = trainer.adopt({"params": run.params})["params"], trainer.eval_step
     if quantize:
-        params, eval_step = quantized_eval_step(trainer, params, quantize)
+        params, eval_step = quantized_eval_step(trainer, run.params, quantize)
+    else:
+        params, eval_step = trainer.adopt({"params": run.params})["params"], trainer.eval_step
     token_bytes = np.array([0 if i in run.tokenizer.special_tokens.values() else
                             len(run.tokenizer.decode_single_token_bytes(i)) for i in range(run.tokenizer.n_vocab)])
     loss_sum = count = n_bytes = 0.0
