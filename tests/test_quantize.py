@@ -149,12 +149,15 @@ def test_each_quantized_forward_equals_the_forward_of_its_dequantized_weights(na
     assert relative(want, logits(params, TOKENS)) > 1e-4  # the weights really changed
 
 
-def test_quantized_decode_with_a_kv_cache_equals_the_quantized_full_forward_within_1e5():
-    """int4-g32: a 9-token prefill, then one token per step; every position's logits equal the full
-    forward's over the whole row."""
+@pytest.mark.parametrize("name", ["int4-g32", "int8", "int4-g32-asym", "log4-g32"])
+def test_quantized_decode_with_a_kv_cache_equals_the_quantized_full_forward_within_1e5(name):
+    """A 9-token prefill, then one token per step; every position's logits equal the full forward's
+    over the whole row. The decoder reads linear schemes' codes with the CPU kernel (unrolled, per
+    layer); log4's levels are not linear in the code: dequantized, scanned."""
     cfg, params, logits = model()
-    q = quantize_params(params, cfg, "int4-g32")
+    q = quantize_params(params, cfg, name)
     dec = Decoder(cfg, q, make_mesh(cfg.mesh, jax.devices()[:1]))
+    assert dec.reads_codes == (name != "log4-g32") and dec.cfg.model.scan_layers == (name == "log4-g32")
     row = TOKENS[:1]
     positions = np.arange(row.shape[1], dtype=np.int32)[None]
     forward = jax.jit(dec.forward)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "jaxlm"
 # Lowest first. A module belongs to the layer of its longest matching prefix; it may import its
 # own layer and the layers below it, never one above.
 LAYERS = [
-    ["jaxlm.errors"],
+    ["jaxlm.errors", "jaxlm.cache_dir"],
     ["jaxlm.parallel"],  # mesh, sharding rules, determinism, backends: know nothing of the config tree
     ["jaxlm.config"],
     ["jaxlm.tokenizer"],

@@ -20,6 +20,7 @@ GGUF quantizes token_embd. Kept: norms, the MoE router and routed experts (they 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ from jaxlm.compress.schemes import SCHEMES, Scheme
 from jaxlm.config import Config
 from jaxlm.model.attention import Attention
 from jaxlm.model.build import build_model
+from jaxlm.model.kernels import quantized_cpu
 from jaxlm.model.layers import MLP, Embed
 
 static = lambda: field(metadata=dict(static=True))
@@ -49,6 +51,7 @@ class QuantizedWeight:
     n_in: int = static()  # how many of its leading dims are the input (K)
     transposed: bool = static()  # the embedding table: input dims last ([V, D] -> [D, V])
     axes: tuple = static()  # logical axes of codes, scale and offset (placement on a mesh)
+    kernel: str = field(default="xla", metadata=dict(static=True))  # "cpu": read_codes() below
 
     def __getitem__(self, key):  # the model reads `param[...]`
         return self
@@ -85,7 +88,11 @@ class QuantizedWeight:
         assert n_in == self.n_in, (n_in, self.n_in)
         lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
         out = self.shape[: len(self.shape) - self.n_in] if self.transposed else self.shape[self.n_in:]
-        y = x.reshape(-1, k) @ self.matrix(x.dtype)
+        rows = x.reshape(-1, k)
+        if self.kernel == "cpu" and rows.shape[0] <= quantized_cpu.MAX_ROWS and self.codes.ndim == 3:
+            y = _codes_matmul(rows, self).astype(x.dtype)
+        else:
+            y = rows @ self.matrix(x.dtype)
         return y.reshape(*lead, *out)
 
     def gather_rows(self, ids: jax.Array) -> jax.Array:
@@ -95,6 +102,40 @@ class QuantizedWeight:
         rows = QuantizedWeight(pick(self.codes), pick(self.scale), pick(self.offset), self.scheme,
                                self.shape, self.n_in, self.transposed, self.axes).matrix()
         return jnp.swapaxes(rows, -1, -2).reshape(*ids.shape, self.k)
+
+
+@jax.custom_vjp
+def _codes_matmul(rows_MK: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """rows @ w read as codes (quantized_cpu.py), f32; its gradient (QLoRA's input gradient
+    through a frozen base) is the dequantized reference's."""
+    return quantized_cpu.quantized_matmul(rows_MK, w.codes, w.scale, w.offset, w.scheme.bits, w.scheme.zero_code)
+
+
+def _codes_matmul_fwd(rows_MK, w):
+    return _codes_matmul(rows_MK, w), w
+
+
+def _codes_matmul_bwd(w, g_MN):
+    return (g_MN @ w.matrix(g_MN.dtype).T).astype(g_MN.dtype), None
+
+
+_codes_matmul.defvjp(_codes_matmul_fwd, _codes_matmul_bwd)
+
+
+def linear_codes(params) -> bool:
+    """Whether the parameters hold quantized weights, all of schemes whose codes the CPU kernel reads."""
+    found = [x for x in jax.tree.leaves(params, is_leaf=is_quantized) if is_quantized(x)]
+    return bool(found) and all(x.scheme.zero_code is not None for x in found)
+
+
+def read_codes(params):
+    """The parameters with every per-layer (unstacked) QuantizedWeight of a linear scheme read
+    as codes by the CPU kernel when few rows are projected (decoding), instead of dequantized to
+    f32 before each matmul. The caller checks quantized_cpu.available() and that the program runs
+    on one CPU device (the custom call has no partitioning rule)."""
+    mark = lambda x: (dataclasses.replace(x, kernel="cpu")
+                      if is_quantized(x) and x.scheme.zero_code is not None and x.codes.ndim == 3 else x)
+    return jax.tree.map(mark, params, is_leaf=is_quantized)
 
 
 def quantize(w: jax.Array, scheme: Scheme, first_in: int, n_in: int, transposed: bool = False,

@@ -44,6 +44,12 @@ class Scheme:
     def scale_dtype(self):
         return jnp.float16 if self.group else jnp.float32
 
+    @property
+    def zero_code(self) -> float | None:
+        """The code c0 with level(c) = c - c0 when levels are linear in the code (the CPU kernel
+        reads such codes directly); None for schemes whose levels are not."""
+        return None
+
     def encode(self, w_GgN: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """f32 weights grouped along axis 1 -> (uint8 codes [G, g, N], f32 scale [G, 1, N], offset or None)."""
         raise NotImplementedError
@@ -59,6 +65,10 @@ def _reciprocal(d: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True)
 class Symmetric(Scheme):
+    @property
+    def zero_code(self):
+        return 2 ** (self.bits - 1)
+
     def encode(self, w_GgN):
         half = 2 ** (self.bits - 1)
         peak = jnp.take_along_axis(w_GgN, jnp.argmax(jnp.abs(w_GgN), axis=1, keepdims=True), axis=1)
@@ -72,6 +82,10 @@ class Symmetric(Scheme):
 
 @dataclass(frozen=True)
 class Asymmetric(Scheme):
+    @property
+    def zero_code(self):
+        return 0
+
     def encode(self, w_GgN):
         lo, hi = jnp.min(w_GgN, axis=1, keepdims=True), jnp.max(w_GgN, axis=1, keepdims=True)
         top = 2 ** self.bits - 1

@@ -23,21 +23,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jaxlm.cache_dir import cache_root
 from jaxlm.data.pipeline import TokenStream
 
 FORMAT = 1
 ARRAYS = ("train", "train_starts", "val", "val_starts")
-
-
-def cache_root() -> str | None:
-    """jaxlm's cache directory (token streams, measured MFU peaks); None when JAXLM_CACHE=off."""
-    root = os.environ.get("JAXLM_CACHE")
-    if root is not None and root.strip().lower() in ("off", "0", "false", "none", ""):
-        return None
-    if root is None:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "jaxlm")
-    return root
 
 
 def cache_dir() -> str | None:

@@ -17,13 +17,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxlm.compress.quantize import is_quantized
+from jaxlm.compress.quantize import is_quantized, linear_codes, read_codes
 from jaxlm.config import Config
 from jaxlm.inference.budget import Budget, StepControls, mask_stop
 from jaxlm.inference.cache import CACHE_AXES, bucket, init_caches
 from jaxlm.inference.per_layer import cache_length, join_caches, join_params, split_caches, split_params
 from jaxlm.inference.sampling import Sampling, sample
 from jaxlm.model import kernels
+from jaxlm.model.kernels import quantized_cpu
 from jaxlm.model.transformer import Transformer
 from jaxlm.parallel.sharding import constrain, resolve_rules, spec_for, use_mesh_rules
 
@@ -82,10 +83,14 @@ class Decoder:
     the model's stacked parameters places and splits them), and jitted programs over the cache."""
 
     def __init__(self, cfg: Config, params: dict, mesh: Mesh):
-        # quantized weights stay scanned: unrolled, XLA:CPU's scheduler hoists every layer's
-        # dequantization to the start, all live at once (4x the codes' bytes, fresh per token)
+        # quantized weights are read as codes by the CPU kernel on one CPU device (linear schemes),
+        # unrolled per layer like f32 ones; else they stay scanned: unrolled, XLA:CPU's scheduler
+        # hoists every layer's dequantization to the start, all live at once (4x the codes' bytes)
         quantized = any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
-        self.cfg = decode_config(cfg, mesh.devices.flat[0].platform, unrolled=not quantized)
+        platform = mesh.devices.flat[0].platform
+        self.reads_codes = (platform == "cpu" and mesh.size == 1 and linear_codes(params)
+                            and quantized_cpu.available())
+        self.cfg = decode_config(cfg, platform, unrolled=not quantized or self.reads_codes)
         self.mesh, self.rules = mesh, resolve_rules(cfg.mesh.rules)
         model = nnx.eval_shape(lambda: Transformer(self.cfg.model, self.cfg.moe, nnx.Rngs(0)))
         self.graphdef, abstract = nnx.split(model)
@@ -104,7 +109,8 @@ class Decoder:
     @params.setter
     def params(self, params: dict) -> None:
         placed = place_params(params, self._abstract, self.mesh, self.rules)
-        self._params = placed if self.cfg.model.scan_layers else split_params(placed)
+        placed = placed if self.cfg.model.scan_layers else split_params(placed)
+        self._params = read_codes(placed) if self.reads_codes else placed
 
     @property
     def max_seq_len(self) -> int:

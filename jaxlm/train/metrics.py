@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxlm.tools import devices
 from jaxlm.config import Config, to_dict
-from jaxlm.data.token_cache import cache_root
+from jaxlm.cache_dir import cache_root
 
 
 class MetricsLogger:
