@@ -106,8 +106,8 @@ inline void levels(float* __restrict w, int64_t width, const uint8_t* __restrict
 }
 
 // d[n] += sum_i x[i] * w[i][n], four rows per pass over d
-inline void multiply_add(float* __restrict d, const float* __restrict w, int64_t width, const float* x,
-                         int64_t n_rows, int64_t nb) {
+inline void multiply_add(float* __restrict d, const float* __restrict w, const float* x, int64_t n_rows, int64_t nb) {
+  constexpr int64_t width = kColumns;
   int64_t i = 0;
   for (; i + 4 <= n_rows; i += 4) {
     const float *w0 = w + i * width, *w1 = w0 + width, *w2 = w1 + width, *w3 = w2 + width;
@@ -130,12 +130,12 @@ void rows_into(const Problem& p, int64_t gi, int64_t r0, int64_t rc, int64_t m0,
     for (; i < rc; ++i) one_row<kBits>(dot, r + i * p.N, xm + i, p.R, nb);
     return;
   }
-  levels<kBits>(w, nb, r, p.N, rc, nb);
+  levels<kBits>(w, kColumns, r, p.N, rc, nb);  // rows kColumns apart: a constant the compiler can unroll
   for (int64_t m = 0; m < mb; ++m) {
     const float* xm = p.x + (m0 + m) * K + gi * g;
     float xs[2 * kRowChunk];
     for (int64_t i = 0; i < rc; ++i) xs[i] = xm[r0 + i], xs[rc + i] = kBits == 4 ? xm[p.R + r0 + i] : 0.f;
-    multiply_add(dot + m * nb, w, nb, xs, kBits == 4 ? 2 * rc : rc, nb);
+    multiply_add(dot + m * nb, w, xs, kBits == 4 ? 2 * rc : rc, nb);
   }
 }
 
