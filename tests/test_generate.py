@@ -44,7 +44,9 @@ def full_logits(cfg, params, rows: list[list[int]]) -> list[np.ndarray]:
     return [logits[b, : len(r)] for b, r in enumerate(rows)]
 
 
-@pytest.mark.parametrize("variant,data,tensor", [(v, 1, 1) for v in VARIANTS] + [("moe", 2, 2)])
+# dense on demand: gqa and moe run the same cache with grouped heads and experts
+@pytest.mark.parametrize("variant,data,tensor", [pytest.param(v, 1, 1, marks=[pytest.mark.demo] if v == "dense" else [])
+                                                 for v in VARIANTS] + [("moe", 2, 2)])
 def test_cached_decoding_gives_the_full_forward_logits_at_every_position_in_a_ragged_batch(variant, data, tensor):
     """Rows of lengths 12, 7, 3 and 9 share a batch: each prefills its own prompt (2, 5, 1 and 9
     tokens, right-padded), then decodes one token per step at its own position; every position's
@@ -111,7 +113,8 @@ def test_a_decode_step_copies_no_layer_of_weights_and_updates_the_cache_in_place
     assert stats.alias_size_in_bytes == sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(caches))
 
 
-@pytest.mark.parametrize("draft_seed", [0, 1])
+# the draft = the target (every proposal accepted) on demand; another model (rejections too) always
+@pytest.mark.parametrize("draft_seed", [pytest.param(0, marks=pytest.mark.demo), 1])
 def test_greedy_speculative_decoding_gives_exactly_the_targets_greedy_output(draft_seed):
     """A ragged batch; draft = the target itself (every proposal accepted) or another model."""
     from jaxlm.inference.speculative import speculative_generate

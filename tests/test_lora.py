@@ -156,7 +156,8 @@ def test_full_rank_adapters_with_identity_A_reproduce_full_fine_tunings_first_up
     assert checked == 6
 
 
-@pytest.mark.parametrize("quantize", ["none", "int4-g32"])
+# "none" on demand: int4-g32 runs the same adapters on the same mesh, over a 4-bit base
+@pytest.mark.parametrize("quantize", [pytest.param("none", marks=pytest.mark.demo), "int4-g32"])
 def test_lora_on_an_fsdp_expert_tensor_mesh_equals_one_device(quantize):
     mesh = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]
     overrides = ["lora.rank=4", "lora.experts=true", *MOE, "train.global_batch=8", "model.n_kv_heads=2",

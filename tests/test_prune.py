@@ -117,6 +117,7 @@ def kill_after_first_checkpoint(cfg_file: Path, run_dir: Path) -> None:
         proc.wait()
 
 
+@pytest.mark.demo  # on demand: the n:m masks are tested by hand above, a killed pruning run resumes bit-exact below
 def test_two_of_four_holds_after_training_and_a_sigkill_and_the_resume_is_bit_exact(tmp_path, shakespeare_path):
     # constant lr: the killed run may be given more steps than the others without changing a step
     args = ("prune.method=nm", "optim.schedule=constant", "optim.warmup_steps=5", "train.microbatches=2",

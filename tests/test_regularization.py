@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxlm import checkpoint as ckpt
 from jaxlm.config import CheckpointConfig, load_config
@@ -99,6 +100,7 @@ def test_early_stopping_counts_evaluations_without_a_new_best():
     assert all(EarlyStopping(0).update(s, 1.0 + s) is None for s in range(10))  # 0 = never
 
 
+@pytest.mark.demo  # a demonstration of what dropout is for (36 s); its mechanics are tested below
 def test_dropout_lowers_the_eval_loss_of_a_run_that_overfits(shakespeare_path, tmp_path):
     """12 KB of text, 240 steps: without dropout the model memorises it and eval loss climbs."""
     small = tmp_path / "small.txt"
