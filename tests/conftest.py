@@ -63,3 +63,12 @@ def llama_cpp():
         pytest.skip(f"llama-cpp-python is not installed (the export extra): {e}")
     except (OSError, RuntimeError) as e:  # e.g. a library built against a newer glibc than this machine's
         pytest.skip(f"llama.cpp's library does not load here: {str(e).splitlines()[0][:200]}")
+
+
+# The longest modules first (the README's commands, the notebooks): xdist hands out modules in this
+# order, so a long one that starts last leaves the other workers idle while it finishes.
+LONGEST_FIRST = ("tests/test_readme.py::test_readme_commands", "notebooks/")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))  # stable: the rest keep their order

@@ -75,10 +75,6 @@ class QuantizedWeight:
         w = w.reshape(*w.shape[:-3], -1, w.shape[-1])[..., : self.k, :]
         return w.astype(dtype)
 
-    def cpu_matrix(self) -> jax.Array:
-        """matrix() as the CPU kernel computes it (ten times faster than XLA:CPU), rows padded to whole groups."""
-        return quantized_cpu.dequantized(self.codes, self.scale, self.offset, self.scheme.bits, self.scheme.zero_code)
-
     def dequantize(self) -> jax.Array:
         """The dequantized weight in its original layout, f32: the reference for every quantized path."""
         w_KN = self.matrix()
@@ -95,8 +91,6 @@ class QuantizedWeight:
         rows = x.reshape(-1, k)
         if self.kernel == "cpu" and rows.shape[0] <= quantized_cpu.MAX_ROWS:
             y = _codes_matmul(rows, self).astype(x.dtype)
-        elif self.kernel == "cpu":
-            y = rows @ self.cpu_matrix()[:k].astype(x.dtype)
         else:
             y = rows @ self.matrix(x.dtype)
         return y.reshape(*lead, *out)

@@ -27,8 +27,17 @@ constexpr int64_t kRowsAtOnce = 8;  // x rows sharing one read of the codes
 constexpr int64_t kRowChunk = 8;    // code rows converted at once (several x rows), then read by each
 constexpr int64_t kColumns = 256;   // columns per block for several x rows
 
-inline float to_f32(float v) { return v; }
-inline float to_f32(uint16_t h) { return _cvtsh_ss(h); }
+// a row of scales (or offsets) as f32: f16 ones eight at a time (one at a time, _cvtsh_ss stays
+// scalar, and at 4 bits in groups of 32 that was a quarter of a decode step)
+inline void to_f32(const float* s, float* out, int64_t nb) { std::copy(s, s + nb, out); }
+inline void to_f32(const uint16_t* s, float* out, int64_t nb) {
+  int64_t n = 0;
+#ifdef __F16C__
+  for (; n + 8 <= nb; n += 8)
+    _mm256_storeu_ps(out + n, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + n))));
+#endif
+  for (; n < nb; ++n) out[n] = _cvtsh_ss(s[n]);
+}
 
 struct Problem {
   const float* x;
@@ -143,7 +152,8 @@ void rows_into(const Problem& p, int64_t gi, int64_t r0, int64_t rc, int64_t m0,
 
 // y[m0.., c0..c0+nb]: per group, the centred dot products, then scale (and offset) applied
 template <int kBits, typename Scale>
-void block(const Problem& p, int64_t m0, int64_t mb, int64_t c0, int64_t nb, float* acc, float* dot, float* w) {
+void block(const Problem& p, int64_t m0, int64_t mb, int64_t c0, int64_t nb, float* acc, float* dot, float* w,
+           float* sf, float* of) {
   const int64_t g = kBits == 4 ? 2 * p.R : p.R, K = p.G * g;
   constexpr float kCenter = 1 << (kBits - 1);
   const Scale* scale = static_cast<const Scale*>(p.scale);
@@ -153,17 +163,17 @@ void block(const Problem& p, int64_t m0, int64_t mb, int64_t c0, int64_t nb, flo
     std::fill(dot, dot + mb * nb, 0.f);
     for (int64_t r0 = 0; r0 < p.R; r0 += kRowChunk)  // rows in memory order: the codes stream
       rows_into<kBits>(p, gi, r0, std::min(kRowChunk, p.R - r0), m0, mb, c0, nb, dot, w);
-    const Scale* s = scale + gi * p.N + c0;
-    const Scale* o = offset ? offset + gi * p.N + c0 : nullptr;
+    to_f32(scale + gi * p.N + c0, sf, nb);
+    if (offset) to_f32(offset + gi * p.N + c0, of, nb);
     for (int64_t m = 0; m < mb; ++m) {
       const float* xm = p.x + (m0 + m) * K + gi * g;
       float xsum = 0.f;
       for (int64_t k = 0; k < g; ++k) xsum += xm[k];
       const float shift = (p.zero - kCenter) * xsum;  // the codes were summed centred
       float *a = acc + m * nb, *d = dot + m * nb;
-      for (int64_t n = 0; n < nb; ++n) a[n] += to_f32(s[n]) * (d[n] - shift);
-      if (o)
-        for (int64_t n = 0; n < nb; ++n) a[n] += to_f32(o[n]) * xsum;
+      for (int64_t n = 0; n < nb; ++n) a[n] += sf[n] * (d[n] - shift);
+      if (offset)
+        for (int64_t n = 0; n < nb; ++n) a[n] += of[n] * xsum;
     }
   }
   for (int64_t m = 0; m < mb; ++m) std::copy(acc + m * nb, acc + (m + 1) * nb, p.y + (m0 + m) * p.N + c0);
@@ -175,45 +185,17 @@ template <int kBits, typename Scale>
 void columns(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t width = p.M == 1 ? n1 - n0 : kColumns;
   thread_local std::vector<float> buffer;
-  buffer.resize((2 * kRowsAtOnce + 2 * kRowChunk) * width);
+  buffer.resize((2 * kRowsAtOnce + 2 * kRowChunk + 2) * width);
   float *acc = buffer.data(), *dot = acc + kRowsAtOnce * width, *w = dot + kRowsAtOnce * width;
+  float *sf = w + 2 * kRowChunk * width, *of = sf + width;
   for (int64_t m0 = 0; m0 < p.M; m0 += kRowsAtOnce)
     for (int64_t c0 = n0; c0 < n1; c0 += width)
-      block<kBits, Scale>(p, m0, std::min(kRowsAtOnce, p.M - m0), c0, std::min(width, n1 - c0), acc, dot, w);
+      block<kBits, Scale>(p, m0, std::min(kRowsAtOnce, p.M - m0), c0, std::min(width, n1 - c0), acc, dot, w, sf, of);
 }
 
 using Columns = void (*)(const Problem&, int64_t, int64_t);
 
-// y = the dequantized matrix [G * g, N], columns n0..n1: for many x rows (a prompt) XLA's dot on it
-// beats the several-row path above, and XLA's own dequantization runs at a tenth of this speed
-template <int kBits, typename Scale>
-void dequantize(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t g = kBits == 4 ? 2 * p.R : p.R;
-  const float shift = p.zero - (1 << (kBits - 1));  // level - shift = code - zero
-  for (int64_t gi = 0; gi < p.G; ++gi) {
-    const Scale* s = static_cast<const Scale*>(p.scale) + gi * p.N;
-    const Scale* o = p.offset ? static_cast<const Scale*>(p.offset) + gi * p.N : nullptr;
-    for (int64_t r = 0; r < p.R; ++r) {
-      const uint8_t* c = p.codes + (gi * p.R + r) * p.N;
-      float *lo = p.y + (gi * g + r) * p.N, *hi = p.y + (gi * g + p.R + r) * p.N;  // hi: 4 bits only
-      for (int64_t n = n0; n < n1; ++n) {
-        const float sn = to_f32(s[n]), on = o ? to_f32(o[n]) : 0.f;
-        if constexpr (kBits == 8) {
-          lo[n] = (centred8(c[n]) - shift) * sn + on;
-        } else {
-          lo[n] = (low4(c[n]) - shift) * sn + on;
-          hi[n] = (high4(c[n]) - shift) * sn + on;
-        }
-      }
-    }
-  }
-}
-
-Columns pick(int64_t bits, bool f16, bool dequantized) {
-  if (dequantized) {
-    if (bits == 8) return f16 ? dequantize<8, uint16_t> : dequantize<8, float>;
-    return f16 ? dequantize<4, uint16_t> : dequantize<4, float>;
-  }
+Columns pick(int64_t bits, bool f16) {
   if (bits == 8) return f16 ? columns<8, uint16_t> : columns<8, float>;
   return f16 ? columns<4, uint16_t> : columns<4, float>;
 }
@@ -263,7 +245,7 @@ class Helpers {
       const auto start = std::chrono::steady_clock::now();
       while (generation_.load(std::memory_order_acquire) == seen) {
         if (std::chrono::steady_clock::now() - start < std::chrono::microseconds(kSpinMicros)) {
-          for (int i = 0; i < 64; ++i) _mm_pause();
+          std::this_thread::yield();  // spinning, but XLA's threads get the core when they need it
           continue;
         }
         std::unique_lock<std::mutex> l(m_);
@@ -288,7 +270,7 @@ class Helpers {
 
 ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                                ffi::AnyBuffer scale, ffi::AnyBuffer offset, ffi::ResultBuffer<ffi::F32> y,
-                               int64_t bits, float zero, int64_t has_offset, int64_t dequantized) {
+                               int64_t bits, float zero, int64_t has_offset) {
   auto cd = codes.dimensions();
   if (cd.size() != 3 || (bits != 4 && bits != 8)) return ffi::Error::InvalidArgument("codes must be [G, R, N], bits 4 or 8");
   const bool f16 = scale.element_type() == ffi::DataType::F16;
@@ -298,7 +280,7 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   auto job = std::make_shared<Job>();
   job->p = Problem{x.typed_data(), codes.typed_data(), scale.untyped_data(), has_offset ? offset.untyped_data() : nullptr,
                    y->typed_data(), x.dimensions()[0], cd[0], cd[1], cd[2], zero};
-  job->run = pick(bits, f16, dequantized);
+  job->run = pick(bits, f16);
   job->width = std::max<int64_t>(64, ((job->p.N + threads - 1) / threads + 15) / 16 * 16);
   job->shares = (job->p.N + job->width - 1) / job->width;
   helpers->run(job);
@@ -317,5 +299,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantizedMatmul, QuantizedMatmulImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
                                   .Attr<float>("zero")
-                                  .Attr<int64_t>("has_offset")
-                                  .Attr<int64_t>("dequantized"));  // 1: y is the dequantized matrix, x unused
+                                  .Attr<int64_t>("has_offset"));

@@ -29,7 +29,7 @@ from jaxlm.cache_dir import cache_root
 SOURCE = Path(__file__).with_name("quantized_cpu.cc")
 TARGET = "jaxlm_quantized_matmul"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
-MAX_ROWS = 16  # beyond this many rows (a prompt) the kernel dequantizes and XLA's dot multiplies (measured)
+MAX_ROWS = 64  # beyond this many rows (a long prompt) XLA's dequantize-then-dot is faster (measured)
 
 _state: dict = {}
 
@@ -75,24 +75,12 @@ def available() -> bool:
     return _state["ok"]
 
 
-def _call(x_MK, codes_GRN, scale_G1N, offset_G1N, bits: int, zero: float, out: tuple, dequantized: bool):
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out, jnp.float32))
-    return call(x_MK, codes_GRN, scale_G1N, scale_G1N if offset_G1N is None else offset_G1N, bits=np.int64(bits),
-                zero=np.float32(zero), has_offset=np.int64(offset_G1N is not None), dequantized=np.int64(dequantized))
-
-
 def quantized_matmul(x_MK: jax.Array, codes_GRN: jax.Array, scale_G1N: jax.Array, offset_G1N: jax.Array | None,
                      bits: int, zero: float) -> jax.Array:
     """x [M, K] @ the dequantized [G * g, N] matrix (its rows past K are zero weights), f32."""
     (M, K), (G, R, N) = x_MK.shape, codes_GRN.shape
     g = R * (8 // bits)
     x = jnp.pad(x_MK.astype(jnp.float32), [(0, 0), (0, G * g - K)])
-    return _call(x, codes_GRN, scale_G1N, offset_G1N, bits, zero, (M, N), dequantized=False)
-
-
-def dequantized(codes_GRN: jax.Array, scale_G1N: jax.Array, offset_G1N: jax.Array | None, bits: int,
-                zero: float) -> jax.Array:
-    """The dequantized matrix [G * g, N], f32 (for XLA's dot when many rows are projected)."""
-    G, R, N = codes_GRN.shape
-    unused = jnp.zeros((1, 1), jnp.float32)
-    return _call(unused, codes_GRN, scale_G1N, offset_G1N, bits, zero, (G * R * (8 // bits), N), dequantized=True)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32))
+    return call(x, codes_GRN, scale_G1N, scale_G1N if offset_G1N is None else offset_G1N,
+                bits=np.int64(bits), zero=np.float32(zero), has_offset=np.int64(offset_G1N is not None))
