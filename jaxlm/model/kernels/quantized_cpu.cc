@@ -3,7 +3,8 @@
 // its high nibble row r + g/2), scale and offset [G, 1, N] in f16 or f32, w = (code - zero) * scale
 // (+ offset). The weights are read once, as codes, and never written out dequantized: decoding is
 // memory-bound, so the bytes read are the time. Per group: y += scale * (x . (codes - c) - (zero - c) * sum x)
-// (+ offset * sum x), c the middle code. Columns are shared out among XLA's intra-op threads.
+// (+ offset * sum x), c the middle code. Columns are shared out among the caller and the kernel's
+// own helper threads (one per further core of XLA's pool). x86-64 (AVX-512 where the CPU has it).
 #include <immintrin.h>
 
 #include <algorithm>

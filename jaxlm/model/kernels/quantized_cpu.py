@@ -4,8 +4,9 @@ XLA:CPU has no fast dot over int8 or int4 weights: the int8 x int8 dot is a scal
 dot cannot fuse the dequantization into its operand, so a quantized matrix is written out in f32
 (four times the bytes of int8) before every matmul, and decoding, which reads each weight once
 per token, gets slower rather than faster. This kernel is an XLA FFI custom call compiled from
-C++ on first use with the machine's compiler (g++ or $CXX) into jaxlm's cache. Where it cannot
-be built, `available()` is False after one warning line and callers keep the XLA path.
+C++ on first use with the machine's compiler (g++ or $CXX) into jaxlm's cache (x86-64; a few
+seconds, once per machine). Where it cannot be built, `available()` is False after one warning
+line and callers keep the XLA path.
 """
 
 from __future__ import annotations
