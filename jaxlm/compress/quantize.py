@@ -122,19 +122,24 @@ def _codes_matmul_bwd(w, g_MN):
 _codes_matmul.defvjp(_codes_matmul_fwd, _codes_matmul_bwd)
 
 
+def linear(x) -> bool:
+    """A quantized weight whose scheme's levels are linear in the code: the CPU kernel reads it."""
+    return is_quantized(x) and x.scheme.zero_code is not None
+
+
 def linear_codes(params) -> bool:
-    """Whether the parameters hold quantized weights, all of schemes whose codes the CPU kernel reads."""
+    """Whether the parameters hold quantized weights, all of them linear."""
     found = [x for x in jax.tree.leaves(params, is_leaf=is_quantized) if is_quantized(x)]
-    return bool(found) and all(x.scheme.zero_code is not None for x in found)
+    return bool(found) and all(map(linear, found))
 
 
 def read_codes(params):
-    """The parameters with every per-layer (unstacked) QuantizedWeight of a linear scheme read
-    as codes by the CPU kernel when few rows are projected (decoding), instead of dequantized to
-    f32 before each matmul. The caller checks quantized_cpu.available() and that the program runs
-    on one CPU device (the custom call has no partitioning rule)."""
-    mark = lambda x: (dataclasses.replace(x, kernel="cpu")
-                      if is_quantized(x) and x.scheme.zero_code is not None and x.codes.ndim == 3 else x)
+    """The parameters with every per-layer (unstacked: stacked codes would be sliced, so copied,
+    per call) linear QuantizedWeight read as codes by the CPU kernel when few rows are projected
+    (decoding), instead of dequantized to f32 before each matmul. The caller checks
+    quantized_cpu.available() and that the program runs on one CPU device (the custom call has
+    no partitioning rule)."""
+    mark = lambda x: dataclasses.replace(x, kernel="cpu") if linear(x) and x.codes.ndim == 3 else x
     return jax.tree.map(mark, params, is_leaf=is_quantized)
 
 

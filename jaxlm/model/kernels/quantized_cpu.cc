@@ -100,11 +100,11 @@ inline void one_row(float* __restrict d, const uint8_t* __restrict r, const floa
     d[n] += kBits == 8 ? x[0] * centred8(r[n]) : x[0] * low4(r[n]) + x[half] * high4(r[n]);
 }
 
-// w[i] (rows `width` apart) = levels of `n_rows` byte rows (at 4 bits: low nibbles in rows
+// w[i] (rows kColumns apart) = levels of `n_rows` byte rows (at 4 bits: low nibbles in rows
 // 0..n_rows-1, high nibbles in rows n_rows..2 n_rows-1), converted once for every x row
 template <int kBits>
-inline void levels(float* __restrict w, int64_t width, const uint8_t* __restrict r, int64_t stride, int64_t n_rows,
-                   int64_t nb) {
+inline void levels(float* __restrict w, const uint8_t* __restrict r, int64_t stride, int64_t n_rows, int64_t nb) {
+  constexpr int64_t width = kColumns;
   for (int64_t i = 0; i < n_rows; ++i)
     for (int64_t n = 0; n < nb; ++n) {
       const uint8_t c = r[i * stride + n];
@@ -117,7 +117,7 @@ inline void levels(float* __restrict w, int64_t width, const uint8_t* __restrict
     }
 }
 
-// d[n] += sum_i x[i] * w[i][n], four rows per pass over d
+// d[n] += sum_i x[i] * w[i][n] (rows kColumns apart: a constant the compiler can use), four rows per pass over d
 inline void multiply_add(float* __restrict d, const float* __restrict w, const float* x, int64_t n_rows, int64_t nb) {
   constexpr int64_t width = kColumns;
   int64_t i = 0;
@@ -142,7 +142,7 @@ void rows_into(const Problem& p, int64_t gi, int64_t r0, int64_t rc, int64_t m0,
     for (; i < rc; ++i) one_row<kBits>(dot, r + i * p.N, xm + i, p.R, nb);
     return;
   }
-  levels<kBits>(w, kColumns, r, p.N, rc, nb);  // rows kColumns apart: a constant the compiler can unroll
+  levels<kBits>(w, r, p.N, rc, nb);
   for (int64_t m = 0; m < mb; ++m) {
     const float* xm = p.x + (m0 + m) * K + gi * g;
     float xs[2 * kRowChunk];
