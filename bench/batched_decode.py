@@ -92,6 +92,14 @@ def prefill(cfg, params, mesh, length: int, repeats: int) -> None:
         print(f"| {name} | {t:.3f} | {length / t:.0f} | {r['jaxlm xla'][0] / t:.2f}x |")
 
 
+def torch_threads() -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count())  # the same cores as XLA
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/ckpt-100m.yaml", help="the model's shape (random weights)")
@@ -109,14 +117,6 @@ def main() -> None:
         batched(cfg, params, mesh, args.batches, args.tokens, args.repeats)
     if "6" in args.parts:
         prefill(cfg, params, mesh, args.prompt, args.repeats)
-
-
-def torch_threads() -> None:
-    import os
-
-    import torch
-
-    torch.set_num_threads(os.cpu_count())  # the same cores as XLA
 
 
 if __name__ == "__main__":
